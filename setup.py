@@ -1,0 +1,40 @@
+"""Installs nfnets-jax: `pip install -e ".[test]"` for development."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.8",
+    "dm-haiku>=0.0.13",
+    "optax>=0.2.4",
+    "ml_collections>=1.0",
+    "numpy>=1.26",
+    "absl-py>=2.0",
+    "orbax-checkpoint>=0.11",
+    "tensorflow-cpu>=2.16",
+    "tensorflow-datasets>=4.9.6",
+    "scikit-learn>=1.4",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "chex>=0.1.87",
+]
+
+setuptools.setup(
+    name="nfnets-jax",
+    version="0.1.0",
+    description=(
+        "Normalizer-Free Networks (NFNets, NF-ResNets, NF-RegNets) in JAX/Haiku, "
+        "exact to DeepMind's released weights."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*", "experiments", "experiments.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
