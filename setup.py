@@ -22,6 +22,7 @@ TEST_REQUIRES = [
     "pytest>=8",
     "pytest-xdist>=3.5",
     "chex>=0.1.87",
+    "dill>=0.3.6",  # only to write 2021-style weight files in tests; the loader never imports it
 ]
 
 setuptools.setup(

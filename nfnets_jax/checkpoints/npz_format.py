@@ -1,0 +1,99 @@
+"""Our own parameter files: a plain NumPy `.npz` (a zip of `.npy` files), never a pickle.
+
+Keys are `module/leaf` (split on the last '/', see `param_tree`). Values are written and read with
+pickling disabled, so loading one of these files can never run code. NumPy has no bfloat16: an
+`ml_dtypes` array (bfloat16, float8_*, int4, ...) written as-is would come back as raw void bytes
+(`|V2`), so such leaves are stored as their unsigned-integer bit pattern and a JSON record under
+the key `__dtypes__` names the real dtype; loading views the bits back, giving an exact round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from nfnets_jax.checkpoints.param_tree import Params, ParamTree, flatten_params, unflatten_params
+
+DTYPES_KEY = "__dtypes__"  # No '/', so it can never collide with a 'module/leaf' key.
+
+
+def _ml_dtype_name(dtype: np.dtype) -> str | None:
+    """The `ml_dtypes` attribute name of `dtype` if NumPy cannot store it natively, else None."""
+    candidate = getattr(ml_dtypes, dtype.name, None)
+    if candidate is not None and np.dtype(candidate) == dtype:
+        return dtype.name
+    return None
+
+
+def _bits_dtype(itemsize: int) -> np.dtype:
+    return np.dtype(f"<u{itemsize}")
+
+
+def _to_storable(key: str, value: Any, dtype_record: dict[str, str]) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.hasobject:
+        raise TypeError(
+            f"param {key} holds Python objects (dtype {array.dtype}); only numeric arrays can be saved"
+        )
+    name = _ml_dtype_name(array.dtype)
+    if name is None:
+        return array
+    dtype_record[key] = name
+    return array.view(_bits_dtype(array.dtype.itemsize))
+
+
+def save_npz(path: str | os.PathLike, params: ParamTree) -> None:
+    """Writes `{module: {leaf: array}}` to `path` as an `.npz` with '/'-joined keys, atomically.
+
+    The file is written to a temporary name beside `path` and renamed over it, so a crash never
+    leaves a half-written parameter file. jax arrays are fetched to host memory first.
+    """
+    path = pathlib.Path(path)
+    dtype_record: dict[str, str] = {}
+    arrays = {key: _to_storable(key, value, dtype_record) for key, value in flatten_params(params).items()}
+    if dtype_record:
+        arrays[DTYPES_KEY] = np.array(json.dumps(dtype_record, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            np.savez(file, allow_pickle=False, **arrays)
+        os.replace(temp_name, path)
+    except BaseException:
+        pathlib.Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _restore_dtype(key: str, bits: np.ndarray, name: str, path: str) -> np.ndarray:
+    dtype = getattr(ml_dtypes, name, None)
+    if dtype is None or np.dtype(dtype).itemsize != bits.dtype.itemsize:
+        raise ValueError(
+            f"{path}: param {key} records dtype {name!r}, which ml_dtypes {ml_dtypes.__version__}"
+            " cannot restore; install the ml_dtypes version that wrote the file"
+        )
+    return bits.view(np.dtype(dtype))
+
+
+def load_npz(path: str | os.PathLike) -> Params:
+    """Reads a file written by `save_npz` back into `{module: {leaf: np.ndarray}}` (no pickle)."""
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not an .npz archive; if it is one of DeepMind's released F*_haiku.npz files"
+            " (a pickle), load it with nfnets_jax.checkpoints.load_deepmind_params"
+        )
+    with np.load(path, allow_pickle=False) as archive:
+        flat = {key: archive[key] for key in archive.files}
+    dtype_record = json.loads(str(flat.pop(DTYPES_KEY))) if DTYPES_KEY in flat else {}
+    for key, name in dtype_record.items():
+        if key not in flat:
+            raise ValueError(f"{path}: dtype record names param {key}, which the file does not hold")
+        flat[key] = _restore_dtype(key, flat[key], name, path)
+    return unflatten_params(flat)
