@@ -1,0 +1,32 @@
+"""The NFNet optimizer: AGC, parameter groups, schedule, SGD-Nesterov, modified SAM, EMA.
+
+One training step, in order (official_nfnets.md §3.3):
+grads per device → [`sam_gradients`: ascent on a slice, unsynced] → pmean → `make_optimizer`'s
+chain (AGC → masked coupled weight decay → SGD-Nesterov with `make_lr_schedule`) →
+`ema.ema_update`.
+"""
+
+from nfnets_jax.optim import ema
+from nfnets_jax.optim.agc import AGCState, adaptive_grad_clip, clip_fraction_metrics
+from nfnets_jax.optim.config import default_optimizer_config, validate_optimizer_config
+from nfnets_jax.optim.factory import describe_param_groups, make_optimizer
+from nfnets_jax.optim.groups import exclusion_mask
+from nfnets_jax.optim.sam import SAMState, sam_gradients, with_sam, with_sam_from_config
+from nfnets_jax.optim.schedules import make_lr_schedule
+
+__all__ = [
+    "AGCState",
+    "SAMState",
+    "adaptive_grad_clip",
+    "clip_fraction_metrics",
+    "default_optimizer_config",
+    "describe_param_groups",
+    "ema",
+    "exclusion_mask",
+    "make_lr_schedule",
+    "make_optimizer",
+    "sam_gradients",
+    "validate_optimizer_config",
+    "with_sam",
+    "with_sam_from_config",
+]
