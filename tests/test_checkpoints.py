@@ -347,6 +347,69 @@ def test_state_can_only_be_set_on_numpy_objects(tmp_path):
         load_deepmind_params(write(tmp_path / "f.npz", payload))
 
 
+def _dtype_state(byteorder: str, elsize: int, flags: int) -> bytes:
+    """Protocol-2 opcodes for numpy's dtype state tuple (3, byteorder, None, None, None, elsize,
+    alignment 1, flags)."""
+    return (
+        b"(K\x03" + _len_prefixed(byteorder) + b"NNN" + b"J" + elsize.to_bytes(4, "little", signed=True)
+        + b"J\x01\x00\x00\x00" + b"J" + flags.to_bytes(4, "little", signed=True) + b"t"
+    )  # fmt: skip
+
+
+def _array_whose_dtype_is_rebuilt(void_size: int, data: bytes, elsize: int, flags: int) -> bytes:
+    """{'mod': {'w': array}} where, after the array is built on a memoised 'V<n>' dtype, the file
+    BUILDs that same dtype object again with a new item size / flags (a memo trick)."""
+    return (
+        b"\x80\x02}" + _len_prefixed("mod") + b"}" + _len_prefixed("w")
+        + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R"
+        + b"(K\x01K\x01\x85cnumpy\ndtype\n" + _len_prefixed(f"V{void_size}") + b"\x89\x88\x87Rq\x01"
+        + _dtype_state("|", void_size, 0) + b"b"
+        + b"\x89C" + bytes([len(data)]) + data + b"tb"
+        + b"h\x01" + _dtype_state("|", elsize, flags) + b"b0"
+        + b"ss."
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "void_size, data, elsize, flags",
+    [
+        (1, b"A", 1 << 16, 0),  # a 1-byte array that then claims 64 KiB: reads the heap
+        (8, b"\x41" * 8, 8, 0x3F),  # raw bytes that then count as Python object pointers
+    ],
+    ids=["grow_itemsize", "set_hasobject_flag"],
+)
+def test_a_dtype_cannot_be_rebuilt_after_an_array_uses_it(tmp_path, void_size, data, elsize, flags):
+    """numpy's `dtype.__setstate__` rewrites a void dtype's size and flags in place; a file that
+    re-BUILDs a memoised dtype would turn a 1-byte array into a window on process memory."""
+    path = write(tmp_path / "f.npz", _array_whose_dtype_is_rebuilt(void_size, data, elsize, flags))
+    # Control: numpy itself applies such a state to a dtype in place (the hole being closed). Shown
+    # on a dtype no array uses; doing it to a used one, as the file does, corrupts memory.
+    unused = np.dtype(f"V{void_size}", copy=True)
+    unused.__setstate__((3, "|", None, None, None, elsize, 1, flags))
+    assert (unused.itemsize, unused.flags) == (elsize, flags)
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load a dtype state .* layout"):
+        load_deepmind_params(path)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_unusual_but_genuine_arrays_load_as_pickle_would(tmp_path, protocol):
+    """Big-endian (a legitimate byte-order BUILD), empty (`bytes()` under protocols 0-2),
+    Fortran-ordered, void and scalar leaves give exactly what the ordinary unpickler gives."""
+    leaves = {
+        "big_endian": np.arange(6, dtype=">f4").reshape(2, 3),
+        "big_endian_scalar": np.array(1.5, dtype=">f8"),
+        "empty": np.zeros((0, 4), np.float32),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3)),
+        "void": np.frombuffer(b"abcdef", dtype="V3"),
+        "half": np.float16(3.0),
+    }
+    data = pickle.dumps({"mod": leaves}, protocol=protocol)
+    loaded = load_deepmind_params(write(tmp_path / "f.npz", data))["mod"]
+    for name, want in pickle.loads(data)["mod"].items():
+        assert loaded[name].dtype == want.dtype and loaded[name].shape == np.shape(want), name
+        np.testing.assert_array_equal(loaded[name], want)
+
+
 def test_copyreg_extension_codes_are_refused(tmp_path):
     """EXT opcodes fetch objects from copyreg's registry and cache, bypassing the name allowlist."""
     with pytest.raises(UnsafeCheckpointError, match="copyreg extension code"):
@@ -506,6 +569,17 @@ def test_npz_saves_jax_arrays(tmp_path):
     loaded = load_npz(tmp_path / "p.npz")["NFNet/~/linear"]["w"]
     assert loaded.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(loaded.astype(np.float32), np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+@pytest.mark.parametrize("recorded", ["finfo", "real", "no_such_dtype", "float8_e4m3fn"])
+def test_npz_dtype_record_names_only_ml_dtypes_scalar_types(tmp_path, recorded):
+    """The record comes from the file: a module attribute that is not a scalar type (or has the
+    wrong width: float8 is 1 byte, the stored bits are 8) gets a message, not numpy's TypeError
+    (np.dtype of `finfo` is the 8-byte object dtype, which numpy then refuses to view into)."""
+    path = tmp_path / "p.npz"
+    np.savez(path, **{"m/w": np.zeros(2, np.uint64), "__dtypes__": np.array(f'{{"m/w": "{recorded}"}}')})
+    with pytest.raises(ValueError, match=f"records dtype '{recorded}', which ml_dtypes"):
+        load_npz(path)
 
 
 def test_npz_refuses_what_it_cannot_store_exactly(tmp_path):

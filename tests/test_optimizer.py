@@ -77,6 +77,15 @@ def test_default_groups_match_deepmind_counts_on_the_f0_tree():
     assert sum(agc and wd for agc, wd in rows.values()) == 81
 
 
+def test_default_wd_exclusion_is_the_official_leaf_name_predicate():
+    """'gain' or 'bias' anywhere in the leaf name (not only at its end), never in the module."""
+    leaves = ["w", "b", "scale", "offset", "gain", "skip_gain", "bias", "bias_hh", "gain_2", "bw", "wb"]
+    params = {"NFNet/~/gain_bias_module": {leaf: np.zeros(1) for leaf in leaves}}
+    mask = optim.exclusion_mask(optim.config.DEFAULT_WD_EXCLUDE)(params)
+    for leaf in leaves:
+        assert mask["NFNet/~/gain_bias_module"][leaf] == _official_groups("NFNet/~/x", leaf)[1], leaf
+
+
 def test_unmatched_pattern_warns():
     config = optim.default_optimizer_config()
     config.agc.exclude = [r"^[^/]+/~/logits/w$"]
@@ -270,6 +279,8 @@ def test_agc_and_weight_decay_can_be_switched_off():
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"weight_dcay": 1e-5}, "Unknown optimizer config field"),
         ({"agc": {"clip": 0.01}}, "Unknown optimizer.agc field"),
+        # Would otherwise be a TypeError ("multiple values for keyword argument 'momentum'").
+        ({"base_kwargs": {"momentum": 0.5}}, r"must not set \['momentum'\] for 'sgd': set optimizer.momentum"),
     ],
 )
 def test_bad_config_raises_clear_error(overrides, message):
@@ -296,6 +307,16 @@ def test_partial_config_takes_defaults():
     optimizer = optim.make_optimizer({"lr": 0.2}, steps_per_epoch=10, total_steps=100, batch_size=256)
     state = optimizer.init(_nfnet_like_tree(0))
     assert len(optim.agc.find_agc_states(state)) == 1
+
+
+def test_partial_configdict_section_inside_a_dict_takes_defaults():
+    """Regression: a ConfigDict section in a plain dict replaced the whole section, so eps and
+    exclude were lost and the first read raised a bare AttributeError('eps')."""
+    config = optim.validate_optimizer_config({"agc": ml_collections.ConfigDict({"clipping": 0.02})})
+    assert (config.agc.clipping, config.agc.eps) == (0.02, 1e-3)
+    assert list(config.agc.exclude) == list(optim.config.DEFAULT_AGC_EXCLUDE)
+    with pytest.raises(ValueError, match=r"optimizer.agc must be a section .* optimizer.agc.clipping = 0.01"):
+        optim.validate_optimizer_config({"agc": 0.01})
 
 
 @pytest.mark.parametrize("model_name", ["nfnet_f0", "nf_seresnet50", "nf_regnet_b0", "bn_resnet50"])

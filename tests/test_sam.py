@@ -215,3 +215,33 @@ def test_errors_are_raised_early_with_a_hint():
             lambda p, b: (p, None), params, {"x": jnp.ones((4, 2)), "y": jnp.ones(3)},
             rho=RHO, ascent_fraction=0.5, sync_ascent=False,
         )
+
+
+@pytest.mark.parametrize("sync_ascent", [False, True])
+def test_pmap_perturbation_is_normalised_after_the_average_in_closed_form(sync_ascent):
+    """Toy loss L(w) = mean_i x_i·w + ½‖w‖² at w = 0: the ascent gradient is the mean of the
+    ascent slice's x_i. Device 0's slice is 3·e_0, device 1's is e_1.
+
+    Unsynced, each replica moves by ρ·g_d/‖g_d‖: ρ·e_0 and ρ·e_1. Synced (plain SAM), both
+    move by ρ·ḡ/‖ḡ‖ with ḡ = (1.5, 0.5, 0): normalising *after* the pmean. (Averaging the
+    per-device perturbations instead would give ρ·(0.5, 0.5, 0), which is not a unit step.)
+    """
+    x = np.zeros((2, 5, 3), np.float32)
+    x[0, 0, 0], x[1, 0, 1] = 3.0, 1.0  # the ascent slice (first 1 of 5) of each device
+    x[:, 1:, 2] = 1.0  # the rest of the batch, which the ascent must not see
+
+    def grad_fn(params, batch):
+        return jax.grad(lambda w: jnp.mean(batch["x"] @ w) + 0.5 * jnp.sum(w**2))(params), params
+
+    def perturbed(batch):
+        return optim.sam_gradients(
+            grad_fn, jnp.zeros(3), batch, rho=RHO, ascent_fraction=0.2, sync_ascent=sync_ascent, axis_name="i"
+        )[1]
+
+    got = jax.pmap(perturbed, axis_name="i", devices=jax.devices()[:2])({"x": x})
+    if sync_ascent:
+        mean = np.array([1.5, 0.5, 0.0])
+        expected = np.stack([RHO * mean / np.linalg.norm(mean)] * 2)
+    else:
+        expected = RHO * np.eye(3)[:2]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)

@@ -8,7 +8,8 @@ arguments a genuine file passes:
 
 - numpy arrays: `numpy.core.multiarray._reconstruct` + `numpy.ndarray` + `numpy.dtype` (protocols
   0-4), `numpy.core.numeric._frombuffer` (protocol 5), `numpy.core.multiarray.scalar` (numpy
-  scalars), `_codecs.encode` (bytes under protocols 0-2), and the same under numpy 2's `numpy._core`;
+  scalars), `_codecs.encode` (bytes under protocols 0-2; `bytes()` with no argument for empty
+  data), and the same under numpy 2's `numpy._core`;
 - dill's indirections: dill 0.3.x writes numpy's C function `_reconstruct` as `dill._dill._get_attr(
   dill._dill._import_module('numpy.core._multiarray_umath'), '_reconstruct')`; dill 0.3.6+ wraps
   every array in `dill._dill._create_array(f, args, state, npdict)`; `_load_type` names builtin types;
@@ -62,8 +63,61 @@ def _checked_dtype(dtype: Any) -> np.dtype:
 
 
 def _make_dtype(spec: Any, align: bool = False, copy: bool = True) -> np.dtype:
-    """`numpy.dtype(spec, align, copy)`, refusing object dtypes (their items are pickles)."""
-    return _checked_dtype(np.dtype(spec, align=bool(align), copy=bool(copy)))
+    """`numpy.dtype(spec, align, copy)`, refusing object dtypes (their items are pickles).
+
+    Always a private copy (numpy's own pickles ask for one too), so the BUILD that follows can
+    never reach one of numpy's process-wide builtin descriptors.
+    """
+    del copy
+    return _checked_dtype(np.dtype(spec, align=bool(align), copy=True))
+
+
+def set_dtype_state(dtype: np.dtype, state: Any) -> None:
+    """BUILD on a dtype, allowed only to restate what the dtype already is (byte order aside).
+
+    `numpy.dtype.__setstate__` trusts its input: it rewrites the item size of a void dtype and
+    its flags (including "holds Python objects") in place, after arrays may already use that
+    dtype object. A file could thus make a 1-byte array claim megabytes (reading the process's
+    heap into a "weight") or make raw bytes count as object pointers. A genuine file only ever
+    BUILDs a fresh dtype with the state `dtype.__reduce__()` gives, except that a big-endian
+    numeric dtype arrives as the native one plus byte order '>'. Anything else is refused.
+    """
+    _checked_dtype(dtype)
+    own_state = dtype.__reduce__()[2]
+    byteorder_may_change = dtype.fields is None and dtype.subdtype is None and dtype.kind != "V"
+    if (
+        not isinstance(state, tuple)
+        or len(state) != len(own_state)
+        or state[1] not in ("<", ">", "=", "|")
+        or (state[1] != own_state[1] and not byteorder_may_change)
+        or not _same_state(state[:1] + state[2:], own_state[:1] + own_state[2:])
+    ):
+        _refuse(
+            f"a dtype state {state!r} that would change the {dtype} dtype's layout (only plain"
+            " dtypes restating their own layout are accepted; structured and datetime arrays"
+            " never occur in weight files)"
+        )
+    itemsize, flags = dtype.itemsize, dtype.flags
+    dtype.__setstate__(state)
+    if dtype.itemsize != itemsize or dtype.flags != flags:  # Belt and braces: must not happen.
+        _refuse(f"a dtype state {state!r} that changed the dtype's layout")
+
+
+def _same_state(given: tuple, own: tuple) -> bool:
+    """Element-wise equality that never lets numpy coerce a non-dtype (`dtype('f4') == 'f4'`)."""
+    if type(given) is not type(own):
+        return False
+    if isinstance(own, tuple):
+        return len(given) == len(own) and all(_same_state(g, o) for g, o in zip(given, own))
+    if isinstance(own, dict):
+        return given.keys() == own.keys() and all(_same_state(given[k], own[k]) for k in own)
+    return bool(given == own)
+
+
+def set_array_state(array: np.ndarray, state: Any) -> None:
+    """BUILD on an ndarray (`ndarray.__setstate__`), refusing a result that holds Python objects."""
+    array.__setstate__(state)
+    _checked_dtype(array.dtype)
 
 
 def _reconstruct_array(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
@@ -102,13 +156,19 @@ def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    """`bytes()`: how protocols 0-2 spell the empty data of a zero-size array; nothing else."""
+    if args:
+        _refuse(f"builtins.bytes called with {len(args)} argument(s)")
+    return b""
+
+
 def _fill_array(constructor: Any, args: Any, state: Any) -> np.ndarray:
     """Builds an array the way `_reconstruct` + BUILD does, from already-vetted parts."""
     if constructor is not _reconstruct_array:
         _refuse(f"array constructor {constructor!r}")
     array = constructor(*args)
-    array.__setstate__(state)
-    _checked_dtype(array.dtype)
+    set_array_state(array, state)
     return array
 
 
@@ -185,6 +245,7 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
     for module in ("builtins", "__builtin__"):
         for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex"):
             allowed[(module, name)] = _PLAIN_TYPES[name]
+        allowed[(module, "bytes")] = _empty_bytes
     for module in _HAIKU_MODULES:
         for name in ("FlatMapping", "FlatMap", "frozendict"):
             allowed[(module, name)] = _HaikuMappingAsDict

@@ -9,7 +9,9 @@ imports and calls whatever the file names, so a tampered file could run any comm
   is imported, and anything else raises `UnsafeCheckpointError` naming the refused global;
 - BUILD (which sets an object's state, and on an arbitrary object could overwrite attributes such
   as a function's `__defaults__`) is allowed only on numpy arrays and dtypes, which is all a weight
-  file uses it for; copyreg extension codes (which bypass name lookup) are refused outright.
+  file uses it for; on a dtype only to restate its own layout (`allowlist.set_dtype_state`:
+  numpy's `dtype.__setstate__` would otherwise let a file resize a dtype an array already uses,
+  exposing process memory); copyreg extension codes (which bypass name lookup) are refused.
 
 The pure-Python unpickler is used because its opcode table can be narrowed; a weight file has a
 few thousand opcodes around large byte strings, so this costs little.
@@ -25,7 +27,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from nfnets_jax.checkpoints.allowlist import Refusal, resolve
+from nfnets_jax.checkpoints.allowlist import Refusal, resolve, set_array_state, set_dtype_state
 from nfnets_jax.checkpoints.param_tree import Params
 
 _EXPLANATION = (
@@ -53,9 +55,12 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
     def load_build(self) -> None:
         state = self.stack.pop()
         target = self.stack[-1]
-        if not isinstance(target, (np.ndarray, np.dtype)):
+        if isinstance(target, np.ndarray):
+            set_array_state(target, state)
+        elif isinstance(target, np.dtype):
+            set_dtype_state(target, state)
+        else:
             raise Refusal(f"state for a {type(target).__name__} (only numpy arrays and dtypes take state)")
-        target.__setstate__(state)
 
     dispatch[pickle.BUILD[0]] = load_build
 

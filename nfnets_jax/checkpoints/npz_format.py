@@ -72,8 +72,13 @@ def save_npz(path: str | os.PathLike, params: ParamTree) -> None:
 
 
 def _restore_dtype(key: str, bits: np.ndarray, name: str, path: str) -> np.ndarray:
-    dtype = getattr(ml_dtypes, name, None)
-    if dtype is None or np.dtype(dtype).itemsize != bits.dtype.itemsize:
+    # Only ml_dtypes' scalar types: the name comes from the file, and other attributes of the
+    # module (`finfo`, `real`, ...) would make np.dtype an object dtype.
+    dtype = getattr(ml_dtypes, name, None) if isinstance(name, str) else None
+    if (
+        not (isinstance(dtype, type) and issubclass(dtype, np.generic))
+        or np.dtype(dtype).itemsize != bits.dtype.itemsize
+    ):
         raise ValueError(
             f"{path}: param {key} records dtype {name!r}, which ml_dtypes {ml_dtypes.__version__}"
             " cannot restore; install the ml_dtypes version that wrote the file"
@@ -92,6 +97,8 @@ def load_npz(path: str | os.PathLike) -> Params:
     with np.load(path, allow_pickle=False) as archive:
         flat = {key: archive[key] for key in archive.files}
     dtype_record = json.loads(str(flat.pop(DTYPES_KEY))) if DTYPES_KEY in flat else {}
+    if not isinstance(dtype_record, dict):
+        raise ValueError(f"{path}: the {DTYPES_KEY} record must be a JSON object, got {dtype_record!r}")
     for key, name in dtype_record.items():
         if key not in flat:
             raise ValueError(f"{path}: dtype record names param {key}, which the file does not hold")

@@ -21,10 +21,11 @@ from nfnets_jax.optim import groups as groups_lib
 from nfnets_jax.optim import schedules
 
 # Gains and biases get no weight decay: a leaf named `b`, `scale` or `offset` (Linear,
-# BatchNorm) or ending in `gain` / `bias` (WSConv gain and bias, the SkipInit `skip_gain`). This
-# is the official "gains & biases" group (official_nfnets.md §3.2: 151 leaves of F0). One
-# pattern, so that no model family (NF or BatchNorm) triggers an "unmatched pattern" warning.
-DEFAULT_WD_EXCLUDE = (r"/(b|scale|offset|\w*gain|\w*bias)$",)
+# BatchNorm) or whose name contains `gain` or `bias` (WSConv gain and bias, the SkipInit
+# `skip_gain`). This is the official predicate on the leaf name (`experiment_nfnets._make_opt`;
+# official_nfnets.md §3.2: 151 leaves of F0). One pattern, so that no model family (NF or
+# BatchNorm) triggers an "unmatched pattern" warning.
+DEFAULT_WD_EXCLUDE = (r"/(b|scale|offset|[^/]*(gain|bias)[^/]*)$",)
 
 # The classifier weight only: a `linear` module directly under the model's top-level scope
 # (`NFNet/~/linear/w`, and the same for NF-ResNet / NF-RegNet), never a squeeze-excite linear
@@ -75,6 +76,14 @@ def _merge_with_defaults(opt_config: Any) -> ml_collections.ConfigDict:
         raise ValueError(f"Unknown optimizer config field(s) {unknown}; valid fields: {list(_TOP_LEVEL_FIELDS)}.")
     merged = default_optimizer_config().to_dict()
     for key, value in given.items():
+        if isinstance(value, ml_collections.ConfigDict):  # a ConfigDict section inside a plain dict
+            value = value.to_dict()
+        if key in ("agc", "sam") and not (value is None or isinstance(value, Mapping)):
+            raise ValueError(
+                f"optimizer.{key} must be a section (a dict with fields "
+                f"{list(_AGC_FIELDS if key == 'agc' else _SAM_FIELDS)}) or None, got {value!r}; e.g. "
+                + ("optimizer.agc.clipping = 0.01." if key == "agc" else "optimizer.sam.rho = 0.05.")
+            )
         if key in ("agc", "sam") and isinstance(value, Mapping):
             fields = _AGC_FIELDS if key == "agc" else _SAM_FIELDS
             unknown_sub = sorted(set(value) - set(fields))

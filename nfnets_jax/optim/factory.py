@@ -50,6 +50,12 @@ def _base_optimizer(
             "optimizer.lr / schedule and weight decay from optimizer.weight_decay / wd_exclude."
         )
     if opt_config.name == "sgd":
+        sgd_owned = sorted(set(kwargs) & {"momentum", "nesterov"})
+        if sgd_owned:
+            raise ValueError(
+                f"optimizer.base_kwargs must not set {sgd_owned} for 'sgd': set optimizer.momentum "
+                "and optimizer.nesterov instead."
+            )
         momentum = opt_config.momentum or None
         nesterov = opt_config.nesterov and momentum is not None
         return optax.sgd(schedule, momentum=momentum, nesterov=nesterov, **kwargs), False

@@ -92,8 +92,9 @@ def sam_gradients(
       ascent_fraction: share of the batch for the ascent gradient (0.2 in the paper); the
         first `ascent_size(n, ascent_fraction)` examples are used.
       sync_ascent: average the ascent gradient over `axis_name` (plain SAM). False (the
-        paper's choice) gives each replica its own perturbation.
-      axis_name: the pmap / shard_map axis; only used when `sync_ascent`.
+        paper's choice) gives each replica its own perturbation, normalised by its own ‖g‖.
+      axis_name: the pmap / shard_map axis; only used when `sync_ascent` (None means one
+        device, where there is nothing to average).
       eps: added to ‖g‖ so an all-zero ascent gradient gives no perturbation instead of NaN.
 
     Returns:
@@ -138,7 +139,8 @@ def with_sam(
     `grad_fn(params, batch) -> grads`. The incoming `grads` are ignored: SAM computes its own
     ascent and descent gradients from `grad_fn` and `batch` (under `jit`, XLA drops the unused
     computation). The same `update` line therefore works with SAM off, because optax chains
-    accept and ignore the extra `grad_fn`/`batch` arguments.
+    accept and ignore the extra `grad_fn`/`batch` arguments; there the incoming `grads` are
+    used as they are, so under pmap pass grads already averaged over devices.
 
     With `axis_name` set (inside pmap / shard_map), the descent gradient is averaged over it
     before `inner`, so every replica applies the same update; the ascent gradient is averaged

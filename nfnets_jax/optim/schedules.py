@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -28,8 +29,26 @@ def peak_learning_rate(opt_config: Any, batch_size: int) -> float:
     return float(opt_config.lr) * scale
 
 
+def _after_linear_warmup(peak: float, warmup_steps: float, then: optax.Schedule) -> optax.Schedule:
+    """lr(t) = peak · t / W for t < W (so lr(0) = 0, and W may be fractional), else `then(t)`.
+
+    At t = W both pieces give `peak`, so using `<` here and `≤` in the official
+    `WarmupCosineDecay` is the same schedule.
+    """
+
+    def schedule(step: Any) -> Any:
+        step = jnp.asarray(step, jnp.float32)
+        warmup = peak * step / max(warmup_steps, 1e-12)
+        return jnp.where(step < warmup_steps, warmup, then(step))
+
+    return schedule
+
+
 def warmup_cosine(peak: float, warmup_steps: float, total_steps: int, min_lr: float = 0.0) -> optax.Schedule:
-    """Linear warmup from 0 to `peak` over `warmup_steps` (may be fractional), then cosine to `min_lr`."""
+    """Linear warmup from 0 to `peak` over `warmup_steps` (may be fractional), then cosine to `min_lr`.
+
+    Past `total_steps` the rate stays at `min_lr` (the official cosine would rise again).
+    """
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(
             f"warmup ({warmup_steps} steps) must be shorter than training ({total_steps} steps); "
@@ -41,14 +60,11 @@ def warmup_cosine(peak: float, warmup_steps: float, total_steps: int, min_lr: fl
             "batch/256 when lr_scale_by_batch); lower min_lr."
         )
 
-    def schedule(step: Any) -> Any:
-        step = jnp.asarray(step, jnp.float32)
-        warmup = peak * step / max(warmup_steps, 1e-12)
+    def cosine(step: jax.Array) -> jax.Array:
         progress = jnp.clip((step - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
-        cosine = min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step < warmup_steps, warmup, cosine)
+        return min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
 
-    return schedule
+    return _after_linear_warmup(peak, warmup_steps, cosine)
 
 
 def warmup_constant(peak: float, warmup_steps: float) -> optax.Schedule:
@@ -56,12 +72,7 @@ def warmup_constant(peak: float, warmup_steps: float) -> optax.Schedule:
     if warmup_steps < 0:
         raise ValueError(f"warmup steps must be >= 0, got {warmup_steps}; check optimizer.warmup_epochs.")
 
-    def schedule(step: Any) -> Any:
-        step = jnp.asarray(step, jnp.float32)
-        warmup = peak * step / max(warmup_steps, 1e-12)
-        return jnp.where(step < warmup_steps, warmup, jnp.asarray(peak, jnp.float32))
-
-    return schedule
+    return _after_linear_warmup(peak, warmup_steps, lambda step: jnp.full_like(step, peak))
 
 
 def make_lr_schedule(
