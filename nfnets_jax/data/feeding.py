@@ -1,0 +1,77 @@
+"""Host batches -> device arrays, for the pmap runner and for the shard_map/jit runner.
+
+JAX 0.10 removed `jax.device_put_sharded` / `device_put_replicated` (which the official code
+used, official_nfnets.md §4.5 and ecosystem.md §1e), so placement goes through shardings:
+- pmap: the host batch is `[local_devices, per_device_batch, ...]`; each leading-axis slice goes
+  to its local device, as a jax.Array sharded over a one-axis mesh of those devices (the
+  layout pmap itself produces, so pmap consumes it without a copy).
+- shard_map/jit: the per-process batch is flattened to `[local_batch, ...]` and assembled into
+  a global `[global_batch, ...]` array with `jax.make_array_from_process_local_data`.
+`prefetch_to_device` keeps `size` batches in flight so host->device copies overlap compute.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+PMAP_AXIS = "devices"
+
+
+def put_for_pmap(host_batch: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """Places slice i of every leaf's leading axis on `devices[i]` (default: local devices)."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    sharding = NamedSharding(Mesh(np.array(devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+
+    def put(leaf):
+        leaf = np.asarray(leaf)
+        if leaf.ndim == 0 or leaf.shape[0] != len(devices):
+            raise ValueError(f"A pmap host batch needs a leading axis of {len(devices)} (one slice "
+                             f"per local device); got shape {leaf.shape}.")
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree_util.tree_map(put, host_batch)
+
+
+def put_for_shard_map(host_batch: Any, mesh: Mesh,
+                      batch_axis: str | tuple[str, ...] = "data") -> Any:
+    """Builds global arrays `[global_batch, ...]` sharded over `batch_axis` of `mesh`.
+
+    Each process contributes its own `[local_devices, per_device_batch, ...]` batch, flattened
+    to `[local_batch, ...]`; `jax.make_array_from_process_local_data` stitches the processes'
+    data together in process order (JAX "Distributed data loading").
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
+
+    def put(leaf):
+        leaf = np.asarray(leaf)
+        if leaf.ndim < 2:
+            raise ValueError("put_for_shard_map takes [local_devices, per_device_batch, ...] "
+                             f"leaves; got shape {leaf.shape}.")
+        flat = leaf.reshape((leaf.shape[0] * leaf.shape[1],) + leaf.shape[2:])
+        return jax.make_array_from_process_local_data(sharding, flat)
+
+    return jax.tree_util.tree_map(put, host_batch)
+
+
+def prefetch_to_device(iterator: Iterable[Any], size: int,
+                       put_fn: Callable[[Any], Any]) -> Iterator[Any]:
+    """Yields `put_fn(batch)` for each host batch, keeping `size` batches already placed.
+
+    Device transfers are asynchronous, so placing batch t+1 while step t runs hides the copy.
+    `size=0` places each batch only when it is requested.
+    """
+    iterator = iter(iterator)
+    if size < 0:
+        raise ValueError(f"prefetch size must be >= 0, got {size}.")
+    queue = collections.deque(put_fn(batch) for batch in itertools.islice(iterator, size))
+    for batch in iterator:
+        queue.append(put_fn(batch))
+        yield queue.popleft()
+    while queue:
+        yield queue.popleft()

@@ -1,0 +1,352 @@
+"""Train and eval input pipelines: per-process sharding, per-device batching, exact resume.
+
+Layout (official_nfnets.md §4.5): every process reads its own contiguous slice of the split
+(np.array_split of the example range, the rule of `tfds.even_splits`), and yields numpy
+batches `[local_devices, per_device_batch, H, W, 3]` with global_batch =
+process_count × local_devices × per_device_batch.
+
+Determinism and resume: the train stream is a pure function of (seed, process, step).
+Epoch e of a process is read in an order seeded by (seed, process, e); the element at stream
+position g is augmented with stateless ops seeded by (seed, process, g); the mixing of step s
+and the RandAugment of its outputs are seeded by (seed, process, s). `start_step=k` therefore
+skips k steps' worth of elements before any decoding and yields exactly the batches k, k+1, ...
+of a fresh stream.
+
+Per device, one step takes 2B examples when mixing (B otherwise), mixes them to B
+(`mixing.py`), then applies RandAugment after mixing (NFNets) or before (`augment_before_mix`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from nfnets_jax.data import mixing, preprocess, randaugment
+from nfnets_jax.data.config import validate_data_config
+from nfnets_jax.data.sources import Source, make_source
+
+# Distinct streams of stateless randomness.
+_PREPROCESS_STREAM, _AUGMENT_STREAM, _MIX_STREAM, _POST_MIX_AUGMENT_STREAM = 1, 2, 3, 4
+_SHUFFLE_STREAM = 5
+
+
+class DatasetInfo(NamedTuple):
+    num_classes: int
+    num_train_examples: int
+    num_eval_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How one global batch divides over processes and their local devices."""
+    global_batch_size: int
+    process_index: int
+    process_count: int
+    local_device_count: int
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.global_batch_size // self.process_count
+
+    @property
+    def per_device_batch_size(self) -> int:
+        return self.local_batch_size // self.local_device_count
+
+
+def batch_layout(global_batch_size: int, *, process_index: int | None = None,
+                 process_count: int | None = None,
+                 local_device_count: int | None = None) -> BatchLayout:
+    """Checks that the global batch divides over processes × local devices, before any I/O."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    local_device_count = (jax.local_device_count() if local_device_count is None
+                          else local_device_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+    devices = process_count * local_device_count
+    if global_batch_size <= 0 or global_batch_size % devices:
+        nearest = max(1, round(global_batch_size / devices)) * devices
+        raise ValueError(
+            f"global_batch_size={global_batch_size} does not divide over {process_count} "
+            f"process(es) x {local_device_count} local device(s) = {devices} devices; use a "
+            f"positive multiple of {devices} (e.g. {nearest}).")
+    return BatchLayout(global_batch_size, process_index, process_count, local_device_count)
+
+
+def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[start, end) of this process's contiguous slice: np.array_split / tfds.even_splits sizes.
+
+    Slices are disjoint, cover every example, and differ in size by at most one.
+    """
+    base, extra = divmod(num_examples, process_count)
+    start = process_index * base + min(process_index, extra)
+    return start, start + base + (1 if process_index < extra else 0)
+
+
+def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Number of classes and of train/eval examples (the whole splits, all processes)."""
+    validate_data_config(data_config)
+    source = make_source(data_config)
+    return DatasetInfo(source.num_classes, source.split_size(data_config.train_split),
+                       source.split_size(data_config.eval_split))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers.
+
+
+def _seed(seed: int, process_index: int, stream: int, index) -> tf.Tensor:
+    """Stateless seed for element/step `index` of `stream`: a function of its arguments only."""
+    base = tf.constant([seed, process_index], tf.int64)
+    stream_seed = tf.random.experimental.stateless_fold_in(base, stream)
+    return tf.random.experimental.stateless_fold_in(stream_seed, tf.cast(index, tf.int64))
+
+
+def _python_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _image_sizes(data_config: ml_collections.ConfigDict, source: Source) -> tuple[int, int]:
+    """(train px, eval px); fixed-size sources (digits) keep their own size."""
+    if source.fixed_size:
+        return int(data_config.digits.image_size), int(data_config.digits.image_size)
+    return int(data_config.image_size), int(data_config.eval_image_size)
+
+
+def _options(data_config: ml_collections.ConfigDict) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    if data_config.threads:
+        options.threading.private_threadpool_size = int(data_config.threads)
+    return options
+
+
+def _parallel(data_config: ml_collections.ConfigDict) -> int:
+    calls = int(data_config.num_parallel_calls)
+    return tf.data.AUTOTUNE if calls == -1 else calls
+
+
+def _finish_image(image: tf.Tensor, seed: tf.Tensor, source: Source,
+                  augment: ml_collections.ConfigDict) -> tf.Tensor:
+    """Optional RandAugment on the clipped, truncated uint8 image, then normalisation.
+
+    Official order (§5.2 step 6): clip to [0, 255], cast to uint8, RandAugment, back to float.
+    """
+    if augment.randaugment_layers > 0:
+        as_uint8 = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+        image = randaugment.randaugment(as_uint8, seed, augment.randaugment_layers,
+                                        augment.randaugment_magnitude)
+    return preprocess.normalize(image, source.mean_rgb, source.stddev_rgb)
+
+
+# --------------------------------------------------------------------------------------------
+# Training.
+
+
+def _train_positions(source: Source, split: str, start: int, end: int, first_position: int,
+                     seed: int, process_index: int, shuffle_buffer: int) -> tf.data.Dataset:
+    """The endless (position, example) stream of one process, from `first_position` on.
+
+    Epoch e holds positions [e·n, (e+1)·n) of the process's n examples. In-memory sources
+    read each epoch as an exact permutation seeded by (seed, process, e). TFDS reads its files
+    in one order seeded by (seed, process) and shuffles records with a buffer seeded by
+    (seed, process, e). `.skip` drops the consumed records before anything is decoded.
+    """
+    epoch_size = end - start
+    first_epoch = first_position // epoch_size
+    if source.lookup is not None:
+        lookup = source.lookup(split)
+
+        def epoch_examples(epoch):
+            scores = tf.random.stateless_uniform(
+                [epoch_size], _seed(seed, process_index, _SHUFFLE_STREAM, epoch))
+            indices = start + tf.argsort(scores)
+            return tf.data.Dataset.from_tensor_slices(indices).map(lookup)
+    else:
+        records = source.read(split, start, end, _python_seed(seed, process_index))
+        stream_seed = _python_seed(seed, process_index, _SHUFFLE_STREAM)
+
+        def epoch_examples(epoch):
+            if shuffle_buffer <= 1:
+                return records
+            epoch_seed = epoch * 1_000_003 + stream_seed  # distinct for every epoch
+            return records.shuffle(min(shuffle_buffer, epoch_size), seed=epoch_seed,
+                                   reshuffle_each_iteration=False)
+
+    examples = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_examples)
+    examples = examples.skip(first_position - first_epoch * epoch_size)
+    return tf.data.Dataset.zip(tf.data.Dataset.range(first_position, 2**62), examples)
+
+
+def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
+                        seed: int, start_step: int = 0, process_index: int | None = None,
+                        process_count: int | None = None,
+                        local_device_count: int | None = None) -> Iterator[dict]:
+    """The infinite training stream of numpy batches (docs/CONTRACTS.md, data section).
+
+    Yields {'images': f32 [D, B, H, W, 3], 'labels': i32 [D, B], 'mix_labels': i32 [D, B],
+    'ratio': f32 [D, B]} with D local devices and B examples per device; the loss target is
+    ratio·onehot(labels) + (1 − ratio)·onehot(mix_labels). `start_step=k` yields the batches
+    k, k+1, ... of the stream started at 0, skipping the elements of steps < k before decoding.
+    The process/device overrides simulate other topologies (tests); they default to jax's.
+    """
+    validate_data_config(data_config)
+    layout = batch_layout(global_batch_size, process_index=process_index,
+                          process_count=process_count, local_device_count=local_device_count)
+    augment = data_config.augment
+    inputs_per_output = mixing.INPUTS_PER_OUTPUT[augment.mix]
+    if augment.mix == "mixup_cutmix" and layout.per_device_batch_size % 2:
+        raise ValueError(
+            f"augment.mix='mixup_cutmix' mixes half of each device's batch with MixUp and half "
+            f"with CutMix, so the per-device batch must be even; global_batch_size="
+            f"{global_batch_size} gives {layout.per_device_batch_size} per device.")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+
+    source = make_source(data_config)
+    train_size, _ = _image_sizes(data_config, source)
+    start, end = process_range(source.split_size(data_config.train_split),
+                               layout.process_index, layout.process_count)
+    if end <= start:
+        raise ValueError(f"Process {layout.process_index} has no training examples: the split "
+                         f"{data_config.train_split!r} is smaller than the process count.")
+    per_device = layout.per_device_batch_size
+    group_inputs = per_device * inputs_per_output
+    step_inputs = group_inputs * layout.local_device_count
+    proc = layout.process_index
+    parallel = _parallel(data_config)
+
+    def preprocess_example(position, example):
+        element_seed = _seed(seed, proc, _PREPROCESS_STREAM, position)
+        if source.fixed_size:
+            image = preprocess.random_shift(example["image"], element_seed,
+                                            int(data_config.digits.max_shift))
+        else:
+            image = preprocess.train_preprocess(example["image"], element_seed,
+                                                encoded=source.encoded, image_size=train_size)
+        if augment.augment_before_mix:
+            image = _finish_image(image, _seed(seed, proc, _AUGMENT_STREAM, position), source,
+                                  augment)
+        image = tf.ensure_shape(image, (train_size, train_size, 3))
+        return {"image": image, "label": example["label"], "position": position}
+
+    def mix_group(group_index, group):
+        mixed = mixing.mix_batch({"image": group["image"], "label": group["label"]},
+                                 _seed(seed, proc, _MIX_STREAM, group_index), augment.mix,
+                                 augment.mixup_alpha)
+        mixed["output_index"] = group_index * per_device + tf.range(per_device, dtype=tf.int64)
+        mixed["last_position"] = tf.fill([per_device], tf.reduce_max(group["position"]))
+        return mixed
+
+    def finish_example(example):
+        if not augment.augment_before_mix:
+            augment_seed = _seed(seed, proc, _POST_MIX_AUGMENT_STREAM, example["output_index"])
+            example["images"] = _finish_image(example["images"], augment_seed, source, augment)
+        del example["output_index"]
+        return example
+
+    def pipeline(positions: tf.data.Dataset, first_step: int) -> tf.data.Dataset:
+        dataset = positions.map(preprocess_example, num_parallel_calls=parallel)
+        dataset = dataset.ignore_errors(log_warning=True)  # undecodable images: skip, log
+        dataset = dataset.batch(group_inputs, drop_remainder=True)
+        dataset = dataset.enumerate(start=first_step * layout.local_device_count)
+        dataset = dataset.map(mix_group, num_parallel_calls=parallel)
+        dataset = dataset.unbatch().map(finish_example, num_parallel_calls=parallel)
+        dataset = dataset.batch(per_device, drop_remainder=True)
+        dataset = dataset.batch(layout.local_device_count, drop_remainder=True)
+        dataset = dataset.prefetch(int(data_config.prefetch))
+        return dataset.with_options(_options(data_config))
+
+    def batches() -> Iterator[dict]:
+        step = start_step
+        last_position = start_step * step_inputs - 1
+        skipped = 0
+        positions = _train_positions(source, data_config.train_split, start, end,
+                                     start_step * step_inputs, seed, proc,
+                                     int(data_config.shuffle_buffer))
+        for batch in pipeline(positions, step).as_numpy_iterator():
+            batch_last = int(batch.pop("last_position").max())
+            newly_skipped = batch_last - last_position - step_inputs
+            if newly_skipped:
+                skipped += newly_skipped
+                logging.warning("Input pipeline: skipped %d undecodable image(s) so far "
+                                "(process %d, step %d).", skipped, proc, step)
+            last_position = batch_last
+            step += 1
+            yield batch
+
+    return batches()
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def num_eval_steps(num_examples: int, layout: BatchLayout) -> int:
+    """Steps every process runs: enough for the largest process slice (all run the same)."""
+    largest = max(process_range(num_examples, index, layout.process_count)[1]
+                  - process_range(num_examples, index, layout.process_count)[0]
+                  for index in range(layout.process_count))
+    return math.ceil(largest / layout.local_batch_size)
+
+
+def make_eval_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
+                       process_index: int | None = None, process_count: int | None = None,
+                       local_device_count: int | None = None) -> Iterator[dict]:
+    """One finite pass over the eval split; every example exactly once across processes.
+
+    Same layout as training plus `mask` (1 real, 0 padding): each process pads its slice with
+    masked examples up to the same number of steps, so collective steps stay in lockstep and
+    any split size works. `mix_labels` equals `labels` and `ratio` is 1.
+    """
+    validate_data_config(data_config)
+    layout = batch_layout(global_batch_size, process_index=process_index,
+                          process_count=process_count, local_device_count=local_device_count)
+    source = make_source(data_config)
+    _, eval_size = _image_sizes(data_config, source)
+    mode = "none" if source.fixed_size else data_config.eval_preprocess
+    total = source.split_size(data_config.eval_split)
+    start, end = process_range(total, layout.process_index, layout.process_count)
+    steps = num_eval_steps(total, layout)
+    parallel = _parallel(data_config)
+
+    def preprocess_example(example):
+        image = preprocess.eval_preprocess(example["image"], encoded=source.encoded,
+                                           image_size=eval_size, mode=mode)
+        image = preprocess.normalize(image, source.mean_rgb, source.stddev_rgb)
+        return {"images": tf.ensure_shape(image, (eval_size, eval_size, 3)),
+                "labels": example["label"], "mask": tf.constant(1.0, tf.float32)}
+
+    padding = tf.data.Dataset.from_tensors({
+        "images": tf.zeros((eval_size, eval_size, 3), tf.float32),
+        "labels": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)}).repeat()
+
+    def with_mixing_fields(example):
+        return {**example, "mix_labels": example["labels"],
+                "ratio": tf.constant(1.0, tf.float32)}
+
+    dataset = source.read(data_config.eval_split, start, end, None)
+    dataset = dataset.map(preprocess_example, num_parallel_calls=parallel)
+    dataset = dataset.ignore_errors(log_warning=True)
+    dataset = dataset.concatenate(padding).take(steps * layout.local_batch_size)
+    dataset = dataset.map(with_mixing_fields)
+    dataset = dataset.batch(layout.per_device_batch_size).batch(layout.local_device_count)
+    dataset = dataset.prefetch(int(data_config.prefetch)).with_options(_options(data_config))
+
+    def batches() -> Iterator[dict]:
+        seen = 0
+        for batch in dataset.as_numpy_iterator():
+            seen += int(batch["mask"].sum())
+            yield batch
+        if seen != end - start:
+            logging.warning("Eval pipeline: skipped %d undecodable image(s) of %d (process %d).",
+                            end - start - seen, end - start, layout.process_index)
+
+    return batches()

@@ -1,0 +1,67 @@
+"""Device placement on the 4 fake CPU devices, for pmap and for shard_map."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+from nfnets_jax.data import feeding
+
+
+def _host_batch():
+    images = np.arange(4 * 2 * 3 * 3 * 3, dtype=np.float32).reshape(4, 2, 3, 3, 3)
+    labels = np.arange(8, dtype=np.int32).reshape(4, 2)
+    return {"images": images, "labels": labels}
+
+
+def test_put_for_pmap_places_slice_i_on_device_i():
+    devices = jax.local_devices()[:4]
+    batch = _host_batch()
+    placed = feeding.put_for_pmap(batch, devices)
+    for key in batch:
+        shards = sorted(placed[key].addressable_shards, key=lambda s: s.index[0].start)
+        for index, shard in enumerate(shards):
+            assert shard.device == devices[index]
+            np.testing.assert_array_equal(np.asarray(shard.data)[0], batch[key][index])
+    summed = jax.pmap(lambda x: jax.lax.psum(x.sum(), "i"), axis_name="i", devices=devices)(
+        placed["labels"])
+    np.testing.assert_array_equal(np.asarray(summed), np.full(4, batch["labels"].sum()))
+    with pytest.raises(ValueError, match="leading axis of 4"):
+        feeding.put_for_pmap({"x": np.zeros((3, 2))}, devices)
+
+
+def test_put_for_shard_map_builds_the_global_batch():
+    devices = np.array(jax.devices()[:4])
+    mesh = Mesh(devices, ("data",))
+    batch = _host_batch()
+    placed = feeding.put_for_shard_map(batch, mesh, "data")
+    assert placed["images"].shape == (8, 3, 3, 3)
+    np.testing.assert_array_equal(np.asarray(placed["labels"]), batch["labels"].reshape(8))
+    # Device d holds the examples of host slice d.
+    for shard in placed["labels"].addressable_shards:
+        position = list(devices).index(shard.device)
+        np.testing.assert_array_equal(np.asarray(shard.data), batch["labels"][position])
+
+    @jax.jit
+    def per_device_sums(labels):
+        return jax.shard_map(lambda x: x.sum(keepdims=True), mesh=mesh,
+                             in_specs=PartitionSpec("data"), out_specs=PartitionSpec("data"))(
+            labels)
+
+    np.testing.assert_array_equal(np.asarray(per_device_sums(placed["labels"])),
+                                  batch["labels"].sum(axis=1))
+
+
+def test_prefetch_to_device_keeps_order_and_places_ahead():
+    placed = []
+
+    def put(batch):
+        placed.append(batch)
+        return jnp.asarray(batch)
+
+    iterator = feeding.prefetch_to_device(iter(range(5)), 2, put)
+    assert next(iterator) == 0
+    assert placed == [0, 1, 2]  # two batches already placed beyond the one handed out
+    assert [int(x) for x in iterator] == [1, 2, 3, 4]
+    assert [int(x) for x in feeding.prefetch_to_device(range(3), 0, jnp.asarray)] == [0, 1, 2]
