@@ -1,0 +1,244 @@
+"""NFNet-F0…F7 and the wide F0+…F7+ (Brock et al. 2021, "High-Performance Large-Scale Image
+Recognition Without Normalization", §5, Table 1, App. C; official `nfnet.py` / `base.py`).
+
+With default arguments the module, its parameter names and shapes, and its outputs are those of
+DeepMind's `NFNet` (official_nfnets.md §1–§2), so released weights load by name. The extra knobs
+`depths`, `widths`, `group_size` and `stem_channels` only exist to build tiny models for CPU runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import haiku as hk
+import jax
+
+from nfnets_jax.models import layers
+
+_STAGE_STRIDES = (1, 2, 2, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class NFNetVariant:
+    """One row of [P2] Table 1 (plus the official code's F7 and F+ rows)."""
+
+    depths: tuple[int, int, int, int]
+    widths: tuple[int, int, int, int]
+    train_imsize: int
+    test_imsize: int
+    drop_rate: float
+    randaugment_magnitude: int  # RandAugment uses 4 layers for every variant ([P2] A.3).
+
+
+_BASE_WIDTHS = (256, 512, 1536, 1536)
+_PLUS_WIDTHS = (384, 768, 2048, 2048)  # official `base.py` "F+" rows: widths only differ.
+# (train px, test px, dropout, RandAugment magnitude) for F0…F7; depths are (k+1)·[1, 2, 6, 3].
+_F_SETTINGS = (
+    (192, 256, 0.2, 5),
+    (224, 320, 0.3, 10),
+    (256, 352, 0.4, 10),
+    (320, 416, 0.4, 15),
+    (384, 512, 0.5, 15),
+    (416, 544, 0.5, 15),
+    (448, 576, 0.5, 15),
+    (480, 608, 0.5, 15),
+)
+
+
+def _make_variants() -> dict[str, NFNetVariant]:
+    variants = {}
+    for k, (train_px, test_px, drop, magnitude) in enumerate(_F_SETTINGS):
+        depths = tuple((k + 1) * d for d in (1, 2, 6, 3))
+        for suffix, widths in (("", _BASE_WIDTHS), ("+", _PLUS_WIDTHS)):
+            variants[f"F{k}{suffix}"] = NFNetVariant(
+                depths=depths,
+                widths=widths,
+                train_imsize=train_px,
+                test_imsize=test_px,
+                drop_rate=drop,
+                randaugment_magnitude=magnitude,
+            )
+    return variants
+
+
+NFNET_VARIANTS: dict[str, NFNetVariant] = _make_variants()
+
+
+class NFBlock(hk.Module):
+    """NFNet bottleneck: 1×1 → 3×3 grouped (strided) → 3×3 grouped → 1×1, then 2·SE, stochastic
+    depth, scalar skip gain and ×α, plus the shortcut (official_nfnets.md §1.3).
+
+    The shortcut of a transition block is taken from act(x)·β (average-pooled if strided);
+    otherwise it is the raw x (§8.3). Bottleneck width is expansion × **output** channels,
+    rounded down to a multiple of `group_size`.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        schedule: layers.BlockSchedule,
+        activation: layers.Activation,
+        expansion: float = 0.5,
+        se_ratio: float = 0.5,
+        group_size: int = 128,
+        alpha: float = 0.2,
+        use_two_convs: bool = True,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        mid = int(out_ch * expansion)
+        groups = mid // group_size
+        if groups < 1:
+            raise ValueError(
+                f"Block width {out_ch}·{expansion} = {mid} is smaller than group_size "
+                f"{group_size}; lower group_size or raise the widths."
+            )
+        self.in_ch, self.out_ch = in_ch, out_ch
+        self.mid, self.groups = groups * group_size, groups
+        self.schedule = schedule
+        self.stage = schedule.stage
+        self.activation = activation
+        self.alpha = alpha
+        self.use_two_convs = use_two_convs
+        self.use_projection = schedule.stride > 1 or in_ch != out_ch
+        # Submodules are built here (not in __call__) so Haiku names them `nf_block/~/conv0`, …
+        mid, stride = self.mid, schedule.stride
+        self.conv0 = layers.WSConv2D(mid, 1, name="conv0")
+        self.conv1 = layers.WSConv2D(mid, 3, stride=stride, feature_group_count=groups, name="conv1")
+        if use_two_convs:
+            self.conv1b = layers.WSConv2D(mid, 3, feature_group_count=groups, name="conv1b")
+        self.conv2 = layers.WSConv2D(out_ch, 1, name="conv2")
+        if self.use_projection:
+            self.conv_shortcut = layers.WSConv2D(out_ch, 1, name="conv_shortcut")
+        self.squeeze_excite = layers.SqueezeExcite(out_ch, out_ch, se_ratio, name="squeeze_excite")
+
+    def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
+        """Returns (block output, average channel variance of the residual branch)."""
+        out = self.activation(x) * self.schedule.beta
+        if self.schedule.stride > 1:
+            shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding="SAME")
+            shortcut = self.conv_shortcut(shortcut)
+        elif self.use_projection:
+            shortcut = self.conv_shortcut(out)
+        else:
+            shortcut = x
+        out = self.conv0(out)
+        out = self.conv1(self.activation(out))
+        if self.use_two_convs:
+            out = self.conv1b(self.activation(out))
+        out = self.conv2(self.activation(out))
+        out = 2.0 * self.squeeze_excite(out) * out
+        branch_variance = layers.channel_variance(out)
+        out = layers.stochastic_depth(out, self.schedule.stochdepth_rate, is_training)
+        out = out * layers.skip_gain(out.dtype)
+        return out * self.alpha + shortcut, branch_variance
+
+
+class NFNet(hk.Module):
+    """Normalizer-Free Network ([P2] §5, official `nfnet.NFNet`).
+
+    Call as `model(x, is_training, return_features=False)` on NHWC float images.
+    - Default: logits [B, num_classes].
+    - `return_features=True`: a dict with `logits`, `pool` (pre-dropout pooled features, the
+      input of the classifier), `stem` (stem output), `stage_1`…`stage_4` (output of the last
+      block of each stage, before the head), and for signal-propagation plots `block_outputs`
+      (every block's output, in order) and `branch_variances` (per block, the average channel
+      variance of the residual branch before stochastic depth, skip gain and α: the official
+      `res_avg_var`).
+    Training (`is_training=True`) needs an RNG for dropout and stochastic depth.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "F0",
+        width: float = 1.0,
+        se_ratio: float = 0.5,
+        alpha: float = 0.2,
+        stochdepth_rate: float = 0.1,
+        drop_rate: float | None = None,
+        activation: str = "gelu",
+        fc_init: Callable[[Sequence[int], Any], jax.Array] | None = None,
+        final_conv_mult: float | None = 2,
+        final_conv_ch: int | None = None,
+        use_two_convs: bool = True,
+        depths: Sequence[int] | None = None,
+        widths: Sequence[int] | None = None,
+        group_size: int = 128,
+        stem_channels: Sequence[int] | None = None,
+        name: str = "NFNet",
+    ):
+        super().__init__(name=name)
+        if variant not in NFNET_VARIANTS:
+            raise ValueError(f"Unknown NFNet variant {variant!r}; choose one of {list(NFNET_VARIANTS)}.")
+        spec = NFNET_VARIANTS[variant]
+        self.num_classes = num_classes
+        self.depths = tuple(depths) if depths is not None else spec.depths
+        base_widths = tuple(widths) if widths is not None else spec.widths
+        if len(self.depths) != 4 or len(base_widths) != 4:
+            raise ValueError(f"depths and widths need 4 entries (one per stage); got {self.depths}, {base_widths}.")
+        self.widths = tuple(int(w * width) for w in base_widths)
+        # The stem is not scaled by `width` (official §1.2).
+        self.stem_channels = (
+            tuple(stem_channels) if stem_channels is not None else (16, 32, 64, base_widths[0] // 2)
+        )
+        if len(self.stem_channels) != 4:
+            raise ValueError(f"stem_channels needs 4 entries (one per stem conv); got {self.stem_channels}.")
+        if final_conv_mult is None:
+            if final_conv_ch is None:
+                raise ValueError("Pass final_conv_mult or final_conv_ch to size the final 1x1 conv.")
+            self.final_conv_ch = int(final_conv_ch)
+        else:
+            self.final_conv_ch = int(final_conv_mult * self.widths[-1])
+        self.drop_rate = spec.drop_rate if drop_rate is None else drop_rate
+        self.activation_name = activation
+        self.activation = layers.scaled_activation(activation)
+        self.schedule = layers.block_schedule(self.depths, _STAGE_STRIDES, alpha, stochdepth_rate)
+
+        # Submodules are built here, in DeepMind's order, so Haiku names them `NFNet/~/stem_conv0`,
+        # `NFNet/~/nf_block`, `NFNet/~/nf_block_1`, …, `NFNet/~/final_conv`, `NFNet/~/linear`.
+        self.stem = [
+            layers.WSConv2D(channels, 3, stride=stride, name=f"stem_conv{i}")
+            for i, (channels, stride) in enumerate(zip(self.stem_channels, (2, 1, 1, 2)))
+        ]
+        self.blocks = []
+        in_ch = self.stem_channels[-1]
+        for block_schedule, out_ch in zip(self.schedule, _stage_widths(self.depths, self.widths)):
+            self.blocks.append(
+                NFBlock(
+                    in_ch,
+                    out_ch,
+                    block_schedule,
+                    self.activation,
+                    se_ratio=se_ratio,
+                    group_size=group_size,
+                    alpha=alpha,
+                    use_two_convs=use_two_convs,
+                    name="nf_block",
+                )
+            )
+            in_ch = out_ch
+        self.final_conv = layers.WSConv2D(self.final_conv_ch, 1, name="final_conv")
+        fc_init = fc_init if fc_init is not None else hk.initializers.RandomNormal(stddev=0.01)
+        self.fc = hk.Linear(num_classes, w_init=fc_init, name="linear")
+
+    def __call__(
+        self, x: jax.Array, is_training: bool, return_features: bool = False
+    ) -> jax.Array | dict[str, Any]:
+        layers.check_image_batch(x, "NFNet")
+        out = x
+        for i, conv in enumerate(self.stem):
+            out = conv(out)
+            if i < len(self.stem) - 1:  # No activation after the last stem conv: blocks start with one.
+                out = self.activation(out)
+        return layers.run_body_and_head(
+            self, out, is_training, return_features, lambda h: self.activation(self.final_conv(h))
+        )
+
+
+def _stage_widths(depths: Sequence[int], widths: Sequence[int]) -> list[int]:
+    """Output channels of every block, in order."""
+    return [w for depth, w in zip(depths, widths) for _ in range(depth)]
