@@ -1,0 +1,142 @@
+"""Evaluates trained weights: top-1, top-5 and loss on the config's eval split.
+
+    python -m experiments.eval                                     # the digits demo's workdir
+    python -m experiments.eval --config=configs/nfnet.py:F0 --workdir=DIR
+    python -m experiments.eval --weights=F0_haiku.npz --variant=F0 [--data_dir=TFDS_DIR]
+
+From a workdir it evaluates the latest checkpoint's raw and EMA params; from a weight file
+(DeepMind's released `F*_haiku.npz`, loaded without unpickling code, or our `.npz`) it evaluates
+that one tree. `--variant=F0` means `--config=configs/nfnet.py:F0`: ImageNet's validation split
+at the variant's test resolution (256 px for F0, resize to S+32 squashed then centre crop).
+Parameter names and shapes are checked against the model before anything runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input pipeline only.
+
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file[:arg] (default: configs/digits.py, or the --variant's).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate (its latest checkpoint).")
+_WEIGHTS = flags.DEFINE_string("weights", None, "A weight file: DeepMind's F*_haiku.npz or our .npz.")
+_VARIANT = flags.DEFINE_string("variant", None, "NFNet variant of --weights (F0 ... F6): picks configs/nfnet.py:<variant>.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (overrides config.data.data_dir).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def _load_config_file(name: str, arg: str | None):
+    """configs/<name>.py's get_config(arg), loaded by path (configs/ is not an installed package)."""
+    spec = importlib.util.spec_from_file_location(f"nfnets_configs_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def resolve_config():
+    """--config if given, else configs/nfnet.py:<variant> for --variant, else the digits demo."""
+    if _VARIANT.value and _CONFIG.value is not None:
+        raise app.UsageError("Pass --variant or --config, not both (--variant=F0 means "
+                             "--config=configs/nfnet.py:F0).")
+    if _CONFIG.value is not None:
+        config = _CONFIG.value
+        name = str(config_flags.get_config_filename(flags.FLAGS["config"]))
+    elif _VARIANT.value:
+        config = _load_config_file("nfnet", _VARIANT.value)
+        name = f"configs/nfnet.py:{_VARIANT.value}"
+    else:
+        config = _load_config_file("digits", None)
+        name = "configs/digits.py"
+    if _DATA_DIR.value:
+        config.unlock()
+        config.data.data_dir = _DATA_DIR.value
+        config.lock()
+    return config, name
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
+    logging.set_verbosity(logging.WARNING)
+    from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
+
+    from nfnets_jax import checkpoints, data
+    from nfnets_jax.train import config_schema, evaluation, parallel, pretrained
+    from nfnets_jax.train.forward import make_forward
+    from nfnets_jax.train.step import make_eval_step
+
+    config, config_name = resolve_config()
+    is_main = jax.process_index() == 0
+
+    # ---- Checks at the door: config, weights present and matching the model ----
+    try:
+        if _WEIGHTS.value and _WORKDIR.value:
+            raise ValueError("Pass --weights or --workdir, not both.")
+        config_schema.validate_config(config, device_count=jax.device_count())
+        info = data.dataset_info(config.data)
+        forward = make_forward(config.model.name, info.num_classes, config.model.kwargs.to_dict())
+        size = config.data.eval_image_size
+        abstract_params, abstract_state = jax.eval_shape(
+            lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), is_training=True))
+        if _WEIGHTS.value:
+            source = _WEIGHTS.value
+            trees = {"": pretrained.read_params(source)}
+            model_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state)
+        else:
+            source = _WORKDIR.value or config_schema.default_workdir(config_name)
+            saved = pretrained.read_workdir_state(source)
+            trees = {"": saved["params"]}
+            if saved["ema_params"]:
+                trees["ema_"] = saved["ema_params"]
+            model_state = saved["model_state"]
+        for tree in trees.values():
+            checkpoints.check_params_match(tree, abstract_params)
+    except (ValueError, FileNotFoundError, data.DatasetUnavailableError) as error:
+        sys.exit(f"error: {error}")
+
+    # ---- Evaluate on every device, at the config's eval resolution ----
+    backend = parallel.make_backend(config.parallel.backend)
+    eval_fn = backend.wrap_eval(make_eval_step(forward))
+    state = backend.replicate(model_state)
+    results = {}
+    for prefix, params in trees.items():
+        metrics = evaluation.evaluate(
+            eval_fn, backend.replicate(params), state,
+            data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size),
+            backend.put_batch)
+        results.update({f"{prefix}{name}": value for name, value in metrics.items()})
+
+    if is_main:
+        print(f"{config.model.name} from {source} on {config.data.name}:{config.data.eval_split} "
+              f"at {size}px ({int(results['num_examples'])} examples; config {config_name})")
+        for prefix in trees:
+            label = "EMA params" if prefix else "params"
+            print(f"  {label:10s}  top-1 {100 * results[prefix + 'top_1_acc']:.2f}%  "
+                  f"top-5 {100 * results[prefix + 'top_5_acc']:.2f}%  loss {results[prefix + 'loss']:.4f}")
+        if os.path.isdir(source):
+            with open(os.path.join(source, "eval_results.json"), "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    app.run(main)

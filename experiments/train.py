@@ -1,0 +1,149 @@
+"""Trains a model from a config file.
+
+    python -m experiments.train --config=configs/<file>.py[:arg] --workdir=DIR [--config.a.b=value]
+
+With no flags it trains the offline demo: configs/digits.py (a tiny NFNet on scikit-learn's
+digits, CPU, a few minutes) in ./workdirs/digits. Re-running with the same workdir resumes from
+its latest checkpoint. Multi-host: pass --coordinator_address/--num_processes/--process_id, or
+--distributed on a TPU pod (SLURM jobs are detected from the environment).
+
+Read top to bottom: flags -> distributed start-up -> config checks -> input -> model and optimizer
+-> the loop (nfnets_jax/train/loop.py: init or resume, steps, eval, checkpoints) -> summary.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input pipeline only.
+
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "digits.py"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(DEFAULT_CONFIG), "Experiment config file, optionally with ':arg' (a variant).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints, metrics and plots go here (default: ./workdirs/<config>).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host with the cluster found by JAX itself (TPU pods).")
+
+
+def build_experiment(config):
+    """The loop's inputs from the config: data iterators, model, optimizer, step settings."""
+    # pylint: disable=import-outside-toplevel
+    from nfnets_jax import data, models, optim
+    from nfnets_jax.train import config_schema, pretrained
+    from nfnets_jax.train import step as step_lib
+    from nfnets_jax.train.forward import make_forward
+    from nfnets_jax.train.loop import Experiment
+
+    # ---- Input: per-process shards, per-device batches (nfnets_jax/data) ----
+    info = data.dataset_info(config.data)
+    batch_size = config.train.batch_size
+    steps_per_epoch = info.num_train_examples / batch_size
+    total_steps = config_schema.total_train_steps(config, info.num_train_examples)
+    train_batches = lambda start_step: data.make_train_iterator(
+        config.data, global_batch_size=batch_size, seed=config.train.seed, start_step=start_step)
+    eval_batches = lambda: data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size)
+
+    # ---- Model: registry name + kwargs from the config (nfnets_jax/models) ----
+    model_kwargs = config.model.kwargs.to_dict()
+    forward = make_forward(config.model.name, info.num_classes, model_kwargs)
+
+    # ---- Optimizer: AGC -> weight decay -> SGD with schedule; SAM and EMA in the step ----
+    opt_config = optim.validate_optimizer_config(config.optimizer)
+    if config.train.warmup_steps is not None:
+        opt_config.warmup_epochs = config.train.warmup_steps / steps_per_epoch
+    schedule_args = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch_size=batch_size)
+    optimizer = optim.make_optimizer(opt_config, **schedule_args)
+    settings = step_lib.settings_from_config(
+        config, opt_config, num_classes=info.num_classes,
+        agc_groups=models.stage_regexes(config.model.name, **model_kwargs))
+
+    # ---- Fine-tuning: pretrained weights with a fresh head (config.checkpoint.init_from) ----
+    initial_params = None
+    if config.checkpoint.init_from:
+        loaded = pretrained.read_params(config.checkpoint.init_from)
+        exclude = list(config.checkpoint.init_exclude)
+        initial_params = lambda fresh: pretrained.merge_pretrained(loaded, fresh, exclude=exclude)
+
+    return Experiment(
+        forward=forward, optimizer=optimizer, lr_schedule=optim.make_lr_schedule(opt_config, **schedule_args),
+        step_settings=settings, train_batches=train_batches, eval_batches=eval_batches,
+        image_shape=(config.data.image_size, config.data.image_size, 3), total_steps=total_steps,
+        global_batch_size=batch_size,
+        describe_param_groups=lambda params: optim.describe_param_groups(opt_config, params),
+        initial_params=initial_params,
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; settings go in --config.* flags.")
+    logging.set_verbosity(logging.WARNING)
+    # ---- Processes and devices (before anything touches a device) ----
+    from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           auto_detect=_DISTRIBUTED.value)
+    # pylint: disable=import-outside-toplevel
+    import jax
+
+    from nfnets_jax.data import DatasetUnavailableError
+    from nfnets_jax.train import config_schema, loop
+
+    config = _CONFIG.value
+    config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = _WORKDIR.value or config_schema.default_workdir(config_spec)
+    is_main = jax.process_index() == 0
+    if is_main:
+        print(f"Config: {config_spec}"
+              f"{'' if flags.FLAGS['config'].present else ' (default)'}; workdir: {workdir}"
+              f"{'' if _WORKDIR.value else ' (default)'}; {jax.process_count()} process(es), "
+              f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+
+    # ---- Checks at the door: config, model name, batch divisibility, dataset presence ----
+    try:
+        config_schema.validate_config(config, device_count=jax.device_count())
+        experiment = build_experiment(config)
+    except (ValueError, FileNotFoundError, DatasetUnavailableError) as error:
+        sys.exit(f"error: {error}")
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ---- Train (resumes from the workdir's latest checkpoint), evaluate, plot ----
+    try:
+        summary = loop.run(experiment, config, workdir)
+    except loop.NonFiniteError as error:
+        sys.exit(f"error: {error}")
+
+    if is_main:
+        results = summary.eval_metrics
+        if summary.stopped_by == "preempted":
+            print(f"Stopped by SIGTERM at step {summary.step}; run the same command to resume.")
+        else:
+            accuracy = results.get("ema_top_1_acc", results.get("top_1_acc"))
+            which = "EMA" if "ema_top_1_acc" in results else "raw"
+            print(f"Done: {summary.step} steps. Test top-1 ({which} params): {100 * accuracy:.2f}% "
+                  f"(raw {100 * results['top_1_acc']:.2f}%) on {int(results['num_examples'])} examples.")
+        print(f"Checkpoints: {summary.checkpoint_dir}")
+        print(f"Metrics: {summary.metrics_file}  (TensorBoard: tensorboard --logdir "
+              f"{os.path.abspath(workdir)})")
+        if summary.plot_file:
+            print(f"Training curves: {summary.plot_file}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,71 @@
+"""Multi-host start-up: `jax.distributed.initialize` from flags or from the cluster environment.
+
+Every process runs the same program on its own devices; `jax.distributed.initialize` connects
+them before anything touches a device. On TPU pods and under SLURM, JAX finds the coordinator
+and the process ids itself; elsewhere they come from flags (or JAX's own
+`JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` variables). On CPU, cross-process
+collectives need an implementation (gloo), which is selected here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def _looks_multi_process() -> bool:
+    """True when a launcher has described a job of more than one process in the environment.
+
+    SLURM sets SLURM_NTASKS; JAX's own variables name the coordinator. TPU pods are detected by
+    JAX from the TPU metadata, which is only queried when asked (`auto_detect=True`), so that a
+    single machine never waits on a metadata server.
+    """
+    if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
+        return True
+    return "JAX_COORDINATOR_ADDRESS" in os.environ
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto_detect: bool = False,
+) -> bool:
+    """Connects this process to the others; returns True for a multi-process run.
+
+    Args:
+      coordinator_address: `host:port` of process 0's coordinator, e.g. `10.0.0.1:1234`.
+      num_processes: how many processes take part.
+      process_id: this process's index in [0, num_processes).
+      auto_detect: ask JAX to find the cluster itself (TPU pods: `--distributed`).
+
+    Give all three, or none to let JAX detect the job: always for SLURM and JAX_COORDINATOR_ADDRESS,
+    and for TPU pods with `auto_detect`. Otherwise this is a single-process run and nothing happens.
+    """
+    explicit = [coordinator_address, num_processes, process_id]
+    if any(value is not None for value in explicit):
+        if any(value is None for value in explicit):
+            raise ValueError(
+                "Multi-process runs need --coordinator_address, --num_processes and --process_id "
+                "together (or none of them, to let JAX detect a TPU pod or SLURM job)."
+            )
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
+        if num_processes > 1:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+        return num_processes > 1
+    if auto_detect or _looks_multi_process():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+        return jax.process_count() > 1
+    return False
+
+
+def shutdown() -> None:
+    """Leaves the job cleanly (a no-op for a single-process run)."""
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()

@@ -1,0 +1,237 @@
+"""The training loop: init or resume, step, log, evaluate, checkpoint, stop cleanly.
+
+`experiments/train.py` builds an `Experiment` (model, optimizer, data) from the config and hands
+it to `run`; tests hand `run` a fake model and in-memory batches, so the loop is tested without a
+real network (scenic's fake-model pattern, STYLE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nfnets_jax.train import checkpointing
+from nfnets_jax.train import evaluation
+from nfnets_jax.train import metrics_logging
+from nfnets_jax.train import parallel
+from nfnets_jax.train.state import TrainState, init_train_state
+from nfnets_jax.train.step import StepSettings, make_eval_step, make_train_step
+
+NONFINITE_MODES = ("stop", "skip")
+HostBatch = Mapping[str, np.ndarray]
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN/inf and `config.nonfinite == 'stop'`."""
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What the loop needs that depends on the model and the data.
+
+    Attributes:
+      forward: `hk.transform_with_state` of `(images, is_training) -> logits`.
+      optimizer: the optax chain (AGC -> weight decay -> SGD), SAM excluded.
+      lr_schedule: the schedule inside `optimizer`, for logging.
+      step_settings: loss, precision, EMA and SAM settings of the train step.
+      train_batches: `start_step -> iterator` of host batches `[local_devices, B, ...]`; the
+        stream must be deterministic so that resuming at `start_step` continues it exactly.
+      eval_batches: `() -> iterable` over one pass of the eval split (with `mask`), or None.
+      image_shape: (H, W, C) of training images, used to initialise the params.
+      total_steps: the number of optimizer steps of the whole run.
+      global_batch_size: examples per step over all processes (for images/s).
+      describe_param_groups: `params -> str` printed at start (AGC / weight decay groups).
+      initial_params: `random-init host params -> host params` for runs that start from trained
+        weights (fine-tuning: keep the fresh head, load the rest); None keeps the seed's random
+        init. Ignored when resuming.
+    """
+
+    forward: hk.TransformedWithState
+    optimizer: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    step_settings: StepSettings
+    train_batches: Callable[[int], Iterator[HostBatch]]
+    eval_batches: Callable[[], Any] | None
+    image_shape: tuple[int, int, int]
+    total_steps: int
+    global_batch_size: int
+    describe_param_groups: Callable[[hk.Params], str] | None = None
+    initial_params: Callable[[Any], hk.Params] | None = None
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """Where a run ended and what it left in the workdir."""
+
+    step: int
+    stopped_by: str  # 'completed' | 'preempted'
+    eval_metrics: dict[str, float]
+    checkpoint_dir: str
+    metrics_file: str
+    plot_file: str | None
+    skipped_steps: int
+
+
+def _abstract(state: TrainState, sharding: jax.sharding.Sharding) -> TrainState:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def _prefetch(batches: Iterator[HostBatch], put_batch: Callable, size: int) -> Iterator[Any]:
+    """Places the next `size` batches on device while the current step runs."""
+    from nfnets_jax.data import feeding  # pylint: disable=import-outside-toplevel
+
+    return feeding.prefetch_to_device(batches, size, put_batch)
+
+
+def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
+        *, prefetch: int = 2) -> RunSummary:
+    """Trains `experiment` as `config` says, in `workdir`, resuming from its latest checkpoint.
+
+    Reads `config.train.seed`, `config.parallel.backend`, `config.checkpoint.every_steps/keep`,
+    `config.eval.every_steps`, `config.log.every_steps` and `config.nonfinite`.
+    """
+    if config.nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"config.nonfinite={config.nonfinite!r}; choose one of {NONFINITE_MODES}.")
+    is_main = jax.process_index() == 0
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    backend = parallel.make_backend(config.parallel.backend)
+    writer = metrics_logging.MetricWriter(workdir, is_main=is_main)
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        every_steps=config.checkpoint.every_steps,
+        keep=config.checkpoint.keep,
+    )
+
+    # ---- State: resume from the workdir's latest checkpoint, or initialise from the seed ----
+    init_fn = functools.partial(
+        init_train_state,
+        experiment.forward,
+        experiment.optimizer,
+        seed=config.train.seed,
+        sample_images=jnp.zeros((1, *experiment.image_shape), jnp.float32),
+        use_ema=experiment.step_settings.ema_decay is not None,
+    )
+    abstract_state = _abstract(jax.eval_shape(init_fn), backend.replicated)
+    restored = checkpointer.restore_latest(abstract_state)
+    if restored is None:
+        state = jax.jit(init_fn, out_shardings=backend.replicated)()
+        if experiment.initial_params is not None:  # fine-tuning: loaded body, the fresh head
+            initial_params = experiment.initial_params(parallel.first_replica(state.params))
+            state = jax.jit(lambda p: init_fn(initial_params=p), out_shardings=backend.replicated)(initial_params)
+        data_position = 0
+    else:
+        state, meta = restored
+        data_position = int(meta["data_position"])
+    step = start_step = int(parallel.first_replica(state.step))
+    progress = metrics_logging.Progress(experiment.total_steps, step, is_main=is_main)
+    if restored is not None:
+        progress.message(f"Resumed from {checkpointer.directory} at step {step}.")
+    if experiment.describe_param_groups is not None and step == 0:
+        progress.message(experiment.describe_param_groups(parallel.first_replica(state.params)))
+
+    # ---- Compiled steps ----
+    train_fn = backend.wrap_train(
+        make_train_step(experiment.forward, experiment.optimizer, experiment.lr_schedule,
+                        experiment.step_settings)
+    )
+    eval_fn = backend.wrap_eval(make_eval_step(experiment.forward))
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        if experiment.eval_batches is None:
+            return {}
+        results = evaluation.evaluate_raw_and_ema(
+            eval_fn, state, experiment.eval_batches, backend.put_batch)
+        writer.write(at_step, "eval", results)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_examples")
+        progress.message(f"eval @ step {at_step}: {shown}")
+        return results
+
+    def check_finite(at_step: int, metrics: Mapping[str, jax.Array]) -> bool:
+        """Host check of one step's on-device flag; the state never took a non-finite update."""
+        if float(parallel.first_replica(metrics["nonfinite"])) == 0.0:
+            return True
+        if config.nonfinite == "stop":
+            last = checkpointer.latest_step()
+            raise NonFiniteError(
+                f"Non-finite loss or gradients at step {at_step}: stopping. The update was not "
+                f"applied and no checkpoint was written after it (last good checkpoint: "
+                f"{'none' if last is None else f'step {last}'} in {checkpointer.directory}). "
+                "Lower config.optimizer.lr, check config.optimizer.agc.clipping, or set "
+                "config.nonfinite='skip' to skip such updates instead."
+            )
+        progress.message(f"Non-finite loss or gradients at step {at_step}: update skipped.")
+        return False
+
+    # ---- Loop ----
+    batches = _prefetch(experiment.train_batches(data_position), backend.put_batch, prefetch)
+    timer = metrics_logging.StepTimer(experiment.global_batch_size)
+    skipped = 0
+    eval_metrics: dict[str, float] = {}
+    stopped_by = "completed"
+    pending: tuple[int, Any] | None = None  # the previous step's metrics, checked one step late
+    try:
+        with checkpointing.PreemptionWatcher() as watcher:
+            while step < experiment.total_steps:
+                state, metrics = train_fn(state, next(batches))
+                step += 1
+                timer.tick()
+                if step == start_step + 1:
+                    # The first step includes compilation: time it on its own (one sync, once) so
+                    # that later step times and the ETA leave it out.
+                    jax.block_until_ready(metrics)
+                    progress.message(f"First step (compilation included): {timer.read_and_reset()[0]:.1f}s")
+                # Check the previous step while this one runs (no sync inside the step).
+                if pending is not None and not check_finite(*pending):
+                    skipped += 1
+                pending = (step, metrics)
+                at_log = step % config.log.every_steps == 0 or step == experiment.total_steps
+                at_eval = config.eval.every_steps > 0 and step % config.eval.every_steps == 0
+                at_ckpt = step % checkpointer.every_steps == 0 or step == experiment.total_steps
+                preempted = watcher.should_stop(step)
+                if at_log or at_eval or at_ckpt or preempted:
+                    if not check_finite(*pending):
+                        skipped += 1
+                    pending = None
+                if at_log:
+                    seconds_per_step, images_per_second = timer.read_and_reset()
+                    host = parallel.first_replica(metrics)
+                    writer.write(step, "train", {**host, "step_time": seconds_per_step,
+                                                 "images_per_second": images_per_second,
+                                                 "skipped_steps": skipped})
+                    progress.update(step, loss=float(host["loss"]), images_per_second=images_per_second,
+                                    seconds_per_step=seconds_per_step)
+                if at_ckpt or preempted:
+                    checkpointer.save(step, backend.to_global(state), data_position=step)
+                if preempted:
+                    stopped_by = "preempted"
+                    progress.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
+                    break
+                if at_eval and step != experiment.total_steps:
+                    eval_metrics = run_eval(step)
+            if pending is not None and not check_finite(*pending):
+                skipped += 1
+        if stopped_by == "completed":
+            eval_metrics = run_eval(step)
+    finally:
+        checkpointer.close()
+        progress.close()
+        writer.close()
+
+    plot_file = None
+    if is_main and os.path.exists(writer.jsonl_path):
+        plot_file = metrics_logging.plot_training_curves(
+            writer.jsonl_path, os.path.join(workdir, metrics_logging.CURVES_FILE))
+    return RunSummary(step=step, stopped_by=stopped_by, eval_metrics=eval_metrics,
+                      checkpoint_dir=checkpointer.directory, metrics_file=writer.jsonl_path,
+                      plot_file=plot_file, skipped_steps=skipped)

@@ -1,0 +1,192 @@
+"""What a run tells its user: a progress line, TensorBoard events, a JSONL file, a PNG of curves.
+
+Named `metrics_logging` so as not to shadow the standard library's `logging`. Only process 0
+writes files (`is_main`); every process computes the same metrics, which are averaged on device
+before they reach the host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import IO, Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+
+
+def _scalar(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+def format_duration(seconds: float) -> str:
+    """`3725` -> `'1h02m05s'`; for ETAs in the progress line."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class MetricWriter:
+    """Writes scalars to `workdir/metrics.jsonl` and to TensorBoard event files in `workdir/tb`.
+
+    One JSON object per line: `{"step": 100, "split": "train", "loss": 0.52, ...}`, flushed at
+    once, so a crashed run keeps everything written before the crash and a resumed run appends.
+    """
+
+    def __init__(self, workdir: str, *, is_main: bool):
+        self.is_main = is_main
+        self.jsonl_path = os.path.join(workdir, METRICS_FILE)
+        self._jsonl: IO[str] | None = None
+        self._tensorboard = None
+        if is_main:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
+        """Records `scalars` (host floats or device scalars) for `split` at `step`."""
+        if not self.is_main:
+            return
+        values = {name: _scalar(value) for name, value in scalars.items()}
+        record = {"step": int(step), "split": split, **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            self._tensorboard.add_scalar(f"{split}/{name}", value, int(step))
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+class Progress:
+    """Step, loss, images/s and ETA: a tqdm bar on a terminal, plain lines otherwise.
+
+    Plain lines (one per log interval) keep CI logs and `nohup` files readable, where a bar's
+    carriage returns would not be.
+    """
+
+    def __init__(self, total_steps: int, start_step: int, *, is_main: bool, stream: IO[str] | None = None):
+        self.total_steps = total_steps
+        self.is_main = is_main
+        self.stream = stream or sys.stdout
+        self._bar = None
+        if is_main and self.stream.isatty():
+            from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream,
+                             dynamic_ncols=True)
+        self._last_step = start_step
+
+    def update(self, step: int, *, loss: float, images_per_second: float, seconds_per_step: float) -> None:
+        if not self.is_main:
+            return
+        eta = format_duration((self.total_steps - step) * seconds_per_step)
+        if self._bar is not None:
+            self._bar.update(step - self._last_step)
+            self._bar.set_postfix_str(f"loss {loss:.4f}  {images_per_second:,.0f} img/s  ETA {eta}")
+        else:
+            print(f"step {step}/{self.total_steps}  loss {loss:.4f}  {images_per_second:,.0f} img/s  "
+                  f"ETA {eta}", file=self.stream, flush=True)
+        self._last_step = step
+
+    def message(self, text: str) -> None:
+        """A line that does not break the bar."""
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def read_metrics(jsonl_path: str) -> list[dict]:
+    """All records of a metrics file, in order."""
+    with open(jsonl_path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_training_curves(jsonl_path: str, png_path: str) -> str:
+    """Draws train loss, train/eval top-1, learning rate and AGC clip fraction against step.
+
+    Returns the path written. Uses the non-interactive Agg backend (no display needed).
+    """
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    records = read_metrics(jsonl_path)
+
+    def series(split: str, name: str) -> tuple[list[int], list[float]]:
+        points = sorted((r["step"], r[name]) for r in records if r["split"] == split and name in r)
+        return [s for s, _ in points], [v for _, v in points]
+
+    panels = [
+        ("loss", [("train", "loss", "train"), ("eval", "loss", "eval"), ("eval", "ema_loss", "eval EMA")]),
+        ("top-1 accuracy", [("train", "top_1_acc", "train"), ("eval", "top_1_acc", "eval"),
+                            ("eval", "ema_top_1_acc", "eval EMA")]),
+        ("learning rate", [("train", "learning_rate", "lr")]),
+        ("AGC clip fraction", [("train", "agc/clip_fraction", "global")]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
+    for axis, (title, lines) in zip(axes, panels):
+        for split, name, label in lines:
+            steps, values = series(split, name)
+            if steps:
+                axis.plot(steps, values, marker="o" if len(steps) < 20 else None, label=label)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        if axis.lines:
+            axis.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+class StepTimer:
+    """Wall time per step and images/s over the last interval (the last reading if none passed)."""
+
+    def __init__(self, global_batch_size: int):
+        self.global_batch_size = global_batch_size
+        self._time = time.perf_counter()
+        self._steps = 0
+        self._last = (float("nan"), float("nan"))
+
+    def tick(self) -> None:
+        self._steps += 1
+
+    def read_and_reset(self) -> tuple[float, float]:
+        """Returns (seconds per step, images per second) since the last call."""
+        now = time.perf_counter()
+        if self._steps:
+            elapsed = max(now - self._time, 1e-9)
+            self._last = (elapsed / self._steps, self._steps * self.global_batch_size / elapsed)
+        self._time, self._steps = now, 0
+        return self._last

@@ -1,0 +1,111 @@
+"""Start from trained weights: DeepMind's released files, our `.npz`, or one of our workdirs.
+
+Fine-tuning (paper.md §1.4) starts from pretrained params with a new classifier for the target
+dataset's classes; evaluation-only runs load params as they are. Either way the loaded names and
+shapes are checked against the model before anything runs, and every mismatch is listed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from nfnets_jax import checkpoints
+
+Params = dict[str, dict[str, np.ndarray]]
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _latest_checkpoint_dir(path: str) -> str | None:
+    """`path` itself if it holds orbax step directories, or its `checkpoints/` subfolder."""
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(candidate) and any(name.isdigit() for name in os.listdir(candidate)):
+            return candidate
+    return None
+
+
+def _to_numpy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: _to_numpy(value) for key, value in tree.items()}
+    return None if tree is None else np.asarray(tree)
+
+
+def read_workdir_state(workdir: str) -> dict[str, Any]:
+    """The newest checkpoint of one of our workdirs as host arrays: `step`, `params`,
+    `ema_params` (None without EMA) and `model_state`, without building the model first."""
+    directory = _latest_checkpoint_dir(workdir)
+    if directory is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint (no numbered folders in it or in its "
+                                "checkpoints/); train first, or pass a weight file.")
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    step = manager.latest_step()
+    # Restore onto this process's first device whatever topology saved it (e.g. 2 hosts).
+    metadata = manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                          getattr(metadata, "tree", metadata))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    manager.close()
+    state = restored["state"]
+    return {"step": int(np.asarray(state["step"])), "params": _to_numpy(state["params"]),
+            "ema_params": _to_numpy(state.get("ema_params")) or None,
+            "model_state": _to_numpy(state.get("model_state") or {})}
+
+
+def read_workdir_params(workdir: str, *, use_ema: bool = True) -> Params:
+    """The EMA params (or raw params) of the newest checkpoint in one of our workdirs."""
+    state = read_workdir_state(workdir)
+    params = state["ema_params"] if use_ema else None
+    return params or state["params"]
+
+
+def read_params(path: str, *, use_ema: bool = True) -> Params:
+    """Params from a workdir (our orbax checkpoints), our `.npz`, or DeepMind's pickle `.npz`.
+
+    DeepMind's released `F*_haiku.npz` files are dill pickles, not zip archives (official_nfnets.md
+    §2.3); they are read with the safe unpickler of `nfnets_jax.checkpoints`, which runs no code.
+    """
+    if os.path.isdir(path):
+        return read_workdir_params(path, use_ema=use_ema)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No weights at {path}: pass a workdir, our .npz or DeepMind's F*_haiku.npz.")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == _ZIP_MAGIC
+    return checkpoints.load_npz(path) if is_zip else checkpoints.load_deepmind_params(path)
+
+
+def _split(tree: Params, patterns: Sequence[str]) -> tuple[Params, Params]:
+    """(kept, excluded): leaves whose `module/leaf` path matches any pattern are excluded."""
+    compiled = [re.compile(p) for p in patterns]
+    kept: Params = {}
+    excluded: Params = {}
+    for module, leaves in tree.items():
+        for leaf, value in leaves.items():
+            target = excluded if any(c.search(f"{module}/{leaf}") for c in compiled) else kept
+            target.setdefault(module, {})[leaf] = value
+    return kept, excluded
+
+
+def merge_pretrained(loaded: Any, fresh: Any, *, exclude: Sequence[str] = ()) -> Params:
+    """Fresh params for paths matching `exclude` (the new head), loaded params for the rest.
+
+    Raises `checkpoints.ParamsMismatchError` listing every missing, unexpected or wrong-shaped
+    parameter among those that are loaded, before any training starts.
+    """
+    loaded_kept, _ = _split(loaded, exclude)
+    fresh_kept, fresh_excluded = _split(fresh, exclude)
+    checkpoints.check_params_match(loaded_kept, fresh_kept)
+    merged: Params = {}
+    for module, leaves in fresh.items():
+        for leaf, value in leaves.items():
+            source = fresh_excluded if leaf in fresh_excluded.get(module, {}) else loaded_kept
+            merged.setdefault(module, {})[leaf] = np.asarray(source[module][leaf], dtype=value.dtype)
+    return merged

@@ -1,0 +1,239 @@
+"""The per-device train and eval steps, written once with `axis_name` collectives.
+
+The train step follows the path of one step in the paper's order (STYLE.md; official_nfnets.md
+§3.3 and §4.3; paper.md §4):
+
+    forward in compute_dtype (f32 master params cast, images cast, logits back to f32)
+      -> label-smoothed loss on MixUp/CutMix targets
+      -> per-device gradients in f32 [-> SAM ascent on a slice of this device's batch, unsynced]
+      -> pmean over devices (f32)
+      -> AGC -> masked weight decay -> SGD-Nesterov with schedule (the optax chain)
+      -> EMA -> metrics (averaged over devices)
+
+The same function runs under `jax.pmap` and under `jax.jit(jax.shard_map(...))`
+(`nfnets_jax.train.parallel`). It sees one device's batch with its own leading example axis and
+never indexes a device axis, and it never synchronises with the host: a non-finite step is
+detected on device and reported through the metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from nfnets_jax import losses
+from nfnets_jax import optim
+from nfnets_jax.optim import config as optim_config
+from nfnets_jax.optim import ema as ema_lib
+from nfnets_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+AXIS_NAME = "batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamSettings:
+    """The paper's cost-reduced SAM (paper.md §3): ascent on a slice of the same batch."""
+
+    rho: float
+    ascent_fraction: float
+    sync_ascent: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What the train step needs to know besides the model and the optimizer.
+
+    Attributes:
+      num_classes: size of the one-hot targets.
+      label_smoothing: 0.1 in the paper (paper.md §4).
+      compute_dtype: dtype of the forward/backward pass (bfloat16 in the paper); params stay f32.
+      ema_decay: the EMA decay (0.99999 in the paper, with the TF1 warmup), or None.
+      sam: SAM settings, or None to train without SAM.
+      agc_groups: label -> regex for the per-stage AGC clip fraction, or None when AGC is off.
+
+    A step whose loss or gradients are not finite never changes the state; whether the run then
+    stops or carries on (config.nonfinite 'stop' | 'skip') is the loop's decision.
+    """
+
+    num_classes: int
+    label_smoothing: float = 0.0
+    compute_dtype: Any = jnp.float32
+    ema_decay: float | None = None
+    sam: SamSettings | None = None
+    agc_groups: Mapping[str, str] | None = None
+
+
+def settings_from_config(config: Any, opt_config: Any, *, num_classes: int,
+                         agc_groups: Mapping[str, str]) -> StepSettings:
+    """StepSettings from the experiment config and its validated `config.optimizer`.
+
+    `agc_groups` (label -> regex, e.g. `models.stage_regexes`) are kept only when AGC is on.
+    """
+    sam = None
+    if optim_config.sam_enabled(opt_config):
+        sam = SamSettings(opt_config.sam.rho, opt_config.sam.ascent_fraction, opt_config.sam.sync_ascent)
+    return StepSettings(
+        num_classes=num_classes,
+        label_smoothing=config.loss.label_smoothing,
+        compute_dtype=jnp.dtype(config.precision.compute_dtype),
+        ema_decay=opt_config.ema_decay,
+        sam=sam,
+        agc_groups=dict(agc_groups) if optim_config.agc_enabled(opt_config) else None,
+    )
+
+
+def _cast_floating(tree: Any, dtype: Any) -> Any:
+    """Casts every floating leaf of `tree` to `dtype`; integer leaves are left alone."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def _pmean_floating(tree: Any, axis_name: str) -> Any:
+    """Averages floating leaves over devices (e.g. BatchNorm statistics) so replicas agree."""
+    return jax.tree.map(
+        lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the `k` largest logits, per example."""
+    k = min(k, logits.shape[-1])
+    _, top = lax.top_k(logits, k)
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def make_train_step(
+    forward: hk.TransformedWithState,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    settings: StepSettings,
+    axis_name: str = AXIS_NAME,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds the per-device train step `(state, batch) -> (state, metrics)`.
+
+    `batch` holds this device's `images` [B, H, W, 3], `labels`, `mix_labels` [B] and `ratio` [B]
+    (the data contract in docs/CONTRACTS.md). The returned state and metrics are identical on
+    every device (everything device-dependent is averaged), so backends return them replicated.
+    """
+
+    def loss_fn(params, model_state, rng, batch):
+        compute_params = _cast_floating(params, settings.compute_dtype)
+        images = batch["images"].astype(settings.compute_dtype)
+        logits, new_model_state = forward.apply(
+            compute_params, model_state, rng, images, is_training=True
+        )
+        logits = logits.astype(jnp.float32)
+        loss = jnp.mean(
+            losses.softmax_cross_entropy(logits, batch["targets"], settings.label_smoothing)
+        )
+        return loss, (loss, logits, _cast_floating(new_model_state, jnp.float32))
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        # Per-device RNG for dropout and stochastic depth: the replicated key, the step and this
+        # device's index (jaxline's 'unique_host_unique_device', official_nfnets.md §4.5).
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
+        targets = losses.mixed_targets(
+            batch["labels"], batch["mix_labels"], batch["ratio"], settings.num_classes
+        )
+        example_batch = {"images": batch["images"], "targets": targets}
+
+        def grad_fn(params, sub_batch):
+            grads, aux = jax.grad(loss_fn, has_aux=True)(params, state.model_state, rng, sub_batch)
+            return _cast_floating(grads, jnp.float32), aux
+
+        # ---- Gradients on this device (SAM ascent stays local unless sync_ascent) ----
+        if settings.sam is not None:
+            grads, (loss, logits, new_model_state) = optim.sam_gradients(
+                grad_fn,
+                state.params,
+                example_batch,
+                rho=settings.sam.rho,
+                ascent_fraction=settings.sam.ascent_fraction,
+                sync_ascent=settings.sam.sync_ascent,
+                axis_name=axis_name,
+            )
+        else:
+            grads, (loss, logits, new_model_state) = grad_fn(state.params, example_batch)
+
+        # ---- Average over devices in f32, before AGC (official_nfnets.md §3.3) ----
+        grads = lax.pmean(grads, axis_name)
+        loss = lax.pmean(loss, axis_name)
+        new_model_state = _pmean_floating(new_model_state, axis_name)
+
+        # ---- AGC -> weight decay -> SGD (one optax chain), then EMA ----
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_ema = state.ema_params
+        if settings.ema_decay is not None and state.ema_params is not None:
+            new_ema = ema_lib.ema_update(state.ema_params, new_params, state.step, settings.ema_decay)
+
+        # ---- A non-finite step never changes the state (the loop stops or skips) ----
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            model_state=keep(new_model_state, state.model_state),
+            opt_state=keep(new_opt_state, state.opt_state),
+            ema_params=keep(new_ema, state.ema_params),
+            rng=state.rng,
+        )
+
+        # ---- Metrics, averaged over devices ----
+        metrics = {
+            "loss": loss,
+            "top_1_acc": lax.pmean(jnp.mean(topk_correct(logits, batch["labels"], 1)), axis_name),
+            "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(state.params),
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
+        }
+        if settings.agc_groups is not None:
+            metrics.update(optim.clip_fraction_metrics(new_opt_state, settings.agc_groups))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    forward: hk.TransformedWithState, axis_name: str = AXIS_NAME
+) -> Callable[[hk.Params, hk.State, Batch], Metrics]:
+    """Builds the per-device eval step `(params, model_state, batch) -> summed counts`.
+
+    Eval runs in float32 (as the official code does) with `is_training=False`. It returns sums
+    over the real examples of the whole global batch (`mask` is 0 on padding), so that the caller
+    divides once by the number of examples: no example is dropped or double-counted when the
+    eval set does not divide by the batch. The loss is plain cross-entropy, without smoothing,
+    like the official `eval_loss` (official_nfnets.md §4.5).
+    """
+
+    def eval_step(params: hk.Params, model_state: hk.State, batch: Batch) -> Metrics:
+        logits, _ = forward.apply(params, model_state, None, batch["images"], is_training=False)
+        logits = logits.astype(jnp.float32)
+        mask = batch["mask"].astype(jnp.float32)
+        one_hot = jax.nn.one_hot(batch["labels"], logits.shape[-1], dtype=jnp.float32)
+        per_example_loss = losses.softmax_cross_entropy(logits, one_hot, 0.0)
+        sums = {
+            "top_1_correct": jnp.sum(mask * topk_correct(logits, batch["labels"], 1)),
+            "top_5_correct": jnp.sum(mask * topk_correct(logits, batch["labels"], 5)),
+            "loss_sum": jnp.sum(mask * per_example_loss),
+            "count": jnp.sum(mask),
+        }
+        return lax.psum(sums, axis_name)
+
+    return eval_step

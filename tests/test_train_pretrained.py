@@ -1,0 +1,71 @@
+"""Starting from trained weights: a fresh head, everything else loaded, mismatches listed."""
+
+import chex
+import numpy as np
+import pytest
+
+from nfnets_jax import checkpoints
+from nfnets_jax.train import fakes, loop, pretrained
+
+HEAD = [r"^[^/]+/~/linear/"]
+
+
+def _tree(num_classes, fill):
+    return {"net/~/conv": {"w": np.full((3, 3, 2, 4), fill, np.float32), "gain": np.full(4, fill, np.float32)},
+            "net/~/linear": {"w": np.full((4, num_classes), fill, np.float32),
+                             "b": np.full(num_classes, fill, np.float32)}}
+
+
+def test_merge_keeps_the_fresh_head_and_loads_the_rest():
+    loaded, fresh = _tree(1000, 1.0), _tree(10, 0.0)  # ImageNet weights, a 10-class target
+    merged = pretrained.merge_pretrained(loaded, fresh, exclude=HEAD)
+    chex.assert_trees_all_equal(merged["net/~/conv"], loaded["net/~/conv"])
+    chex.assert_trees_all_equal(merged["net/~/linear"], fresh["net/~/linear"])
+
+
+def test_merge_lists_every_missing_and_wrong_shaped_parameter():
+    loaded = _tree(1000, 1.0)
+    loaded["net/~/conv"]["w"] = np.zeros((1, 1, 2, 4), np.float32)
+    del loaded["net/~/conv"]["gain"]
+    with pytest.raises(checkpoints.ParamsMismatchError) as error:
+        pretrained.merge_pretrained(loaded, _tree(10, 0.0), exclude=HEAD)
+    assert "net/~/conv/gain" in str(error.value) and "wrong shape: net/~/conv/w" in str(error.value)
+
+
+def test_read_params_tells_our_npz_from_a_workdir(tmp_path):
+    tree = _tree(3, 2.0)
+    checkpoints.save_npz(str(tmp_path / "ours.npz"), tree)
+    chex.assert_trees_all_equal(pretrained.read_params(str(tmp_path / "ours.npz")), tree)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        pretrained.read_params(str(tmp_path))
+
+
+def _train_source(workdir, num_classes):
+    config = fakes.fake_config(**{"train.steps": 2})
+    loop.run(fakes.fake_experiment(config, fakes.FakeData(num_classes=num_classes)), config, workdir)
+    return pretrained.read_workdir_params(workdir)
+
+
+def test_fine_tuning_run_starts_from_the_loaded_weights_and_a_fresh_excluded_part(tmp_path):
+    trained = _train_source(str(tmp_path / "source"), num_classes=3)["fake_net/~/linear"]
+    assert np.any(trained["b"] != 0)
+    # LR 0: after one step the params are still where fine-tuning started them.
+    config = fakes.fake_config(**{"train.steps": 1, "optimizer.lr": 0.0})
+    experiment = fakes.fake_experiment(config, fakes.FakeData(num_classes=3))
+    source = pretrained.read_params(str(tmp_path / "source"))
+    experiment.initial_params = lambda fresh: pretrained.merge_pretrained(source, fresh, exclude=[r"/b$"])
+    loop.run(experiment, config, str(tmp_path / "finetune"))
+    started = pretrained.read_workdir_state(str(tmp_path / "finetune"))["params"]["fake_net/~/linear"]
+    np.testing.assert_array_equal(started["w"], trained["w"])  # loaded
+    np.testing.assert_array_equal(started["b"], np.zeros(3))  # hk.Linear's fresh bias
+
+
+def test_fine_tuning_from_weights_of_another_shape_fails_before_training(tmp_path):
+    _train_source(str(tmp_path / "source"), num_classes=5)
+    config = fakes.fake_config(**{"train.steps": 1})
+    experiment = fakes.fake_experiment(config, fakes.FakeData(num_classes=3))
+    source = pretrained.read_params(str(tmp_path / "source"))
+    experiment.initial_params = lambda fresh: pretrained.merge_pretrained(source, fresh, exclude=[r"/b$"])
+    with pytest.raises(checkpoints.ParamsMismatchError, match=r"wrong shape: fake_net/~/linear/w"):
+        loop.run(experiment, config, str(tmp_path / "finetune"))
+    assert not list((tmp_path / "finetune" / "checkpoints").glob("[0-9]*"))
