@@ -1,0 +1,1 @@
+"""Analysis tools that read a model rather than train it (signal-propagation plots, …)."""
