@@ -108,8 +108,14 @@ def test_non_finite_step_leaves_the_state_unchanged_and_is_flagged():
     after = parallel.first_replica(state)
     assert float(parallel.first_replica(metrics["nonfinite"])) == 1.0
     chex.assert_trees_all_equal(after.params, before.params)
-    chex.assert_trees_all_equal(after.opt_state, before.opt_state)
     chex.assert_trees_all_equal(after.ema_params, before.ema_params)
+    floating = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    chex.assert_trees_all_equal(floating(after.opt_state), floating(before.opt_state))
+    # The optimizer's own step counts still advance with the step, so the schedule does not lag
+    # behind `state.step` (the learning rate logged is the one applied next).
+    counts = [int(v) for _, v in optax.tree_utils.tree_get_all_with_path(after.opt_state, "count")]
+    assert counts and all(c == 1 for c in counts)
+    assert int(after.step) == 1
 
 
 @pytest.mark.parametrize("backend_name", ["pmap", "shard_map"])

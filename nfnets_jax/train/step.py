@@ -182,9 +182,14 @@ def make_train_step(
         if settings.ema_decay is not None and state.ema_params is not None:
             new_ema = ema_lib.ema_update(state.ema_params, new_params, state.step, settings.ema_decay)
 
-        # ---- A non-finite step never changes the state (the loop stops or skips) ----
+        # ---- A non-finite step never changes the values (the loop stops or skips) ----
+        # Floating leaves (params, momentum, EMA, BN statistics) keep their old values; integer
+        # leaves (optax's step counts) advance with `state.step`, so that after a skipped step
+        # the schedule, the logged learning rate and the EMA warmup all still read the same step.
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        keep = lambda new, old: jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n,
+            new, old)
         new_state = TrainState(
             step=state.step + 1,
             params=keep(new_params, state.params),
