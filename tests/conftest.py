@@ -13,3 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow is used for input pipelines only; keep it quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# Subprocess tests (demo, SIGTERM, multi-host) start fresh interpreters: let them import this
+# checkout's packages whether or not it was pip-installed, and whatever their working directory.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
