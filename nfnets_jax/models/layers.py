@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets_jax.models import grouped_conv
+
 Activation = Callable[[jax.Array], jax.Array]
 
 # γ such that Var(γ·f(z)) = 1 for z ~ N(0, 1) (NF-ResNet paper §3; official `base.nonlinearities`).
@@ -91,6 +93,11 @@ class WSConv2D(hk.Module):
     variance-preserving throughout training. The bias always exists, as in the official code.
     Padding is XLA's `SAME`, which is TensorFlow's: asymmetric (extra at the end) on stride 2.
     Kernels are HWIO: (kh, kw, in_ch // groups, out_ch).
+
+    `grouped_conv_impl` (`"auto"`, `"xla"`, `"split"`) chooses how a grouped conv is computed,
+    never what: `"auto"` splits it into per-group dense convs on the CPU backend (up to 16
+    groups), where XLA's native grouped-conv weight gradient is 10–1000× slower, and keeps XLA's
+    grouped conv on GPU/TPU (see `grouped_conv`). Parameters and their names do not depend on it.
     """
 
     def __init__(
@@ -100,14 +107,17 @@ class WSConv2D(hk.Module):
         stride: int = 1,
         feature_group_count: int = 1,
         eps: float = 1e-4,
+        grouped_conv_impl: grouped_conv.GroupedConvImpl = "auto",
         name: str | None = None,
     ):
         super().__init__(name=name)
+        grouped_conv.resolve_impl(grouped_conv_impl)  # Rejects unknown names at construction.
         self.output_channels = output_channels
         self.kernel_shape = kernel_shape
         self.stride = stride
         self.feature_group_count = feature_group_count
         self.eps = eps
+        self.grouped_conv_impl = grouped_conv_impl
 
     def standardized_weight(self, in_channels: int, dtype: jnp.dtype) -> jax.Array:
         """Creates (or fetches) `w` and `gain` and returns the standardised kernel."""
@@ -129,14 +139,7 @@ class WSConv2D(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         weight = self.standardized_weight(x.shape[-1], x.dtype)
-        out = jax.lax.conv_general_dilated(
-            x,
-            weight,
-            window_strides=(self.stride, self.stride),
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.feature_group_count,
-        )
+        out = grouped_conv.conv2d_same(x, weight, self.stride, self.feature_group_count, self.grouped_conv_impl)
         bias = hk.get_parameter("bias", (self.output_channels,), x.dtype, init=jnp.zeros)
         return out + bias
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets_jax.models import layers
+from nfnets_jax.models.grouped_conv import GroupedConvImpl
 
 _STAGE_STRIDES = (2, 2, 2, 2)
 
@@ -60,6 +61,7 @@ class NFRegNetBlock(hk.Module):
         se_ratio: float | None = 0.5,
         group_size: int = 8,
         alpha: float = 0.2,
+        grouped_conv_impl: GroupedConvImpl = "auto",
         name: str | None = None,
     ):
         super().__init__(name=name)
@@ -76,7 +78,14 @@ class NFRegNetBlock(hk.Module):
         self.alpha = alpha
         self.use_projection = schedule.stride > 1 or in_ch != out_ch
         self.conv0 = layers.WSConv2D(mid, 1, name="conv0")
-        self.conv1 = layers.WSConv2D(mid, 3, stride=schedule.stride, feature_group_count=groups, name="conv1")
+        self.conv1 = layers.WSConv2D(
+            mid,
+            3,
+            stride=schedule.stride,
+            feature_group_count=groups,
+            grouped_conv_impl=grouped_conv_impl,
+            name="conv1",
+        )
         self.squeeze_excite = (
             layers.SqueezeExcite(mid, mid, se_ratio, name="squeeze_excite") if se_ratio is not None else None
         )
@@ -111,7 +120,8 @@ class NFRegNet(hk.Module):
     `model(x, is_training, return_features=False)` as for `NFNet` (see its docstring for the
     features dict). Defaults are the experiment config's: width 0.75, expansion 2.25, group
     width 8, SE 0.5, α 0.2, stochastic depth 0.1, SiLU (the official class default 'swish'
-    is not in its own activation table), zero-initialised classifier.
+    is not in its own activation table), zero-initialised classifier. `grouped_conv_impl` chooses
+    how the grouped 3×3 convs are computed, not the result (see `NFNet`, `models/grouped_conv.py`).
     """
 
     def __init__(
@@ -127,6 +137,7 @@ class NFRegNet(hk.Module):
         drop_rate: float | None = None,
         activation: str = "silu",
         fc_init: Callable[[Sequence[int], Any], jax.Array] | None = None,
+        grouped_conv_impl: GroupedConvImpl = "auto",
         name: str = "NF_RegNet",
     ):
         super().__init__(name=name)
@@ -155,6 +166,7 @@ class NFRegNet(hk.Module):
                     se_ratio=se_ratio,
                     group_size=group_size,
                     alpha=alpha,
+                    grouped_conv_impl=grouped_conv_impl,
                     name="nf_block",
                 )
             )

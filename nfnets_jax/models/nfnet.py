@@ -16,6 +16,7 @@ import haiku as hk
 import jax
 
 from nfnets_jax.models import layers
+from nfnets_jax.models.grouped_conv import GroupedConvImpl
 
 _STAGE_STRIDES = (1, 2, 2, 2)
 
@@ -86,6 +87,7 @@ class NFBlock(hk.Module):
         group_size: int = 128,
         alpha: float = 0.2,
         use_two_convs: bool = True,
+        grouped_conv_impl: GroupedConvImpl = "auto",
         name: str | None = None,
     ):
         super().__init__(name=name)
@@ -107,9 +109,10 @@ class NFBlock(hk.Module):
         # Submodules are built here (not in __call__) so Haiku names them `nf_block/~/conv0`, …
         mid, stride = self.mid, schedule.stride
         self.conv0 = layers.WSConv2D(mid, 1, name="conv0")
-        self.conv1 = layers.WSConv2D(mid, 3, stride=stride, feature_group_count=groups, name="conv1")
+        grouped = dict(feature_group_count=groups, grouped_conv_impl=grouped_conv_impl)
+        self.conv1 = layers.WSConv2D(mid, 3, stride=stride, **grouped, name="conv1")
         if use_two_convs:
-            self.conv1b = layers.WSConv2D(mid, 3, feature_group_count=groups, name="conv1b")
+            self.conv1b = layers.WSConv2D(mid, 3, **grouped, name="conv1b")
         self.conv2 = layers.WSConv2D(out_ch, 1, name="conv2")
         if self.use_projection:
             self.conv_shortcut = layers.WSConv2D(out_ch, 1, name="conv_shortcut")
@@ -149,6 +152,9 @@ class NFNet(hk.Module):
       variance of the residual branch before stochastic depth, skip gain and α: the official
       `res_avg_var`).
     Training (`is_training=True`) needs an RNG for dropout and stochastic depth.
+    `grouped_conv_impl` only chooses how the 3×3 grouped convs are computed (`"auto"`: per-group
+    dense convs on CPU, several times faster to train there; XLA's grouped conv elsewhere); the
+    parameters and the results do not depend on it (`models/grouped_conv.py`).
     """
 
     def __init__(
@@ -169,6 +175,7 @@ class NFNet(hk.Module):
         widths: Sequence[int] | None = None,
         group_size: int = 128,
         stem_channels: Sequence[int] | None = None,
+        grouped_conv_impl: GroupedConvImpl = "auto",
         name: str = "NFNet",
     ):
         super().__init__(name=name)
@@ -217,6 +224,7 @@ class NFNet(hk.Module):
                     group_size=group_size,
                     alpha=alpha,
                     use_two_convs=use_two_convs,
+                    grouped_conv_impl=grouped_conv_impl,
                     name="nf_block",
                 )
             )

@@ -1,0 +1,1 @@
+"""Micro- and model-level benchmarks (run each as `python -m benchmarks.<name>`)."""

@@ -1,0 +1,71 @@
+"""Forward, dX and dW of one grouped 3×3 conv, XLA's native op against the per-group split.
+
+The micro-benchmark of official_nfnets.md §9.2, which found XLA:CPU's grouped-conv weight
+gradient to be the bottleneck of an NFNet training step. Each shape is (batch, size, channels,
+groups, stride); the defaults are F0's two grouped shapes at 192 px. Prints one JSON line per
+(shape, implementation, pass) with the median over `--repeats` calls and the load average.
+
+    python -m benchmarks.grouped_conv_grads
+    python -m benchmarks.grouped_conv_grads --shape 8,12,768,6,1 --shape 8,14,224,28,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+
+from benchmarks.train_step_latency import loadavg
+from nfnets_jax.models import grouped_conv
+
+DEFAULT_SHAPES = ["8,12,768,6,1", "8,24,256,2,1"]
+
+
+def _median_ms(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # Compile + warm-up.
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", action="append", help="batch,size,channels,groups,stride (repeatable)")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    for spec in args.shape or DEFAULT_SHAPES:
+        batch, size, channels, groups, stride = (int(v) for v in spec.split(","))
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(keys[0], (batch, size, size, channels))
+        kernel = jax.random.normal(keys[1], (3, 3, channels // groups, channels))
+        out_size = -(-size // stride)
+        cotangent = jax.random.normal(keys[2], (batch, out_size, out_size, channels))
+        for impl in ("xla", "split"):
+
+            def conv(a, w, impl=impl):
+                return grouped_conv.conv2d_same(a, w, stride, groups, impl)
+
+            passes = {
+                "forward": jax.jit(conv),
+                "dX": jax.jit(lambda a, w, conv=conv: jax.vjp(lambda a_: conv(a_, w), a)[1](cotangent)[0]),
+                "dW": jax.jit(lambda a, w, conv=conv: jax.vjp(lambda w_: conv(a, w_), w)[1](cotangent)[0]),
+            }
+            for name, fn in passes.items():
+                record = {
+                    "shape": spec,
+                    "impl": impl,
+                    "pass": name,
+                    "median_ms": round(_median_ms(fn, (x, kernel), args.repeats), 2),
+                    "loadavg": loadavg(),
+                }
+                print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The grouped convolution of NFNet/NF-RegNet blocks, in two interchangeable implementations.
+
+Why two: XLA:CPU lowers a grouped convolution's **weight gradient** to a `batch_group_count`
+convolution that runs 10–1000× slower than the same arithmetic done as dense convolutions
+(official_nfnets.md §9.2: 12×12, 768 ch, 6 groups, batch 8 — forward 72 ms, dW 1009 ms; a dense
+conv with 6× the MACs has dW 251 ms). It makes a CPU training step of F0 cost ~8.6× its forward.
+The forward and input gradient of a grouped conv are also 2–4× slower on XLA:CPU than the same
+work as per-group dense convs (`python -m benchmarks.grouped_conv_grads`). GPU and TPU compilers
+handle grouped convolutions natively and well, so there we keep XLA's op.
+
+- `"xla"`: one `conv_general_dilated` with `feature_group_count` (the official code's op).
+- `"split"`: the same convolution written as one dense convolution per group, on the group's
+  slice of input channels and output channels, concatenated along channels. That is the
+  definition of a grouped convolution, so the result is the same; on XLA:CPU the forward came
+  out bit-identical on the shapes we checked (F0's included) and gradients agree to float
+  rounding (tests/test_grouped_conv.py). Plain autodiff then differentiates dense convs, whose
+  weight gradient XLA:CPU handles well; no custom gradient is involved, so jit, vmap, pmap, jvp
+  and higher derivatives all just work.
+- `"auto"` (default): `"split"` when JAX's default backend is the CPU and the conv has at most
+  `AUTO_SPLIT_MAX_GROUPS` groups, `"xla"` otherwise. The cap is there because the split graph
+  holds one dense conv per group: NFNets have 1–8 groups of 128 channels and split cheaply, but
+  NF-RegNets have dozens of groups of 8 (B0: 4–92), and splitting those makes compilation
+  ~6× slower (B0 forward: 21 s instead of 3 s of CPU; its training step at batch 2, 64 px: 137 s
+  instead of 24 s wall on a loaded box) for a step that is ~9× faster, which pays off only over
+  long runs: ask for `"split"` explicitly then. The choice is made at trace time from `jax.default_backend()`; when you place a
+  computation on a backend other than the default (e.g. `jax.jit(..., device=cpu)` on a GPU
+  host) pass the implementation explicitly. Either choice gives the same numbers; only speed
+  differs.
+
+Dense convolutions (`feature_group_count == 1`) take the same path under every implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+GroupedConvImpl = Literal["auto", "xla", "split"]
+GROUPED_CONV_IMPLS: tuple[str, ...] = ("auto", "xla", "split")
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+# "auto" splits convs with at most this many groups (module doc: compile time grows per group).
+AUTO_SPLIT_MAX_GROUPS = 16
+
+
+def resolve_impl(impl: str, feature_group_count: int = 1) -> str:
+    """`"xla"` or `"split"` for `impl`; `"auto"` picks `"split"` on the CPU backend for convs of
+    at most `AUTO_SPLIT_MAX_GROUPS` groups (see module doc)."""
+    if impl not in GROUPED_CONV_IMPLS:
+        raise ValueError(f"Unknown grouped_conv_impl {impl!r}; choose one of {list(GROUPED_CONV_IMPLS)}.")
+    if impl == "auto":
+        on_cpu = jax.default_backend() == "cpu"
+        return "split" if on_cpu and feature_group_count <= AUTO_SPLIT_MAX_GROUPS else "xla"
+    return impl
+
+
+def conv2d_same(
+    x: jax.Array, kernel: jax.Array, stride: int, feature_group_count: int = 1, impl: str = "auto"
+) -> jax.Array:
+    """NHWC × HWIO → NHWC convolution with TensorFlow `SAME` padding and `feature_group_count` groups.
+
+    `kernel` is (kh, kw, in_ch // groups, out_ch); output channels [g·out_ch/groups, (g+1)·out_ch/groups)
+    see input channels [g·in_ch/groups, (g+1)·in_ch/groups) only. `impl` picks how a grouped
+    conv is computed (module doc); it never changes what is computed.
+    """
+    impl = resolve_impl(impl, feature_group_count)
+
+    def dense(inputs: jax.Array, weights: jax.Array, groups: int = 1) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            inputs,
+            weights,
+            window_strides=(stride, stride),
+            padding="SAME",
+            dimension_numbers=_DIMENSION_NUMBERS,
+            feature_group_count=groups,
+        )
+
+    if feature_group_count == 1 or impl == "xla":
+        return dense(x, kernel, feature_group_count)
+    in_per_group = kernel.shape[2]
+    out_per_group = kernel.shape[3] // feature_group_count
+    if x.shape[-1] != in_per_group * feature_group_count or kernel.shape[3] % feature_group_count:
+        raise ValueError(
+            f"A {feature_group_count}-group conv needs in_ch = {feature_group_count}·{in_per_group} and "
+            f"out_ch divisible by {feature_group_count}; got input {tuple(x.shape)}, kernel {tuple(kernel.shape)}."
+        )
+    outputs = [
+        dense(
+            x[..., g * in_per_group : (g + 1) * in_per_group],
+            kernel[..., g * out_per_group : (g + 1) * out_per_group],
+        )
+        for g in range(feature_group_count)
+    ]
+    return jnp.concatenate(outputs, axis=-1)
