@@ -1,6 +1,10 @@
 """NFNet-F0 ... F7 on ImageNet with the paper's recipe; `:F5-sam` and `:F6-sam` add SAM.
 
-    python -m experiments.train --config=configs/nfnet.py:F0 --workdir=gs://BUCKET/nfnet_f0 --distributed
+    python -m experiments.train --config=configs/nfnet.py:F0 --workdir=/mnt/shared/nfnet_f0 \
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets --distributed
+
+(The workdir must be a filesystem every host sees, e.g. a gcsfuse-mounted bucket or NFS: metrics,
+plots and orbax checkpoints are written there as plain files.)
 
 Hardware: a TPU pod slice (the paper: TPUv3, 32 examples per core, so batch 4096 wants 128
 cores, e.g. v3-128; per-core batches other than 32 change nothing but memory) or a multi-GPU host
