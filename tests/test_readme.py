@@ -20,3 +20,12 @@ def test_ci_runs_exactly_the_readme_commands():
     assert install and tests
     for command in install + tests:
         assert command in ci_lines, f"README command {command!r} is not what .ci/run runs"
+
+
+def test_model_zoo_table_rows_are_what_the_code_computes():
+    """The README's zoo table is pasted output of `experiments.model_table`: it must stay true."""
+    from experiments import model_table
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("nfnet_f0", "nfnet_f3plus", "nf_resnet50", "nf_regnet_b0"):
+        assert model_table.model_row(name) in readme.splitlines(), f"README row for {name} is stale"
