@@ -17,7 +17,7 @@ as the batch shrinks, and 0.01 is its choice for batches of 1024-4096.
 import ml_collections
 
 from nfnets_jax.data import digits_data_config
-from nfnets_jax.train.config_schema import base_config
+from nfnets_jax.train.config_schema import base_config, make_optional_fields_overridable
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,4 +46,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.every_steps = 200
     config.eval.batch_size = 128
     config.log.every_steps = 25
-    return config
+    return make_optional_fields_overridable(config)  # config.data was replaced above

@@ -1,8 +1,10 @@
 """Fine-tune a pretrained NFNet on a new dataset: a fresh head, the paper's fine-tuning recipe.
 
     python -m experiments.train --config=configs/finetune.py:F0 --workdir=./workdirs/finetune_f0 \
-        --config.checkpoint.init_from=/path/to/F0_haiku.npz --config.data.name=cifar100
+        --config.checkpoint.init_from=/path/to/F0_haiku.npz --config.data.name=cifar100 \
+        --config.data.eval_split=test
 
+(A dataset other than ImageNet names its own eval split: CIFAR's is `test`, not `validation`.)
 `init_from` takes DeepMind's released `F*_haiku.npz` (https://storage.googleapis.com/dm-nfnets/),
 one of our `.npz` files, or one of our workdirs (its latest checkpoint, EMA params). Everything
 but the classifier (`config.checkpoint.init_exclude`, the `NFNet/~/linear` layer) is loaded, with

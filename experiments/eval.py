@@ -2,7 +2,7 @@
 
     python -m experiments.eval                                     # the digits demo's workdir
     python -m experiments.eval --config=configs/nfnet.py:F0 --workdir=DIR
-    python -m experiments.eval --weights=F0_haiku.npz --variant=F0 [--data_dir=TFDS_DIR]
+    python -m experiments.eval --weights=F0_haiku.npz --variant=F0 [--data_dir=TFDS_DIR] [--batch_size=N]
 
 From a workdir it evaluates the latest checkpoint's raw and EMA params; from a weight file
 (DeepMind's released `F*_haiku.npz`, loaded without unpickling code, or our `.npz`) it evaluates
@@ -34,6 +34,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate 
 _WEIGHTS = flags.DEFINE_string("weights", None, "A weight file: DeepMind's F*_haiku.npz or our .npz.")
 _VARIANT = flags.DEFINE_string("variant", None, "NFNet variant of --weights (F0 ... F6): picks configs/nfnet.py:<variant>.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (overrides config.data.data_dir).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Global eval batch, a multiple of the device count (overrides config.eval.batch_size).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -61,9 +63,12 @@ def resolve_config():
     else:
         config = _load_config_file("digits", None)
         name = "configs/digits.py"
-    if _DATA_DIR.value:
+    if _DATA_DIR.value or _BATCH_SIZE.value:
         config.unlock()
-        config.data.data_dir = _DATA_DIR.value
+        if _DATA_DIR.value:
+            config.data.data_dir = _DATA_DIR.value
+        if _BATCH_SIZE.value:
+            config.eval.batch_size = _BATCH_SIZE.value
         config.lock()
     return config, name
 
@@ -91,7 +96,7 @@ def main(argv: list[str]) -> None:
     try:
         if _WEIGHTS.value and _WORKDIR.value:
             raise ValueError("Pass --weights or --workdir, not both.")
-        config_schema.validate_config(config, device_count=jax.device_count())
+        config_schema.validate_config(config, device_count=jax.device_count(), training=False)
         info = data.dataset_info(config.data)
         forward = make_forward(config.model.name, info.num_classes, config.model.kwargs.to_dict())
         size = config.data.eval_image_size
@@ -117,13 +122,12 @@ def main(argv: list[str]) -> None:
     backend = parallel.make_backend(config.parallel.backend)
     eval_fn = backend.wrap_eval(make_eval_step(forward))
     state = backend.replicate(model_state)
-    results = {}
-    for prefix, params in trees.items():
-        metrics = evaluation.evaluate(
-            eval_fn, backend.replicate(params), state,
-            data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size),
-            backend.put_batch)
-        results.update({f"{prefix}{name}": value for name, value in metrics.items()})
+    by_tree = evaluation.evaluate_trees(  # one pass over the split serves every tree
+        eval_fn, {prefix: (backend.replicate(params), state) for prefix, params in trees.items()},
+        data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size),
+        backend.put_batch)
+    results = {f"{prefix}{name}": value for prefix, metrics in by_tree.items()
+               for name, value in metrics.items()}
 
     if is_main:
         print(f"{config.model.name} from {source} on {config.data.name}:{config.data.eval_split} "

@@ -33,6 +33,9 @@ _WORKDIR = flags.DEFINE_string(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", None,
+    "Multi-host: seconds before a silent (dead) peer stops the whole job (JAX default: 100).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host with the cluster found by JAX itself (TPU pods).")
 
@@ -40,6 +43,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def build_experiment(config):
     """The loop's inputs from the config: data iterators, model, optimizer, step settings."""
     # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
+
     from nfnets_jax import data, models, optim
     from nfnets_jax.train import config_schema, pretrained
     from nfnets_jax.train import step as step_lib
@@ -74,6 +80,11 @@ def build_experiment(config):
     if config.checkpoint.init_from:
         loaded = pretrained.read_params(config.checkpoint.init_from)
         exclude = list(config.checkpoint.init_exclude)
+        # Names and shapes are checked now, against the abstract model, not after the init.
+        image_size = config.data.image_size
+        abstract_params, _ = jax.eval_shape(lambda: forward.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), is_training=True))
+        pretrained.check_pretrained_fits(loaded, abstract_params, exclude=exclude)
         initial_params = lambda fresh: pretrained.merge_pretrained(loaded, fresh, exclude=exclude)
 
     return Experiment(
@@ -94,7 +105,8 @@ def main(argv: list[str]) -> None:
     from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           auto_detect=_DISTRIBUTED.value)
+                           auto_detect=_DISTRIBUTED.value,
+                           heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     # pylint: disable=import-outside-toplevel
     import jax
 

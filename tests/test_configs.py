@@ -134,6 +134,7 @@ def test_agc_ablation_covers_the_paper_grid_one_run_per_point():
 
 
 def _parse(argv):
+    """`--config...` flags as experiments/train.py parses them (locked; default: the demo)."""
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", str(CONFIGS / "digits.py"), flag_values=flag_values,
                                     lock_config=True, sys_argv=argv)
@@ -147,6 +148,27 @@ def test_misspelt_override_fails_because_the_config_is_locked():
         _parse(["prog", "--config.optimizer.agc.cliping=0.02"])
 
 
+def test_odd_per_device_batch_with_mixup_cutmix_is_refused_at_the_door():
+    # Regression: this was only caught when the train iterator was built, inside the loop after
+    # the params were initialised, and reached the user as a traceback.
+    _, config = load("nfnet", "F0")
+    config.train.batch_size = 24
+    with pytest.raises(ValueError, match="batch_size=24 gives 3 on each of 8 devices"):
+        config_schema.validate_config(config, device_count=8)
+    config.data.augment.mix = "mixup"
+    config_schema.validate_config(config, device_count=8)
+
+
+def test_evaluation_is_not_refused_for_a_training_batch_it_never_builds():
+    # Regression: `experiments.eval --variant=F0` on 6 GPUs was refused because the training
+    # batch (4096) does not divide by 6, with no flag to change it.
+    _, config = load("nfnet", "F0")
+    config.eval.batch_size = 1020
+    with pytest.raises(ValueError, match="train.batch_size=4096"):
+        config_schema.validate_config(config, device_count=6)
+    config_schema.validate_config(config, device_count=6, training=False)
+
+
 def test_validation_names_the_field_and_the_fix():
     _, config = load("digits")
     config.model.name = "nfnet_f99"
@@ -158,3 +180,42 @@ def test_validation_names_the_field_and_the_fix():
     assert "nfnet_f99" in message and "nfnet_f0" in message
     assert "batch_size=6" in message and "multiple of the 4 devices" in message
     assert "pjit" in message and "shard_map" in message
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_ARGS))
+def test_docstring_command_and_every_optional_field_parse_as_command_line_overrides(name):
+    # Regression: fields left None (data.data_dir, optimizer.sam.rho, agc.clipping in configs
+    # without AGC, ema_decay without EMA) could not be overridden at all: config_flags refused
+    # `--config.data.data_dir=...`, the flag of every ImageNet launch command.
+    module, _ = load(name, CONFIG_ARGS[name][0])
+    command = module.__doc__.split("python -m experiments.train", 1)[1].split("\n\n")[0]
+    config_args = [a for a in command.replace("\\\n", " ").split() if a.startswith("--config")]
+    if not any(a.startswith("--config=") for a in config_args):  # the demo: the default config
+        config_args.insert(0, f"--config={CONFIGS / 'digits.py'}")
+    config_args = [a.replace("--config=configs/", f"--config={CONFIGS}/") for a in config_args]
+    _parse(["prog", *config_args])
+    spec = config_args[0].split("=", 1)[1]
+    values = {"data.data_dir": "gs://bucket/tfds", "optimizer.agc.clipping": 0.02,
+              "optimizer.sam.rho": 0.05, "optimizer.ema_decay": 0.9999, "train.steps": 7,
+              "train.warmup_steps": 3, "checkpoint.init_from": "/weights.npz"}
+    assert set(values) == set(config_schema.OPTIONAL_FIELDS)
+    config = _parse(["prog", f"--config={spec}", *[f"--config.{k}={v}" for k, v in values.items()]])
+    for path, value in values.items():
+        section, leaf = path.rsplit(".", 1)
+        node = config
+        for part in section.split("."):
+            node = node[part]
+        assert node[leaf] == value, path
+    config_schema.validate_config(config, device_count=1)
+
+
+@pytest.mark.parametrize("ema_decay,expected", [(0.0, None), (None, None), (0.99999, 0.99999)])
+def test_ema_is_switched_off_by_zero_as_well_as_none(ema_decay, expected):
+    """None cannot be typed on the command line, so `--config.optimizer.ema_decay=0` must mean off."""
+    from nfnets_jax.train.step import settings_from_config
+
+    _, config = load("digits")
+    config.optimizer.ema_decay = ema_decay
+    opt_config = optim.validate_optimizer_config(config.optimizer)
+    settings = settings_from_config(config, opt_config, num_classes=10, agc_groups={})
+    assert settings.ema_decay == expected

@@ -6,6 +6,7 @@ The full 5-minute run is not repeated here: three steps check the plumbing. User
 refused before any training with a message naming the fix.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -45,6 +46,11 @@ def test_smoke_demo_trains_in_the_default_workdir_and_reports_where_outputs_went
     assert (workdir / "checkpoints" / "3").is_dir()
     assert (workdir / "metrics.jsonl").is_file() and (workdir / "training_curves.png").is_file()
     assert (workdir / "config.json").is_file()
+    # The AGC clip fraction is logged globally and for every stage of the real model.
+    train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    for label in ("", "/stem", "/stage_1", "/stage_2", "/stage_3", "/stage_4", "/head"):
+        assert np.isfinite(train[-1][f"agc/clip_fraction{label}"]), label
     assert f"Checkpoints: {os.path.abspath(workdir / 'checkpoints')}" in out
     assert "Training curves:" in out
 

@@ -92,6 +92,8 @@ def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     saved = _final_state(tmp_path)
     assert saved["step"] == 4
     assert all(np.all(np.isfinite(x)) for x in (saved["params"]["fake_net/~/linear"]["w"],))
+    # The curves up to the bad step are drawn even though the run stopped with an error.
+    assert (tmp_path / metrics_logging.CURVES_FILE).is_file()
 
 
 def test_non_finite_step_is_skipped_when_configured(tmp_path, uninterrupted):

@@ -91,3 +91,17 @@ def test_jsonl_records_are_one_json_object_per_line(finished_run):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
             assert isinstance(json.loads(line), dict)
+
+
+def test_step_time_leaves_out_evaluations_and_checkpoint_saves(monkeypatch):
+    # Regression: the interval after an eval counted the eval's duration as training steps, so
+    # the logged step time, images/s and the ETA were off after every eval.
+    clock = [0.0]
+    monkeypatch.setattr(metrics_logging.time, "perf_counter", lambda: clock[0])
+    timer = metrics_logging.StepTimer(global_batch_size=10)
+    for _ in range(4):
+        clock[0] += 0.5
+        timer.tick()
+    with timer.paused():
+        clock[0] += 100.0  # an evaluation
+    assert timer.read_and_reset() == (0.5, 20.0)

@@ -3,8 +3,10 @@
 import functools
 
 import chex
+import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from nfnets_jax.train import fakes, parallel
@@ -58,3 +60,36 @@ def test_first_replica_returns_one_host_copy():
     host = parallel.first_replica(tree)
     assert host["w"].shape == (2, 3)
     assert type(host["w"]).__module__ == "numpy"
+
+
+@pytest.mark.parametrize("backend_name", ["pmap", "shard_map"])
+def test_every_device_and_every_step_draws_its_own_dropout_key(backend_name):
+    # jaxline's 'unique_host_unique_device' (official_nfnets.md §4.5): the equality of the two
+    # backends above would hold even if every device, or every step, reused one key.
+    keys = []
+
+    def forward_fn(images, is_training):
+        key = hk.next_rng_key() if is_training else None
+        if key is not None:
+            jax.debug.callback(lambda k: keys.append(tuple(np.asarray(k).ravel())), key)
+        return hk.Linear(3, name="linear")(images.reshape(images.shape[0], -1))
+
+    config = fakes.fake_config(**{"train.batch_size": 8})
+    data = fakes.FakeData(num_classes=3)
+    experiment = fakes.fake_experiment(config, data)
+    forward = hk.transform_with_state(forward_fn)
+    backend = parallel.make_backend(backend_name)
+    init = functools.partial(init_train_state, forward, experiment.optimizer, seed=0,
+                             sample_images=jnp.zeros((1, *data.image_shape)), use_ema=False)
+    state = jax.jit(init, out_shardings=backend.replicated)()
+    jax.effects_barrier()
+    keys.clear()  # the init's own key
+    train_fn = backend.wrap_train(make_train_step(forward, experiment.optimizer,
+                                                  experiment.lr_schedule, experiment.step_settings))
+    batches = data.train_batches(0, global_batch_size=8)
+    for _ in range(2):
+        state, metrics = train_fn(state, backend.put_batch(next(batches)))
+    jax.block_until_ready(metrics)
+    jax.effects_barrier()
+    assert len(keys) == 2 * jax.device_count()
+    assert len(set(keys)) == len(keys)

@@ -1,5 +1,8 @@
 """Starting from trained weights: a fresh head, everything else loaded, mismatches listed."""
 
+import importlib.util
+import pathlib
+
 import chex
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from nfnets_jax import checkpoints
 from nfnets_jax.train import fakes, loop, pretrained
 
 HEAD = [r"^[^/]+/~/linear/"]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tree(num_classes, fill):
@@ -69,3 +73,20 @@ def test_fine_tuning_from_weights_of_another_shape_fails_before_training(tmp_pat
     with pytest.raises(checkpoints.ParamsMismatchError, match=r"wrong shape: fake_net/~/linear/w"):
         loop.run(experiment, config, str(tmp_path / "finetune"))
     assert not list((tmp_path / "finetune" / "checkpoints").glob("[0-9]*"))
+
+
+def test_wrong_weights_are_refused_when_the_experiment_is_built(tmp_path):
+    # Regression: the names and shapes of `init_from` weights were only checked inside the loop,
+    # after the params were initialised, and the error escaped train.py as a traceback. Now
+    # build_experiment (inside train.py's one-message error handler) refuses them at the door.
+    from experiments import train  # pylint: disable=import-outside-toplevel
+
+    spec = importlib.util.spec_from_file_location("config_digits", REPO / "configs" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    bad = {"NFNet/~/linear": {"w": np.zeros((3, 10), np.float32), "b": np.zeros(10, np.float32)}}
+    checkpoints.save_npz(str(tmp_path / "bad.npz"), bad)
+    config.checkpoint.init_from = str(tmp_path / "bad.npz")
+    with pytest.raises(checkpoints.ParamsMismatchError, match="missing"):
+        train.build_experiment(config)

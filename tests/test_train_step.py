@@ -135,3 +135,24 @@ def test_eval_counts_every_example_once_when_the_batch_does_not_divide(backend_n
     np.testing.assert_allclose(results["top_1_acc"], np.mean(ranks < 1), rtol=1e-6)
     np.testing.assert_allclose(results["top_5_acc"], np.mean(ranks < 5), rtol=1e-6)
     np.testing.assert_allclose(results["loss"], -np.mean(log_probs[np.arange(len(labels)), labels]), rtol=1e-4)
+
+
+def test_raw_and_ema_are_evaluated_in_one_pass_over_the_eval_split():
+    # The eval split is read and preprocessed once for both trees (it was read twice).
+    experiment, data, backend, state, train_fn = _setup()
+    state, _ = train_fn(state, backend.put_batch(next(data.train_batches(0, global_batch_size=BATCH))))
+    eval_fn = backend.wrap_eval(make_eval_step(experiment.forward))
+    passes = []
+
+    def make_batches():
+        passes.append(1)
+        return data.eval_batches(global_batch_size=BATCH)
+
+    results = evaluation.evaluate_raw_and_ema(eval_fn, state, make_batches, backend.put_batch)
+    assert len(passes) == 1
+    for prefix, params in (("", state.params), ("ema_", state.ema_params)):
+        alone = evaluation.evaluate(eval_fn, params, state.model_state,
+                                    data.eval_batches(global_batch_size=BATCH), backend.put_batch)
+        for name in ("top_1_acc", "top_5_acc", "loss"):
+            assert results[prefix + name] == alone[name], prefix + name
+    assert results["ema_loss"] != results["loss"]

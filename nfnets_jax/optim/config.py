@@ -109,6 +109,12 @@ def agc_enabled(opt_config: Any) -> bool:
     return opt_config.agc is not None and bool(opt_config.agc.clipping)
 
 
+def ema_enabled(opt_config: Any) -> bool:
+    """EMA is off when `ema_decay` is None or 0 (a decay of 0 would only copy the params); 0 is
+    how to switch it off from the command line, where None cannot be typed."""
+    return bool(opt_config.ema_decay)
+
+
 def sam_enabled(opt_config: Any) -> bool:
     """SAM is off when the `sam` section is None or its rho is None/0."""
     return opt_config.sam is not None and bool(opt_config.sam.rho)
@@ -184,7 +190,7 @@ def validate_optimizer_config(opt_config: Any) -> ml_collections.ConfigDict:
         _require(isinstance(config.sam.sync_ascent, bool), "optimizer.sam.sync_ascent must be True or False.")
     _require(
         config.ema_decay is None or (_is_number(config.ema_decay) and 0 <= config.ema_decay < 1),
-        f"optimizer.ema_decay must be in [0, 1) or None, got {config.ema_decay!r}.",
+        f"optimizer.ema_decay must be in [0, 1) (0 or None: EMA off), got {config.ema_decay!r}.",
     )
     _require(
         isinstance(config.base_kwargs, (Mapping, ml_collections.ConfigDict)),

@@ -20,6 +20,20 @@ BACKENDS = ("pmap", "shard_map")
 COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
 NONFINITE_MODES = ("stop", "skip")
 
+# Fields whose default is None, and the type a `--config.<field>=...` override of them parses to.
+# config_flags cannot override a plain None (it has no type to parse the string with), so these
+# are held as typed FieldReferences: `--config.data.data_dir=gs://...` (every ImageNet launch
+# command), `--config.optimizer.sam.rho=0.05`, re-enabling AGC or EMA in configs that turn them off.
+OPTIONAL_FIELDS = {
+    "data.data_dir": str,
+    "optimizer.agc.clipping": float,
+    "optimizer.sam.rho": float,
+    "optimizer.ema_decay": float,
+    "train.steps": int,
+    "train.warmup_steps": int,
+    "checkpoint.init_from": str,
+}
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field of the schema with the NFNet-F0 ImageNet defaults (paper.md §4)."""
@@ -35,10 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 4096  # global, over all devices of all processes
     config.train.epochs = 360.0  # used when config.train.steps is None
-    config.train.steps = ml_collections.FieldReference(None, field_type=int)
+    config.train.steps = None  # set to count the run in steps instead of epochs
     config.train.seed = 0
     # Set to count the LR warmup in steps (fine-tuning recipes); overrides optimizer.warmup_epochs.
-    config.train.warmup_steps = ml_collections.FieldReference(None, field_type=int)
+    config.train.warmup_steps = None
 
     config.optimizer = optim_config_lib.default_optimizer_config()
     config.loss = ml_collections.ConfigDict()
@@ -52,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 1000
     config.checkpoint.keep = 3
     # Fine-tuning: start from DeepMind's weights (.npz pickle) or one of our workdirs/.npz files.
-    config.checkpoint.init_from = ml_collections.FieldReference(None, field_type=str)
+    config.checkpoint.init_from = None
     config.checkpoint.init_exclude = [r"^[^/]+/~/linear/"]  # params re-initialised (the head)
 
     config.eval = ml_collections.ConfigDict()
@@ -61,14 +75,33 @@ def base_config() -> ml_collections.ConfigDict:
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 50
     config.nonfinite = "stop"  # 'stop' | 'skip'
+    return make_optional_fields_overridable(config)
+
+
+def make_optional_fields_overridable(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Holds each `OPTIONAL_FIELDS` entry as a FieldReference of its type (value unchanged).
+
+    A config file that replaces a whole section after `base_config()` (e.g. `config.data =
+    digits_data_config()`) calls this again, so that the section's optional fields stay
+    overridable from the command line. Assigning None or a value later keeps the type.
+    """
+    for path, field_type in OPTIONAL_FIELDS.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if not isinstance(node._fields.get(leaf), ml_collections.FieldReference):  # pylint: disable=protected-access
+            node[leaf] = ml_collections.FieldReference(node[leaf], field_type=field_type)
     return config
 
 
-def validate_config(config: ml_collections.ConfigDict, *, device_count: int) -> None:
+def validate_config(config: ml_collections.ConfigDict, *, device_count: int,
+                    training: bool = True) -> None:
     """Raises ValueError listing every problem in `config`, with what to change.
 
     Model names are checked against the registry, batch sizes against the device count, and
-    the data and optimizer sections by their owners' validators.
+    the data and optimizer sections by their owners' validators. `training=False`
+    (`experiments/eval.py`) leaves out the training batch, which evaluation never builds.
     """
     from nfnets_jax import models  # pylint: disable=import-outside-toplevel
 
@@ -82,9 +115,17 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int) -> 
     need(config.model.name in names,
          f"config.model.name={config.model.name!r} is not a model; choose one of {sorted(names)}")
     batch_size = config.train.batch_size
-    need(isinstance(batch_size, int) and batch_size > 0 and batch_size % device_count == 0,
+    need(not training or (isinstance(batch_size, int) and batch_size > 0
+                          and batch_size % device_count == 0),
          f"config.train.batch_size={batch_size} must be a positive multiple of the {device_count} "
          f"devices (per-device batch = batch_size / {device_count})")
+    if training and isinstance(batch_size, int) and batch_size > 0 and batch_size % device_count == 0:
+        per_device = batch_size // device_count
+        need(config.data.augment.mix != "mixup_cutmix" or per_device % 2 == 0,
+             f"config.data.augment.mix='mixup_cutmix' mixes half of each device's batch with MixUp "
+             f"and half with CutMix, so the per-device batch must be even: "
+             f"config.train.batch_size={batch_size} gives {per_device} on each of {device_count} "
+             "devices")
     need(config.eval.batch_size > 0 and config.eval.batch_size % device_count == 0,
          f"config.eval.batch_size={config.eval.batch_size} must be a positive multiple of the "
          f"{device_count} devices")

@@ -26,12 +26,23 @@ def _looks_multi_process() -> bool:
     return "JAX_COORDINATOR_ADDRESS" in os.environ
 
 
+def _timeouts(heartbeat_timeout_seconds: int | None) -> dict[str, int]:
+    """`jax.distributed.initialize` keywords for the heartbeat (and shutdown) timeout, if set."""
+    if heartbeat_timeout_seconds is None:
+        return {}
+    if heartbeat_timeout_seconds <= 0:
+        raise ValueError(f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds} must be positive.")
+    return {"heartbeat_timeout_seconds": heartbeat_timeout_seconds,
+            "shutdown_timeout_seconds": heartbeat_timeout_seconds}
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
     auto_detect: bool = False,
+    heartbeat_timeout_seconds: int | None = None,
 ) -> bool:
     """Connects this process to the others; returns True for a multi-process run.
 
@@ -40,6 +51,10 @@ def initialize(
       num_processes: how many processes take part.
       process_id: this process's index in [0, num_processes).
       auto_detect: ask JAX to find the cluster itself (TPU pods: `--distributed`).
+      heartbeat_timeout_seconds: how long a silent peer may go before the coordination service
+        stops every process (JAX's default, 100 s, when None). A dead worker's collectives fail,
+        but the survivors exit only when this runs out (tests/test_fault_injection.py), so it
+        bounds how long a job with a dead host lingers; it is also the shutdown timeout.
 
     Give all three, or none to let JAX detect the job: always for SLURM and JAX_COORDINATOR_ADDRESS,
     and for TPU pods with `auto_detect`. Otherwise this is a single-process run and nothing happens.
@@ -56,11 +71,12 @@ def initialize(
         if num_processes > 1:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+                                   num_processes=num_processes, process_id=process_id,
+                                   **_timeouts(heartbeat_timeout_seconds))
         return num_processes > 1
     if auto_detect or _looks_multi_process():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_timeouts(heartbeat_timeout_seconds))
         return jax.process_count() > 1
     return False
 

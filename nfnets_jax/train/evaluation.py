@@ -18,6 +18,33 @@ from nfnets_jax.train.parallel import first_replica
 EVAL_KEYS = ("images", "labels", "mask")
 
 
+def _accumulate(eval_fn, trees: Mapping[str, tuple[hk.Params, hk.State]], batches, put_batch):
+    """Sums of every tree's eval step over one pass of `batches` (each batch placed once)."""
+    totals: dict[str, Any] = {}
+    for batch in batches:
+        placed = put_batch({k: batch[k] for k in EVAL_KEYS})
+        for name, (params, model_state) in trees.items():
+            sums = eval_fn(params, model_state, placed)
+            totals[name] = sums if name not in totals else jax.tree.map(
+                lambda a, b: a + b, totals[name], sums)
+    if not totals:
+        raise ValueError("The eval split yielded no batches; check config.data.eval_split.")
+    return totals
+
+
+def _finish(totals: Mapping[str, Any]) -> dict[str, float]:
+    host = first_replica(totals)
+    count = float(host["count"])
+    if count <= 0:
+        raise ValueError("The eval split has no examples; check config.data.eval_split.")
+    return {
+        "top_1_acc": float(host["top_1_correct"]) / count,
+        "top_5_acc": float(host["top_5_correct"]) / count,
+        "loss": float(host["loss_sum"]) / count,
+        "num_examples": count,
+    }
+
+
 def evaluate(
     eval_fn: Callable[[hk.Params, hk.State, Any], Mapping[str, jax.Array]],
     params: hk.Params,
@@ -33,22 +60,17 @@ def evaluate(
       batches: host batches `[local_devices, B, ...]` with `images`, `labels` and `mask`.
       put_batch: the backend's host-to-device placement.
     """
-    totals = None
-    for batch in batches:
-        sums = eval_fn(params, model_state, put_batch({k: batch[k] for k in EVAL_KEYS}))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    if totals is None:
-        raise ValueError("The eval split yielded no batches; check config.data.eval_split.")
-    host = first_replica(totals)
-    count = float(host["count"])
-    if count <= 0:
-        raise ValueError("The eval split has no examples; check config.data.eval_split.")
-    return {
-        "top_1_acc": float(host["top_1_correct"]) / count,
-        "top_5_acc": float(host["top_5_correct"]) / count,
-        "loss": float(host["loss_sum"]) / count,
-        "num_examples": count,
-    }
+    return _finish(_accumulate(eval_fn, {"": (params, model_state)}, batches, put_batch)[""])
+
+
+def evaluate_trees(
+    eval_fn: Callable,
+    trees: Mapping[str, tuple[hk.Params, hk.State]],
+    batches: Iterable[Mapping[str, Any]],
+    put_batch: Callable[[Any], Any],
+) -> dict[str, dict[str, float]]:
+    """`evaluate` for several `name -> (params, model_state)` in one pass over `batches`."""
+    return {name: _finish(sums) for name, sums in _accumulate(eval_fn, trees, batches, put_batch).items()}
 
 
 def evaluate_raw_and_ema(
@@ -60,10 +82,15 @@ def evaluate_raw_and_ema(
     """Evaluates the raw params and, when present, the EMA params (keys prefixed `ema_`).
 
     The official experiment reports both (official_nfnets.md §4.4); results are usually quoted
-    for the EMA weights.
+    for the EMA weights. One pass over the eval split serves both: each batch is read,
+    preprocessed and placed once.
     """
-    results = evaluate(eval_fn, state.params, state.model_state, make_batches(), put_batch)
+    trees = {"": (state.params, state.model_state)}
     if state.ema_params is not None:
-        ema = evaluate(eval_fn, state.ema_params, state.model_state, make_batches(), put_batch)
-        results.update({f"ema_{name}": value for name, value in ema.items() if name != "num_examples"})
+        trees["ema_"] = (state.ema_params, state.model_state)
+    by_tree = evaluate_trees(eval_fn, trees, make_batches(), put_batch)
+    results = by_tree[""]
+    if "ema_" in by_tree:
+        results.update({f"ema_{name}": value for name, value in by_tree["ema_"].items()
+                        if name != "num_examples"})
     return results

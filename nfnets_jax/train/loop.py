@@ -21,13 +21,14 @@ import numpy as np
 import optax
 
 from nfnets_jax.train import checkpointing
+from nfnets_jax.train import config_schema
 from nfnets_jax.train import evaluation
 from nfnets_jax.train import metrics_logging
 from nfnets_jax.train import parallel
 from nfnets_jax.train.state import TrainState, init_train_state
 from nfnets_jax.train.step import StepSettings, make_eval_step, make_train_step
 
-NONFINITE_MODES = ("stop", "skip")
+NONFINITE_MODES = config_schema.NONFINITE_MODES
 HostBatch = Mapping[str, np.ndarray]
 
 
@@ -173,6 +174,13 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
         progress.message(f"Non-finite loss or gradients at step {at_step}: update skipped.")
         return False
 
+    def draw_curves() -> str | None:
+        """The PNG of the training curves so far (process 0), from the flushed JSONL file."""
+        if not is_main or not os.path.exists(writer.jsonl_path):
+            return None
+        return metrics_logging.plot_training_curves(
+            writer.jsonl_path, os.path.join(workdir, metrics_logging.CURVES_FILE))
+
     # ---- Loop ----
     batches = _prefetch(experiment.train_batches(data_position), backend.put_batch, prefetch)
     timer = metrics_logging.StepTimer(experiment.global_batch_size)
@@ -212,26 +220,28 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
                     progress.update(step, loss=float(host["loss"]), images_per_second=images_per_second,
                                     seconds_per_step=seconds_per_step)
                 if at_ckpt or preempted:
-                    checkpointer.save(step, backend.to_global(state), data_position=step)
+                    with timer.paused():
+                        checkpointer.save(step, backend.to_global(state), data_position=step)
                 if preempted:
                     stopped_by = "preempted"
                     progress.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
                     break
                 if at_eval and step != experiment.total_steps:
-                    eval_metrics = run_eval(step)
+                    with timer.paused():  # the next step time and ETA leave the eval out
+                        eval_metrics = run_eval(step)
             if pending is not None and not check_finite(*pending):
                 skipped += 1
         if stopped_by == "completed":
             eval_metrics = run_eval(step)
+    except NonFiniteError:
+        draw_curves()  # the curves up to the bad step are what the user looks at next
+        raise
     finally:
         checkpointer.close()
         progress.close()
         writer.close()
 
-    plot_file = None
-    if is_main and os.path.exists(writer.jsonl_path):
-        plot_file = metrics_logging.plot_training_curves(
-            writer.jsonl_path, os.path.join(workdir, metrics_logging.CURVES_FILE))
+    plot_file = draw_curves()
     return RunSummary(step=step, stopped_by=stopped_by, eval_metrics=eval_metrics,
                       checkpoint_dir=checkpointer.directory, metrics_file=writer.jsonl_path,
                       plot_file=plot_file, skipped_steps=skipped)

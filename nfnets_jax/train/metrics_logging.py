@@ -7,12 +7,13 @@ before they reach the host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -181,6 +182,15 @@ class StepTimer:
 
     def tick(self) -> None:
         self._steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leaves the time spent inside (an evaluation, a checkpoint save) out of the step time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._time += time.perf_counter() - start
 
     def read_and_reset(self) -> tuple[float, float]:
         """Returns (seconds per step, images per second) since the last call."""

@@ -24,9 +24,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nfnets_jax.data import feeding
+from nfnets_jax.train import config_schema
 from nfnets_jax.train.step import AXIS_NAME
 
-BACKENDS = ("pmap", "shard_map")
+BACKENDS = config_schema.BACKENDS
 
 
 @dataclasses.dataclass(frozen=True)

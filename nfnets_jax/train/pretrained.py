@@ -94,15 +94,24 @@ def _split(tree: Params, patterns: Sequence[str]) -> tuple[Params, Params]:
     return kept, excluded
 
 
+def check_pretrained_fits(loaded: Any, expected: Any, *, exclude: Sequence[str] = ()) -> None:
+    """Raises `checkpoints.ParamsMismatchError` unless `loaded` fits `expected` outside `exclude`.
+
+    `expected` may be abstract (`jax.eval_shape` of the model's init), so that wrong weights are
+    refused when the experiment is built, before any parameter is initialised.
+    """
+    checkpoints.check_params_match(_split(loaded, exclude)[0], _split(expected, exclude)[0])
+
+
 def merge_pretrained(loaded: Any, fresh: Any, *, exclude: Sequence[str] = ()) -> Params:
     """Fresh params for paths matching `exclude` (the new head), loaded params for the rest.
 
     Raises `checkpoints.ParamsMismatchError` listing every missing, unexpected or wrong-shaped
     parameter among those that are loaded, before any training starts.
     """
+    check_pretrained_fits(loaded, fresh, exclude=exclude)
     loaded_kept, _ = _split(loaded, exclude)
-    fresh_kept, fresh_excluded = _split(fresh, exclude)
-    checkpoints.check_params_match(loaded_kept, fresh_kept)
+    _, fresh_excluded = _split(fresh, exclude)
     merged: Params = {}
     for module, leaves in fresh.items():
         for leaf, value in leaves.items():

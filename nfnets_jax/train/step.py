@@ -85,7 +85,7 @@ def settings_from_config(config: Any, opt_config: Any, *, num_classes: int,
         num_classes=num_classes,
         label_smoothing=config.loss.label_smoothing,
         compute_dtype=jnp.dtype(config.precision.compute_dtype),
-        ema_decay=opt_config.ema_decay,
+        ema_decay=opt_config.ema_decay if optim_config.ema_enabled(opt_config) else None,
         sam=sam,
         agc_groups=dict(agc_groups) if optim_config.agc_enabled(opt_config) else None,
     )
