@@ -131,6 +131,44 @@ def test_resume_from_start_step_equals_the_fresh_stream(mock_imagenet):
             np.testing.assert_array_equal(got[key], batch[key])
 
 
+_NUM_FILES = 4
+
+
+def _mock_as_dataset_with_file_shuffling(self, split, decoders=None, read_config=None,
+                                         shuffle_files=False):
+    """Like `_mock_as_dataset`, but read from 4 "files" shuffled as TFDS's reader does.
+
+    tensorflow_datasets/core/reader.py: `instruction_ds.shuffle(len(files),
+    seed=read_config.shuffle_seed, reshuffle_each_iteration=
+    read_config.shuffle_reshuffle_each_iteration)` when shuffle_files, then the files' records.
+    """
+    examples = _mock_as_dataset(self, split, decoders, read_config, False)
+    count = int(examples.cardinality())
+    bounds = np.linspace(0, count, _NUM_FILES + 1).astype(np.int64)
+    files = tf.data.Dataset.from_tensor_slices((bounds[:-1], bounds[1:]))
+    if shuffle_files:
+        files = files.shuffle(_NUM_FILES, seed=read_config.shuffle_seed,
+                              reshuffle_each_iteration=read_config.shuffle_reshuffle_each_iteration)
+    return files.flat_map(lambda start, end: examples.skip(start).take(end - start))
+
+
+def test_resume_equals_the_fresh_stream_with_tfds_file_shuffling():
+    # Regression: TFDS reshuffles its files on every iteration unless told not to; the train
+    # stream iterates the files once per epoch, so a stream resumed in epoch 2 read the files in
+    # another order than the fresh stream did in its epoch 2.
+    config = _config(mix="none", randaugment_layers=0)
+    config.shuffle_buffer = 4
+    kwargs = dict(global_batch_size=6, seed=0, process_index=0, process_count=1,
+                  local_device_count=1)
+    with tfds.testing.mock_data(as_dataset_fn=_mock_as_dataset_with_file_shuffling):
+        fresh = pipeline.make_train_iterator(config, **kwargs)
+        expected = [next(fresh)["labels"] for _ in range(15)]  # 90 examples: into epoch 3
+        resumed = pipeline.make_train_iterator(config, start_step=13, **kwargs)
+        np.testing.assert_array_equal([next(resumed)["labels"] for _ in range(2)], expected[13:])
+    first_epoch = np.concatenate(expected).ravel()[:NUM_EXAMPLES]
+    assert sorted(first_epoch) == list(range(NUM_EXAMPLES))
+
+
 def test_train_epoch_sees_every_example_of_the_shard(mock_imagenet):
     # No mixing, 3 examples per process and step: the first 19 (process 0) or 18 (process 1)
     # labels are one epoch, a permutation of the shard; the next epoch is another order.

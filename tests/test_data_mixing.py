@@ -78,3 +78,28 @@ def test_none_passes_through_with_ratio_one():
     np.testing.assert_array_equal(out["images"].numpy(), batch["image"].numpy())
     np.testing.assert_array_equal(out["ratio"].numpy(), np.ones(4, np.float32))
     np.testing.assert_array_equal(out["mix_labels"].numpy(), batch["label"].numpy())
+
+
+def test_cutmix_box_geometry_on_a_non_square_image():
+    # official_nfnets.md §5.2: one u per mask, sides int(sqrt(1-u)*H) by int(sqrt(1-u)*W) with
+    # half-extents side//2 around the centre, clipped. For boxes clear of the borders both
+    # sides are even and a single keep = sqrt(1-u) must explain both (H and W not swapped).
+    height, width = 24, 60
+    masks = mixing.cutmix_masks(tf.constant([2, 9]), 400, height, width).numpy()[..., 0]
+    interior = 0
+    for mask in masks:
+        rows, cols = np.nonzero(mask)
+        if not len(rows):
+            continue
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert mask.sum() == (bottom - top) * (right - left)  # one solid box
+        if top == 0 or left == 0 or bottom == height or right == width:
+            continue
+        interior += 1
+        side_h, side_w = bottom - top, right - left
+        assert side_h % 2 == 0 and side_w % 2 == 0
+        # int(k*H) is side_h or side_h + 1, so k*H lies in [side_h, side_h + 2); same for W.
+        low = max(side_h / height, side_w / width)
+        high = min((side_h + 2) / height, (side_w + 2) / width)
+        assert low < high, (side_h, side_w)
+    assert interior > 50

@@ -80,3 +80,16 @@ def test_normalize_uses_imagenet_statistics():
     pixel = np.array([[[0.485 * 255, 0.0, 255.0]]], np.float32)
     out = preprocess.normalize(pixel, IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB).numpy()[0, 0]
     np.testing.assert_allclose(out, [0.0, -0.456 / 0.224, (1 - 0.406) / 0.225], rtol=1e-5)
+
+
+def test_resize_crop_32_is_the_central_crop_of_the_squash_at_offset_16():
+    # §5.4: bicubic squash of the whole image to (S+32)^2, then rows/cols [16, 16+S).
+    size = 24
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    out = preprocess.eval_preprocess(image, encoded=False, image_size=size,
+                                     mode="resize_crop_32").numpy()
+    squashed = tf.image.resize(image.astype(np.float32), (size + 32, size + 32),
+                               method="bicubic", antialias=False).numpy()
+    np.testing.assert_array_equal(out, squashed[16:16 + size, 16:16 + size])
+    assert not np.array_equal(out, squashed[15:15 + size, 15:15 + size])

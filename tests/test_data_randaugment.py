@@ -64,14 +64,15 @@ def test_rotate_90_is_numpy_rot90_with_grey_fill():
 
 
 def test_translate_and_shear_against_numpy():
+    # Official translate_x(pixels) = tfa translate by [dx, dy] = [-pixels, 0]: content moves left.
     image = _image(10, 14)
     out = randaugment.translate_x(image, 3.0).numpy()
     expected = np.full_like(image, 128)
-    expected[:, 3:] = image[:, :-3]
+    expected[:, :-3] = image[:, 3:]
     np.testing.assert_array_equal(out, expected)
-    out = randaugment.translate_y(image, -4.0).numpy()
+    out = randaugment.translate_y(image, -4.0).numpy()  # negative: content moves down
     expected = np.full_like(image, 128)
-    expected[:-4] = image[4:]
+    expected[4:] = image[:-4]
     np.testing.assert_array_equal(out, expected)
     # ShearX: output (x, y) samples input x + level*y (nearest).
     level = 0.5
@@ -89,7 +90,6 @@ def test_colour_ops_against_numpy():
     np.testing.assert_array_equal(randaugment.invert(image).numpy(), 255 - image)
     np.testing.assert_array_equal(randaugment.solarize(image, 128).numpy(),
                                   np.where(values < 128, values, 255 - values))
-    np.testing.assert_array_equal(randaugment.solarize(image, 256).numpy(), image)  # no-op
     np.testing.assert_array_equal(randaugment.solarize_add(image, 55).numpy(),
                                   np.where(values < 128, np.minimum(values + 55, 255), values))
     # Brightness blends with black: truncation of factor * x, clipped.
@@ -99,6 +99,31 @@ def test_colour_ops_against_numpy():
     for name in ("Color", "Contrast", "Brightness", "Sharpness"):
         out = randaugment.apply_op(image, name, 5, 1.0, tf.constant([0, 0])).numpy()
         np.testing.assert_array_equal(out, image)
+
+
+def test_solarize_threshold_wraps_like_the_official_uint8_comparison():
+    # Regression: thresholds 256 (M = 10) and 384 (M = 15) are not no-ops. The official
+    # `tf.where(image < threshold, image, 255 - image)` compares a uint8 image with the Python
+    # int converted to uint8: 256 -> 0 (invert everything), 384 -> 128.
+    image = _image(8, 8, seed=7)
+    values = image.astype(np.int32)
+    for threshold, wrapped in ((128, 128), (256, 0), (384, 128)):
+        expected = np.where(values < wrapped, values, 255 - values).astype(np.uint8)
+        np.testing.assert_array_equal(randaugment.solarize(image, threshold).numpy(), expected)
+        as_tensor = tf.constant(image)
+        official = tf.where(as_tensor < threshold, as_tensor, 255 - as_tensor).numpy()
+        np.testing.assert_array_equal(official, expected)  # TF itself still wraps
+    out = randaugment.apply_op(image, "Solarize", 10, 1.0, tf.constant([0, 0])).numpy()
+    np.testing.assert_array_equal(out, 255 - image)  # at M = 10 Solarize is Invert
+
+
+def test_posterize_shifts_uint8_like_the_official_op():
+    # Regression: TF clamps uint8 shifts to 7, so bits = 0 (M < 2.5) and bits > 8 (M >= 22.5,
+    # shift -1 wraps to 255) keep the top bit instead of zeroing the image or keeping it all.
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+    for magnitude, mask in ((0, 0x80), (2, 0x80), (20, 0xFF), (25, 0x80)):
+        out = randaugment.apply_op(image, "Posterize", magnitude, 1.0, tf.constant([0, 0]))
+        np.testing.assert_array_equal(out.numpy(), image & mask)
 
 
 def test_contrast_blends_with_pixel_count_over_256():

@@ -10,7 +10,9 @@ Epoch e of a process is read in an order seeded by (seed, process, e); the eleme
 position g is augmented with stateless ops seeded by (seed, process, g); the mixing of step s
 and the RandAugment of its outputs are seeded by (seed, process, s). `start_step=k` therefore
 skips k steps' worth of elements before any decoding and yields exactly the batches k, k+1, ...
-of a fresh stream.
+of a fresh stream. (One exception: an undecodable image is dropped and logged, which shifts the
+rest of the stream by one element; `start_step=k` assumes no drops before step k, so a resume
+after a drop is offset from the fresh stream by the number of earlier drops.)
 
 Per device, one step takes 2B examples when mixing (B otherwise), mixes them to B
 (`mixing.py`), then applies RandAugment after mixing (NFNets) or before (`augment_before_mix`).

@@ -2,9 +2,16 @@
 
 N layers; each picks one of 16 ops uniformly and always applies it, at a fixed magnitude M
 mapped to op arguments by the table of §5.3, including the quirks of the TF TPU code it came
-from: posterize keeps int(M/10·4) bits (stronger at low M), solarize is a no-op for M >= 10,
-the enhance ops are identities at M = 5, translation is in absolute pixels, and Contrast
-blends with (pixel count / 256) instead of the mean grey level. Images are uint8 [H, W, 3].
+from: posterize keeps int(M/10·4) bits (stronger at low M), the enhance ops are identities at
+M = 5, translation is in absolute pixels, and Contrast blends with (pixel count / 256) instead of
+the mean grey level. Images are uint8 [H, W, 3].
+
+Solarize's threshold int(M/10·256) is compared with the uint8 image, so TF converts it to uint8
+first and it wraps modulo 256: at M = 10 the threshold 256 becomes 0 and Solarize inverts every
+pixel (it is Invert), at M = 15 the threshold 384 becomes 128. official_nfnets.md §5.3 calls
+these thresholds no-ops, but that is not what the official expression `tf.where(image <
+threshold, image, 255 - image)` computes (measured here with TF 2.21, eagerly, in tf.function
+and in tf.data). Posterize likewise shifts uint8 values, where TF clamps shifts to [0, 7].
 
 Geometric ops use TF's raw projective-transform op (no tensorflow-addons, which reached end
 of life) with nearest-neighbour sampling and grey (128) fill. All randomness is stateless.
@@ -53,16 +60,26 @@ def invert(image: tf.Tensor) -> tf.Tensor:
 
 
 def posterize(image: tf.Tensor, bits: int) -> tf.Tensor:
-    """Keeps the `bits` most significant bits of every channel value."""
-    shift = 8 - bits
-    as_int = tf.cast(image, tf.int32)
-    return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(as_int, shift), shift), tf.uint8)
+    """Keeps the `bits` most significant bits of every channel value (uint8 shifts, as official).
+
+    The shift 8 − bits is converted to uint8 (wrapping mod 256) and TF clamps shifts to at most
+    7: bits = 0 (M < 2.5) keeps 1 bit, not 0; bits = 8 changes nothing; bits > 8 (M >= 22.5)
+    gives a negative shift that wraps to 255, clamped to 7: 1 bit again.
+    """
+    shift = (8 - int(bits)) % 256
+    image = tf.convert_to_tensor(image, tf.uint8)
+    return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
 def solarize(image: tf.Tensor, threshold: int) -> tf.Tensor:
-    """Inverts values at or above `threshold`; threshold 256 or more changes nothing."""
+    """Inverts values at or above `threshold` mod 256 (the official uint8 comparison).
+
+    The official `image < threshold` converts the Python int to uint8, which wraps: 256 -> 0
+    (every value is inverted), 384 -> 128. See the module docstring.
+    """
     as_int = tf.cast(image, tf.int32)
-    return tf.cast(tf.where(as_int < threshold, as_int, 255 - as_int), tf.uint8)
+    wrapped = int(threshold) % 256
+    return tf.cast(tf.where(as_int < wrapped, as_int, 255 - as_int), tf.uint8)
 
 
 def solarize_add(image: tf.Tensor, addition: int, threshold: int = 128) -> tf.Tensor:
@@ -183,15 +200,19 @@ def shear_y(image: tf.Tensor, level) -> tf.Tensor:
 
 
 def translate_x(image: tf.Tensor, pixels) -> tf.Tensor:
-    """Moves the content right by `pixels` (left if negative)."""
+    """Moves the content left by `pixels` (right if negative), as the official op.
+
+    The official code calls tfa's translate with [dx, dy] = [−pixels, 0]; output (x, y) samples
+    input (x + pixels, y).
+    """
     pixels = tf.cast(pixels, tf.float32)
-    return projective_transform(image, tf.stack([1.0, 0.0, -pixels, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    return projective_transform(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 def translate_y(image: tf.Tensor, pixels) -> tf.Tensor:
-    """Moves the content down by `pixels` (up if negative)."""
+    """Moves the content up by `pixels` (down if negative), as the official op."""
     pixels = tf.cast(pixels, tf.float32)
-    return projective_transform(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, -pixels, 0.0, 0.0]))
+    return projective_transform(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0]))
 
 
 def cutout(image: tf.Tensor, half_size: int, seed: tf.Tensor) -> tf.Tensor:

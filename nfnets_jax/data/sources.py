@@ -262,10 +262,14 @@ def tfds_source(name: str, data_dir: str | None, splits: tuple[str, ...] = ("tra
     decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
 
     def as_dataset(split, shuffle_seed=None):
+        # The file order must not change between iterations: the train stream re-iterates this
+        # dataset once per epoch, and a resumed stream starts at a later epoch, so a per-iteration
+        # reshuffle (TFDS's default) would give it another file order than the fresh stream.
         try:
             return builder.as_dataset(
                 split=split, decoders=decoders, shuffle_files=shuffle_seed is not None,
                 read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed,
+                                            shuffle_reshuffle_each_iteration=False,
                                             try_autocache=False))
         except AssertionError as error:  # TFDS's "could not find data" for unprepared builders
             raise DatasetUnavailableError(_preparation_message(builder, name, data_dir)) from error
