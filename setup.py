@@ -34,7 +34,7 @@ setuptools.setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.8 needs 3.11,
     packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*", "experiments", "experiments.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
