@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def softmax_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -30,10 +31,8 @@ def softmax_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing
             f"logits {logits.shape} and targets {targets.shape} must have the same [batch, classes] "
             "shape; turn integer labels into soft targets with mixed_targets or jax.nn.one_hot."
         )
-    logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    smoothed = (1.0 - label_smoothing) * targets.astype(jnp.float32) + label_smoothing / num_classes
-    return -jnp.sum(smoothed * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+    smoothed = optax.smooth_labels(targets.astype(jnp.float32), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), smoothed)
 
 
 def mixed_targets(labels: jax.Array, mix_labels: jax.Array, ratio: jax.Array, num_classes: int) -> jax.Array:

@@ -56,6 +56,13 @@ def _numpy_unit_norms(x):
     return norms, norms.size
 
 
+def _numpy_clips(weight, grad):
+    """(clipped units, units) of one leaf, from the NumPy unit norms."""
+    weight_norm, units = _numpy_unit_norms(weight)
+    grad_norm, _ = _numpy_unit_norms(grad)
+    return int(np.sum(grad_norm > CLIPPING * np.maximum(weight_norm, EPS))), units
+
+
 @pytest.mark.parametrize("clipping", [CLIPPING, 0.5])
 def test_matches_optax_adaptive_grad_clip_leaf_by_leaf(clipping):
     params = _tree(0)
@@ -75,9 +82,7 @@ def test_clip_counts_match_numpy():
     total_clipped = total_units = 0
     for module, leaves in params.items():
         for leaf, value in leaves.items():
-            weight_norm, units = _numpy_unit_norms(value)
-            grad_norm, _ = _numpy_unit_norms(grads[module][leaf])
-            expected = int(np.sum(grad_norm > CLIPPING * np.maximum(weight_norm, EPS)))
+            expected, units = _numpy_clips(value, grads[module][leaf])
             assert int(state.num_clipped[module][leaf]) == expected, (module, leaf)
             assert int(state.num_units[module][leaf]) == units, (module, leaf)
             total_clipped, total_units = total_clipped + expected, total_units + units
@@ -131,10 +136,8 @@ def test_clip_fraction_found_in_nested_state_and_masked_leaves_not_counted():
     def expected_fraction(selected):
         clipped = units = 0
         for module, leaf in selected:
-            weight_norm, count = _numpy_unit_norms(params[module][leaf])
-            grad_norm, _ = _numpy_unit_norms(grads[module][leaf])
-            clipped += int(np.sum(grad_norm > CLIPPING * np.maximum(weight_norm, EPS)))
-            units += count
+            leaf_clipped, leaf_units = _numpy_clips(params[module][leaf], grads[module][leaf])
+            clipped, units = clipped + leaf_clipped, units + leaf_units
         return clipped / units
 
     every_leaf = [(m, l) for m, leaves in params.items() for l in leaves if (m, l) != ("NFNet/~/linear", "w")]

@@ -88,12 +88,12 @@ def unitwise_norm(x: jax.Array) -> jax.Array:
 
 def _clip_leaf(grad: jax.Array, param: jax.Array, clipping: float, eps: float) -> tuple[jax.Array, jax.Array]:
     """Clips one leaf; returns the clipped gradient and the number of clipped units."""
-    grad_norm = unitwise_norm(grad)
+    grad32 = grad.astype(jnp.float32)
+    grad_norm = unitwise_norm(grad32)
     max_norm = clipping * jnp.maximum(unitwise_norm(param), eps)
-    clipped = grad.astype(jnp.float32) * (max_norm / jnp.maximum(grad_norm, _GRAD_NORM_FLOOR))
     is_clipped = grad_norm > max_norm
-    new_grad = jnp.where(is_clipped, clipped, grad.astype(jnp.float32)).astype(grad.dtype)
-    return new_grad, jnp.sum(is_clipped, dtype=jnp.int32)
+    scale = jnp.where(is_clipped, max_norm / jnp.maximum(grad_norm, _GRAD_NORM_FLOOR), 1.0)
+    return (grad32 * scale).astype(grad.dtype), jnp.sum(is_clipped, dtype=jnp.int32)
 
 
 def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTransformation:

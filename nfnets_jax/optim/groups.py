@@ -25,22 +25,9 @@ import jax
 PyTree = Any
 
 
-def _key_name(key: Any) -> str:
-    """One path segment of a `jax.tree_util` key path, as a string."""
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
 def path_string(key_path: Sequence[Any]) -> str:
     """Joins a `jax.tree_util` key path into Haiku's `module/leaf` form."""
-    return "/".join(_key_name(key) for key in key_path)
+    return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
 
 
 def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
