@@ -104,11 +104,15 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
 # Shared helpers.
 
 
-def _seed(seed: int, process_index: int, stream: int, index) -> tf.Tensor:
-    """Stateless seed for element/step `index` of `stream`: a function of its arguments only."""
+def _seeder(seed: int, process_index: int, stream: int):
+    """index -> stateless seed for element/step `index` of `stream`; a function of the arguments.
+
+    The stream's own seed is computed once, eagerly, here, not again for every element.
+    """
     base = tf.constant([seed, process_index], tf.int64)
     stream_seed = tf.random.experimental.stateless_fold_in(base, stream)
-    return tf.random.experimental.stateless_fold_in(stream_seed, tf.cast(index, tf.int64))
+    return lambda index: tf.random.experimental.stateless_fold_in(stream_seed,
+                                                                  tf.cast(index, tf.int64))
 
 
 def _python_seed(*parts: int) -> int:
@@ -165,10 +169,10 @@ def _train_positions(source: Source, split: str, start: int, end: int, first_pos
     first_epoch = first_position // epoch_size
     if source.lookup is not None:
         lookup = source.lookup(split)
+        shuffle_seed = _seeder(seed, process_index, _SHUFFLE_STREAM)
 
         def epoch_examples(epoch):
-            scores = tf.random.stateless_uniform(
-                [epoch_size], _seed(seed, process_index, _SHUFFLE_STREAM, epoch))
+            scores = tf.random.stateless_uniform([epoch_size], shuffle_seed(epoch))
             indices = start + tf.argsort(scores)
             return tf.data.Dataset.from_tensor_slices(indices).map(lookup)
     else:
@@ -224,9 +228,12 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
     step_inputs = group_inputs * layout.local_device_count
     proc = layout.process_index
     parallel = _parallel(data_config)
+    preprocess_seed, augment_seed, mix_seed, post_mix_augment_seed = (
+        _seeder(seed, proc, stream) for stream in
+        (_PREPROCESS_STREAM, _AUGMENT_STREAM, _MIX_STREAM, _POST_MIX_AUGMENT_STREAM))
 
     def preprocess_example(position, example):
-        element_seed = _seed(seed, proc, _PREPROCESS_STREAM, position)
+        element_seed = preprocess_seed(position)
         if source.fixed_size:
             image = preprocess.random_shift(example["image"], element_seed,
                                             int(data_config.digits.max_shift))
@@ -234,14 +241,13 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
             image = preprocess.train_preprocess(example["image"], element_seed,
                                                 encoded=source.encoded, image_size=train_size)
         if augment.augment_before_mix:
-            image = _finish_image(image, _seed(seed, proc, _AUGMENT_STREAM, position), source,
-                                  augment)
+            image = _finish_image(image, augment_seed(position), source, augment)
         image = tf.ensure_shape(image, (train_size, train_size, 3))
         return {"image": image, "label": example["label"], "position": position}
 
     def mix_group(group_index, group):
         mixed = mixing.mix_batch({"image": group["image"], "label": group["label"]},
-                                 _seed(seed, proc, _MIX_STREAM, group_index), augment.mix,
+                                 mix_seed(group_index), augment.mix,
                                  augment.mixup_alpha)
         mixed["output_index"] = group_index * per_device + tf.range(per_device, dtype=tf.int64)
         mixed["last_position"] = tf.fill([per_device], tf.reduce_max(group["position"]))
@@ -249,8 +255,9 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
 
     def finish_example(example):
         if not augment.augment_before_mix:
-            augment_seed = _seed(seed, proc, _POST_MIX_AUGMENT_STREAM, example["output_index"])
-            example["images"] = _finish_image(example["images"], augment_seed, source, augment)
+            example["images"] = _finish_image(example["images"],
+                                              post_mix_augment_seed(example["output_index"]),
+                                              source, augment)
         del example["output_index"]
         return example
 
@@ -293,10 +300,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
 
 def num_eval_steps(num_examples: int, layout: BatchLayout) -> int:
     """Steps every process runs: enough for the largest process slice (all run the same)."""
-    largest = max(process_range(num_examples, index, layout.process_count)[1]
-                  - process_range(num_examples, index, layout.process_count)[0]
-                  for index in range(layout.process_count))
-    return math.ceil(largest / layout.local_batch_size)
+    start, end = process_range(num_examples, 0, layout.process_count)  # process 0's is largest
+    return math.ceil((end - start) / layout.local_batch_size)
 
 
 def make_eval_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -324,21 +329,18 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, global_batch_s
                                            image_size=eval_size, mode=mode)
         image = preprocess.normalize(image, source.mean_rgb, source.stddev_rgb)
         return {"images": tf.ensure_shape(image, (eval_size, eval_size, 3)),
-                "labels": example["label"], "mask": tf.constant(1.0, tf.float32)}
+                "labels": example["label"], "mix_labels": example["label"],
+                "ratio": tf.constant(1.0, tf.float32), "mask": tf.constant(1.0, tf.float32)}
 
     padding = tf.data.Dataset.from_tensors({
         "images": tf.zeros((eval_size, eval_size, 3), tf.float32),
-        "labels": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)}).repeat()
-
-    def with_mixing_fields(example):
-        return {**example, "mix_labels": example["labels"],
-                "ratio": tf.constant(1.0, tf.float32)}
+        "labels": tf.constant(0, tf.int32), "mix_labels": tf.constant(0, tf.int32),
+        "ratio": tf.constant(1.0, tf.float32), "mask": tf.constant(0.0, tf.float32)}).repeat()
 
     dataset = source.read(data_config.eval_split, start, end, None)
     dataset = dataset.map(preprocess_example, num_parallel_calls=parallel)
     dataset = dataset.ignore_errors(log_warning=True)
     dataset = dataset.concatenate(padding).take(steps * layout.local_batch_size)
-    dataset = dataset.map(with_mixing_fields)
     dataset = dataset.batch(layout.per_device_batch_size).batch(layout.local_device_count)
     dataset = dataset.prefetch(int(data_config.prefetch)).with_options(_options(data_config))
 

@@ -231,44 +231,30 @@ def cutout(image: tf.Tensor, half_size: int, seed: tf.Tensor) -> tf.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+# Every op takes (image), (image, argument) or, Cutout, (image, argument, seed).
+_OPS = {
+    "AutoContrast": autocontrast, "Equalize": equalize, "Invert": invert, "Rotate": rotate,
+    "Posterize": posterize, "Solarize": solarize, "Color": color, "Contrast": contrast,
+    "Brightness": brightness, "Sharpness": sharpness, "ShearX": shear_x, "ShearY": shear_y,
+    "TranslateX": translate_x, "TranslateY": translate_y, "Cutout": cutout,
+    "SolarizeAdd": solarize_add,
+}
+assert tuple(_OPS) == OP_NAMES
+
+
 def apply_op(image: tf.Tensor, op_name: str, magnitude: float, sign, seed: tf.Tensor) -> tf.Tensor:
     """One named op at magnitude M; `sign` (±1) negates the signed geometric arguments."""
+    if op_name not in _OPS:
+        raise ValueError(f"Unknown RandAugment op {op_name!r}; valid: {OP_NAMES}")
     image = tf.convert_to_tensor(image)
-    argument = op_arguments(magnitude)[op_name]
-    signed = (lambda value: tf.cast(sign, tf.float32) * value) if op_name in SIGNED_OPS else None
-    if op_name == "AutoContrast":
-        return autocontrast(image)
-    if op_name == "Equalize":
-        return equalize(image)
-    if op_name == "Invert":
-        return invert(image)
-    if op_name == "Rotate":
-        return rotate(image, signed(argument))
-    if op_name == "Posterize":
-        return posterize(image, argument)
-    if op_name == "Solarize":
-        return solarize(image, argument)
-    if op_name == "Color":
-        return color(image, argument)
-    if op_name == "Contrast":
-        return contrast(image, argument)
-    if op_name == "Brightness":
-        return brightness(image, argument)
-    if op_name == "Sharpness":
-        return sharpness(image, argument)
-    if op_name == "ShearX":
-        return shear_x(image, signed(argument))
-    if op_name == "ShearY":
-        return shear_y(image, signed(argument))
-    if op_name == "TranslateX":
-        return translate_x(image, signed(argument))
-    if op_name == "TranslateY":
-        return translate_y(image, signed(argument))
+    op, argument = _OPS[op_name], op_arguments(magnitude)[op_name]
+    if argument is None:
+        return op(image)
+    if op_name in SIGNED_OPS:
+        argument = tf.cast(sign, tf.float32) * argument
     if op_name == "Cutout":
-        return cutout(image, argument, seed)
-    if op_name == "SolarizeAdd":
-        return solarize_add(image, argument)
-    raise ValueError(f"Unknown RandAugment op {op_name!r}; valid: {OP_NAMES}")
+        return op(image, argument, seed)
+    return op(image, argument)
 
 
 def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int,
