@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
 
     from nfnets_jax import checkpoints, data
     from nfnets_jax.train import config_schema, evaluation, parallel, pretrained
-    from nfnets_jax.train.forward import make_forward
+    from nfnets_jax.train.forward import abstract_init, make_forward
     from nfnets_jax.train.step import make_eval_step
 
     config, config_name = resolve_config()
@@ -100,8 +100,7 @@ def main(argv: list[str]) -> None:
         info = data.dataset_info(config.data)
         forward = make_forward(config.model.name, info.num_classes, config.model.kwargs.to_dict())
         size = config.data.eval_image_size
-        abstract_params, abstract_state = jax.eval_shape(
-            lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), is_training=True))
+        abstract_params, abstract_state = abstract_init(forward, size)
         if _WEIGHTS.value:
             source = _WEIGHTS.value
             trees = {"": pretrained.read_params(source)}

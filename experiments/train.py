@@ -43,13 +43,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def build_experiment(config):
     """The loop's inputs from the config: data iterators, model, optimizer, step settings."""
     # pylint: disable=import-outside-toplevel
-    import jax
-    import jax.numpy as jnp
-
     from nfnets_jax import data, models, optim
     from nfnets_jax.train import config_schema, pretrained
     from nfnets_jax.train import step as step_lib
-    from nfnets_jax.train.forward import make_forward
+    from nfnets_jax.train.forward import abstract_init, make_forward
     from nfnets_jax.train.loop import Experiment
 
     # ---- Input: per-process shards, per-device batches (nfnets_jax/data) ----
@@ -81,9 +78,7 @@ def build_experiment(config):
         loaded = pretrained.read_params(config.checkpoint.init_from)
         exclude = list(config.checkpoint.init_exclude)
         # Names and shapes are checked now, against the abstract model, not after the init.
-        image_size = config.data.image_size
-        abstract_params, _ = jax.eval_shape(lambda: forward.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), is_training=True))
+        abstract_params, _ = abstract_init(forward, config.data.image_size)
         pretrained.check_pretrained_fits(loaded, abstract_params, exclude=exclude)
         initial_params = lambda fresh: pretrained.merge_pretrained(loaded, fresh, exclude=exclude)
 

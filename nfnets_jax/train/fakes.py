@@ -127,12 +127,7 @@ def fake_config(**overrides) -> ml_collections.ConfigDict:
     config.eval.every_steps = 0
     config.eval.batch_size = 8
     config.log.every_steps = 1
-    for path, value in overrides.items():
-        node = config
-        *parents, leaf = path.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

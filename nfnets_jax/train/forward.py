@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import haiku as hk
+import jax
+import jax.numpy as jnp
 
 from nfnets_jax import models
 
@@ -28,3 +30,10 @@ def make_forward(model_name: str, num_classes: int, kwargs: Mapping[str, Any] | 
         return models.create(model_name, num_classes, **kwargs)(images, is_training=is_training)
 
     return hk.transform_with_state(forward)
+
+
+def abstract_init(forward: hk.TransformedWithState, image_size: int) -> tuple[Any, Any]:
+    """(params, state) of `forward.init` as `jax.ShapeDtypeStruct` trees, nothing computed: for
+    checking loaded weights against the model before anything is initialised."""
+    return jax.eval_shape(lambda: forward.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), is_training=True))
