@@ -240,6 +240,21 @@ def block_schedule(
     return schedule
 
 
+def block_widths(depths: Sequence[int], widths: Sequence[int]) -> list[int]:
+    """Output channels of every block, in order (stage width repeated `depth` times)."""
+    return [w for depth, w in zip(depths, widths) for _ in range(depth)]
+
+
+def pooled_shortcut(
+    x: jax.Array, pre: jax.Array, stride: int, conv_shortcut: Callable[[jax.Array], jax.Array] | None
+) -> jax.Array:
+    """NFNet / NF-RegNet shortcut: 2×2 avg-pool then 1×1 conv of `pre` = act(x)·β when strided,
+    the 1×1 conv of `pre` on a channel change (`conv_shortcut` given), else the raw `x`."""
+    if stride > 1:
+        pre = hk.avg_pool(pre, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding="SAME")
+    return conv_shortcut(pre) if conv_shortcut is not None else x
+
+
 def channel_variance(x: jax.Array) -> jax.Array:
     """Mean over channels of the per-channel variance over (N, H, W): the SPP "average channel
     variance" (NF-ResNet paper §4, official `base.signal_metrics`)."""

@@ -96,13 +96,8 @@ class NFRegNetBlock(hk.Module):
     def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
         """Returns (block output, average channel variance of the residual branch)."""
         out = self.activation(x) * self.schedule.beta
-        if self.schedule.stride > 1:
-            shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding="SAME")
-            shortcut = self.conv_shortcut(shortcut)
-        elif self.use_projection:
-            shortcut = self.conv_shortcut(out)
-        else:
-            shortcut = x
+        conv_shortcut = self.conv_shortcut if self.use_projection else None
+        shortcut = layers.pooled_shortcut(x, out, self.schedule.stride, conv_shortcut)
         out = self.conv0(out)
         out = self.conv1(self.activation(out))
         if self.squeeze_excite is not None:
@@ -153,7 +148,7 @@ class NFRegNet(hk.Module):
         in_ch = self.widths[0]
         self.initial_conv = layers.WSConv2D(in_ch, 3, stride=2, name="initial_conv")
         self.blocks = []
-        out_chs = [w for depth, w in zip(self.depths, self.widths) for _ in range(depth)]
+        out_chs = layers.block_widths(self.depths, self.widths)
         for index, (block_schedule, out_ch) in enumerate(zip(self.schedule, out_chs)):
             self.blocks.append(
                 NFRegNetBlock(

@@ -134,7 +134,7 @@ class NFResNet(hk.Module):
         in_ch = int(16 * width)
         self.initial_conv = layers.WSConv2D(in_ch, 7, stride=2, name="initial_conv")
         self.blocks = []
-        out_chs = [w for depth, w in zip(self.depths, self.widths) for _ in range(depth)]
+        out_chs = layers.block_widths(self.depths, self.widths)
         for block_schedule, out_ch in zip(self.schedule, out_chs):
             self.blocks.append(
                 NFResBlock(

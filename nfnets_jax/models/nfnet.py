@@ -121,13 +121,8 @@ class NFBlock(hk.Module):
     def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
         """Returns (block output, average channel variance of the residual branch)."""
         out = self.activation(x) * self.schedule.beta
-        if self.schedule.stride > 1:
-            shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding="SAME")
-            shortcut = self.conv_shortcut(shortcut)
-        elif self.use_projection:
-            shortcut = self.conv_shortcut(out)
-        else:
-            shortcut = x
+        conv_shortcut = self.conv_shortcut if self.use_projection else None
+        shortcut = layers.pooled_shortcut(x, out, self.schedule.stride, conv_shortcut)
         out = self.conv0(out)
         out = self.conv1(self.activation(out))
         if self.use_two_convs:
@@ -213,7 +208,7 @@ class NFNet(hk.Module):
         ]
         self.blocks = []
         in_ch = self.stem_channels[-1]
-        for block_schedule, out_ch in zip(self.schedule, _stage_widths(self.depths, self.widths)):
+        for block_schedule, out_ch in zip(self.schedule, layers.block_widths(self.depths, self.widths)):
             self.blocks.append(
                 NFBlock(
                     in_ch,
@@ -245,8 +240,3 @@ class NFNet(hk.Module):
         return layers.run_body_and_head(
             self, out, is_training, return_features, lambda h: self.activation(self.final_conv(h))
         )
-
-
-def _stage_widths(depths: Sequence[int], widths: Sequence[int]) -> list[int]:
-    """Output channels of every block, in order."""
-    return [w for depth, w in zip(depths, widths) for _ in range(depth)]

@@ -98,24 +98,18 @@ def variant_info(name: str) -> dict[str, Any]:
     (None where RandAugment is not used), plus `stochdepth_rate` for NFNets (the experiment's
     0.25, [P2] A.3; the class default is 0.1) — [P2] Table 1, official `base.py`."""
     family, fixed = _lookup(name)
+    if family not in (_NFNET, _NF_REGNET):
+        return dict(_RESNET_INFO)
+    spec = family.variants[fixed["variant"]]
+    info = {
+        "train_imsize": spec.train_imsize,
+        "test_imsize": spec.test_imsize,
+        "drop_rate": spec.drop_rate,
+        "randaugment_magnitude": None,
+    }
     if family is _NFNET:
-        spec = family.variants[fixed["variant"]]
-        return {
-            "train_imsize": spec.train_imsize,
-            "test_imsize": spec.test_imsize,
-            "drop_rate": spec.drop_rate,
-            "randaugment_magnitude": spec.randaugment_magnitude,
-            "stochdepth_rate": 0.25,
-        }
-    if family is _NF_REGNET:
-        spec = family.variants[fixed["variant"]]
-        return {
-            "train_imsize": spec.train_imsize,
-            "test_imsize": spec.test_imsize,
-            "drop_rate": spec.drop_rate,
-            "randaugment_magnitude": None,
-        }
-    return dict(_RESNET_INFO)
+        info.update(randaugment_magnitude=spec.randaugment_magnitude, stochdepth_rate=0.25)
+    return info
 
 
 def _depths(family: _Family, fixed: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[int, ...]:
