@@ -1,6 +1,6 @@
 """Latency of one training step (forward + backward) and of one eval forward pass.
 
-The setup of official_nfnets.md §9.2, where DeepMind's own F0 was timed on this 2-core CPU box:
+The setup of docs/official_code_notes.md (last section), where DeepMind's own F0 was timed on this 2-core CPU box:
 `jax.jit(jax.value_and_grad(loss))` with `is_training=True` (dropout and stochastic depth on),
 softmax cross-entropy on one-hot labels, float32, batch 8 at 192 px; timed after compilation and
 one warm-up call, median of `--steps` calls. The eval forward (`is_training=False`) is timed the
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from nfnets_jax import losses, models
 from nfnets_jax.models import grouped_conv
 
-# official_nfnets.md §9.2, idle machine: DeepMind's F0 on XLA:CPU, jax 0.10.2, 2 cores.
+# docs/official_code_notes.md (last section), idle machine: DeepMind's F0 on XLA:CPU, jax 0.10.2, 2 cores.
 REFERENCE = {
     "setup": {"model": "nfnet_f0", "batch": 8, "res": 192, "dtype": "float32"},
     "images_per_s": 0.63,
@@ -105,7 +105,7 @@ def measure(
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "reference_images_per_s": REFERENCE["images_per_s"],
-        "reference_source": "official_nfnets.md §9.2 (DeepMind F0, idle 2-core CPU)",
+        "reference_source": "docs/official_code_notes.md (DeepMind F0, idle 2-core CPU)",
     }
     same_setup = REFERENCE["setup"] == {"model": model, "batch": batch, "res": res, "dtype": dtype}
     record["speedup_vs_reference"] = round(record["images_per_s"] / REFERENCE["images_per_s"], 2) if same_setup else None

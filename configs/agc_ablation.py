@@ -3,13 +3,13 @@
     python -m experiments.train --config=configs/agc_ablation.py:batch=1024,clipping=0.04 \
         --workdir=./workdirs/agc/b1024_c0.04
 
-    # the whole grid, one run per point (paper.md §2.2: 5 batch sizes x 5 thresholds):
+    # the whole grid, one run per point (paper §4.1: 5 batch sizes x 5 thresholds):
     for b in 256 512 1024 2048 4096; do for c in 0.01 0.02 0.04 0.08 0.16; do
       python -m experiments.train --config=configs/agc_ablation.py:batch=$b,clipping=$c \
           --workdir=./workdirs/agc/b${b}_c${c}; done; done
 
 Hardware: 8 GPUs or a TPU v3-8 and up per run. Not run in this repository.
-Expected (paper.md §2.2, plots only): smaller λ is needed as the batch grows; λ = 0.01 is stable
+Expected (paper Figures 2 and 7, plots only): smaller λ is needed as the batch grows; λ = 0.01 is stable
 for batch 1024-4096; AGC helps less at small batch sizes. The paper ran 5 seeds per point and
 reported the mean of the best 4: add `--config.train.seed=k`.
 

@@ -4,10 +4,10 @@
 
 Hardware: 8 GPUs or a TPU v3-8 (batch 1024 at 224 px). Not run in this repository.
 Expected: about 76-78% ImageNet top-1 for ResNet-50 over 90 epochs with label smoothing
-(a standard number; the NFNet paper's BN baselines are in its Figure 2 plots, paper.md §2.2,
+(a standard number; the NFNet paper's BN baselines are in its Figure 2 plots (paper §4.1),
 and its transfer Table 4 lists BN-ResNet-50 at 78.1 after JFT pre-training).
 
-Recipe (official_nfnets.md §4.7): batch 1024, 90 epochs, SGD + Nesterov 0.9, LR 0.1·B/256 =
+Recipe (docs/recipe.md): batch 1024, 90 epochs, SGD + Nesterov 0.9, LR 0.1·B/256 =
 0.4 with 5 warmup epochs then cosine to 0, weight decay 1e-4 (not on BN scale/offset or biases),
 label smoothing 0.1, no EMA, no AGC, no augmentation beyond crop and flip, float32,
 aspect-preserving centre crop for evaluation.

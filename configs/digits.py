@@ -10,7 +10,7 @@ clock on 2 CPU cores shared with other jobs (load average ~5), compilation inclu
 The recipe is the paper's (SGD + Nesterov, LR linear warmup then cosine, AGC, coupled weight
 decay, label smoothing, EMA with the TF1 warmup) shrunk to a 1,437-image dataset: a tiny NFNet
 (one block per stage, 8-channel groups), 32x32 inputs, batch 64, float32 (bfloat16 is emulated,
-hence slow, on CPU), and AGC λ = 0.04: the paper's sweep (paper.md §2.2) shows the best λ grows
+hence slow, on CPU), and AGC λ = 0.04: the paper's sweep (Fig. 2) shows the best λ grows
 as the batch shrinks, and 0.01 is its choice for batches of 1024-4096.
 """
 

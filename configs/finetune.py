@@ -13,9 +13,9 @@ names and shapes checked first; the classifier is re-initialised for the dataset
 Hardware: 8 GPUs or a TPU v3-8 and up (batch 2048 at the variant's train resolution; lower
 `--config.train.batch_size` for smaller machines). Not run in this repository.
 Expected: the paper fine-tunes its JFT-300M models on ImageNet to 89.2% top-1 with F4/F4+
-(paper.md §1.4); results on other datasets depend on the dataset.
+(paper §6.2, Table 5); results on other datasets depend on the dataset.
 
-Recipe (paper.md §1.4, A.5): 15,000 steps at batch 2048, LR 0.1 (not scaled by batch) with a
+Recipe (paper App. A.5): 15,000 steps at batch 2048, LR 0.1 (not scaled by batch) with a
 5,000-step linear warmup then cosine to 0, SAM with ρ = 0.05 (ascent on 20% of each device's
 batch), weight decay 1e-5, dropout 0.25, stochastic depth 0.1, EMA with the TF1 warmup, AGC
 λ = 0.01, label smoothing 0.1, bfloat16; augmentation is crop and flip only (the paper's

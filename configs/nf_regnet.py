@@ -3,10 +3,11 @@
     python -m experiments.train --config=configs/nf_regnet.py:B0 --workdir=./workdirs/nf_regnet_b0
 
 Hardware: 8 GPUs or a TPU v3-8 and up (batch 1024). Not run in this repository.
-Expected: the NF-RegNet paper's table could not be verified (paper.md §6.5), so no target is
-quoted; timm's own (not to spec) nf_regnet_b1 reaches 79.4% at 288 px (paper.md §7.2).
+Expected: the NF-RegNet paper's table could not be checked (docs/paper_numbers.md), so no target is
+quoted; timm's own (not to spec) nf_regnet_b1 reaches 79.4% at 288 px (timm's results CSV).
 
-Recipe (official_nfnets.md §4.8, code defaults): batch 1024, 360 epochs, SGD + Nesterov 0.9,
+Recipe (`deepmind-research/nfnets/experiment_nf_regnets.py:get_config`, code defaults;
+docs/recipe.md): batch 1024, 360 epochs, SGD + Nesterov 0.9,
 LR 0.4 not scaled by batch, 5 warmup epochs then cosine to 0.001, no AGC, weight decay
 5e-5 + 1e-5 per level (B0 5e-5 ... B5 1e-4; the official table stops at B5 and we continue the
 same rule to B8), label smoothing 0.1, EMA 0.99999 with the TF1 warmup, MixUp + CutMix applied

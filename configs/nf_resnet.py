@@ -4,10 +4,10 @@
 
 Hardware: 8 GPUs or a TPU v3-8 and up (batch 4096 at 224 px). Not run in this repository.
 Expected: the paper reports these runs only as plots (Figure 2 for ResNet-50, Figure 7 for
-ResNet-200; paper.md §2.2): with AGC, NF-ResNets match or beat BN-ResNets from batch 256 to
+ResNet-200; paper §4.1): with AGC, NF-ResNets match or beat BN-ResNets from batch 256 to
 4096 over 90 epochs. No table numbers exist to quote.
 
-Recipe (paper.md §2.2): SGD + Nesterov 0.9 for 90 epochs, base LR 0.1 per 256 examples scaled
+Recipe (paper §4.1): SGD + Nesterov 0.9 for 90 epochs, base LR 0.1 per 256 examples scaled
 linearly with the batch (1.6 at 4096), 5 warmup epochs and cosine decay, AGC λ = 0.01 (the
 paper's choice for batch 1024-4096; smaller batches tolerate larger λ; sweep it with
 configs/agc_ablation.py), label smoothing 0.1, weight decay 5e-5 on weights only (our choice:

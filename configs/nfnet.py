@@ -9,11 +9,12 @@ plots and orbax checkpoints are written there as plain files.)
 Hardware: a TPU pod slice (the paper: TPUv3, 32 examples per core, so batch 4096 wants 128
 cores, e.g. v3-128; per-core batches other than 32 change nothing but memory) or a multi-GPU host
 (`--config.train.batch_size` must divide by the device count). Not run in this repository.
-Expected ImageNet top-1 (paper.md §1.1, mean of 3 seeds; SAM rows single runs):
+Expected ImageNet top-1 (paper Table 3, mean of 3 seeds; SAM rows single runs):
 F0 83.6, F1 84.7, F2 85.1, F3 85.7, F4 85.9, F5 86.0, F5-sam 86.3, F6-sam 86.5 (F7: none
-published). TPUv3 step times: F0 73 ms ... F6+SAM 2774 ms (paper.md §1.1).
+published). TPUv3 step times: F0 73 ms ... F6+SAM 2774 ms (paper Table 3).
 
-Recipe (paper.md §4, official_nfnets.md §4.1): batch 4096, 360 epochs, SGD + Nesterov 0.9,
+Recipe (paper App. A.1-A.3, `deepmind-research/nfnets/experiment_nfnets.py:get_config`;
+docs/recipe.md): batch 4096, 360 epochs, SGD + Nesterov 0.9,
 LR 0.1·B/256 = 1.6 with 5 warmup epochs then cosine to 0, coupled weight decay 2e-5 (not on
 gains/biases), AGC λ = 0.01 (not on the classifier weight), label smoothing 0.1, EMA 0.99999
 with the TF1 warmup, dropout by variant, stochastic depth 0.25, MixUp (α 0.2) on half the batch
@@ -22,7 +23,7 @@ bfloat16 compute, training at the variant's train resolution and evaluation at i
 resolution (resize to S+32 squashed, centre crop S).
 
 SAM (`:F5-sam`, `:F6-sam`): the ascent step on 20% of each device's batch, unsynced across
-devices (paper.md §3). The paper does not give ρ for these ImageNet runs; 0.05 (its fine-tuning
+devices (paper App. A.4). The paper does not give ρ for these ImageNet runs; 0.05 (its fine-tuning
 value and SAM's usual default) is our assumption.
 """
 

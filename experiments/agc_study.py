@@ -1,5 +1,5 @@
 """The AGC λ × batch-size study of the paper (Brock et al. 2021 §4.1, Figures 2 and 7;
-reference/paper.md §2.2): plan its runs, then collect them into the figure.
+docs/recipe.md): plan its runs, then collect them into the figure.
 
     # 1. one launch command per run (stdout) and ROOT/plan.json; run them however you launch jobs
     python -m experiments.agc_study plan --root=./workdirs/agc \

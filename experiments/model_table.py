@@ -4,7 +4,7 @@
     python -m experiments.model_table nfnet_f0 nf_regnet_b0
 
 For each model: parameters with 1000 classes, and multiply-accumulates of convs and linears for
-one image at the test resolution (what [P2] Table 3 calls #FLOPs), plus the train/test
+one image at the test resolution (what the paper's Table 3 calls #FLOPs), plus the train/test
 resolutions of its recipe. Each model is traced once, abstractly (`jax.make_jaxpr` of its
 `init`), so nothing is computed; the whole zoo takes about a minute on a 2-core CPU.
 """

@@ -6,7 +6,7 @@
 
 Feeds one batch of N(0, 1) NHWC images through each freshly initialised model and plots, per
 residual block: the average channel squared mean and average channel variance of the block
-output, and the residual branch's average channel variance (reference/paper.md §6.3;
+output, and the residual branch's average channel variance (official `base.py:signal_metrics`;
 `nfnets_jax.analysis.signal_propagation`). NF models run with every skip gain set to 1 (the
 paper's SPP setting; with SkipInit's 0 the blocks would be identities) and get their analytic
 expected_std² as a dashed line; BN models run in training mode (batch statistics).

@@ -1,6 +1,6 @@
 """Classification loss: softmax cross-entropy on soft (mixed) labels with label smoothing.
 
-The NFNet recipe (official_nfnets.md §4.1, §5.2; paper.md §4) mixes labels first,
+The NFNet recipe (paper App. A.1; official `dataset.py:my_mixup_cutmix`) mixes labels first,
 y = r · onehot(label) + (1 − r) · onehot(mix_label) for MixUp/CutMix ratio r, then smooths
 them, y ← (1 − s) · y + s / C with s = 0.1, and takes the cross-entropy against float32
 logits (the forward pass may run in bfloat16).

@@ -1,4 +1,4 @@
-"""The AGC λ × batch-size study command (paper.md §2.2; experiments/agc_study.py).
+"""The AGC λ × batch-size study command (paper §4.1, Figures 2 and 7; experiments/agc_study.py).
 
 `plan`: every printed command is re-read here the way experiments/train.py would read it, by
 loading the config file with the command's colon argument, and the batch size, λ, depth and seed

@@ -4,7 +4,7 @@ The DeepMind-format fixtures are made here: plain pickles of {module: {leaf: arr
 protocol, the numpy-1.x spelling of 2021, dill's own output, dill 0.3.x's `_get_attr` /
 `_import_module` indirection, Haiku's `FlatMapping` reduce and jax's `reconstruct_device_array`.
 Expected values are the arrays that went in, NumPy arithmetic, hashlib, and DeepMind's published
-module and parameter counts (official_nfnets.md §2.2, §9.1).
+module and parameter counts (tests/data/official_nfnet_facts.json).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from nfnets_jax.checkpoints import (
 )
 
 # --------------------------------------------------------------------------------------------
-# The official NFNet-F parameter layout, rebuilt from official_nfnets.md §2.1-§2.2: stem convs
+# The official NFNet-F parameter layout, rebuilt from the official `nfnet.py:NFNet` (docs/official_code_notes.md): stem convs
 # 3->16->32->64->width[0]/2, stages of depth (k+1)*(1, 2, 6, 3) and width (256, 512, 1536, 1536)
 # (F+: (384, 768, 2048, 2048)), bottleneck width 0.5*out rounded down to whole groups of 128, a
 # shortcut conv on each stage's first block, SE hidden width 0.5*out, final conv 2*last width.
@@ -93,7 +93,7 @@ def as_zero_views(shapes: dict) -> dict:
     }
 
 
-# Published by DeepMind's code measured under jax.eval_shape (official_nfnets.md §9.1 / tree json).
+# Published by DeepMind's code measured under jax.eval_shape (tests/data/official_nfnet_facts.json).
 _DEEPMIND_PARAM_COUNTS = {
     "F0": 71489284, "F1": 132634256, "F2": 193779228, "F3": 254924200, "F4": 316069172,
     "F5": 377214144, "F6": 438359116, "F7": 499504088, "F0+": 118824516, "F1+": 220357008,
@@ -494,7 +494,7 @@ def test_variant_is_detected_from_the_official_layout(depth_index, plus):
 
 
 def test_released_module_counts_are_deepminds():
-    # official_nfnets.md §2.3: 94=F0, 178=F1, 262=F2, 346=F3, 430=F4, 514=F5 (and 598=F6).
+    # docs/official_code_notes.md: 94=F0, 178=F1, 262=F2, 346=F3, 430=F4, 514=F5 (and 598=F6).
     for depth_index, count in enumerate((94, 178, 262, 346, 430, 514, 598)):
         assert len(official_nfnet_shapes(depth_index)) == count
 

@@ -1,4 +1,4 @@
-"""Every config loads, locks, validates and carries the paper's recipe (paper.md §1.1, §1.4, §4).
+"""Every config loads, locks, validates and carries the paper's recipe (paper Tables 1 and 3, App. A.1-A.5).
 
 Expected values are typed in from the paper's tables, not read from the code.
 """
@@ -20,7 +20,7 @@ from nfnets_jax.train.forward import make_forward
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_TRAIN = 1_281_167
 
-# paper.md §1.1 Table (and official_nfnets.md §1.5 for F7): train px, test px, dropout, RA magnitude.
+# paper Table 1 (and official `base.py:nfnet_params` for F7): train px, test px, dropout, RA magnitude.
 NFNET_TABLE = {
     "F0": (192, 256, 0.2, 5), "F1": (224, 320, 0.3, 10), "F2": (256, 352, 0.4, 10),
     "F3": (320, 416, 0.4, 15), "F4": (384, 512, 0.5, 15), "F5": (416, 544, 0.5, 15),
@@ -103,7 +103,7 @@ def test_sam_variants_ascend_on_a_fifth_of_each_device_batch_unsynced(variant):
 
 
 def test_finetune_config_is_the_paper_recipe():
-    _, config = load("finetune", "F0")  # paper.md §1.4
+    _, config = load("finetune", "F0")  # paper App. A.5
     assert config.train.steps == 15_000 and config.train.batch_size == 2048
     assert config.optimizer.lr == 0.1 and not config.optimizer.lr_scale_by_batch
     assert config.train.warmup_steps == 5000 and config.optimizer.schedule == "cosine"
@@ -115,7 +115,7 @@ def test_f0_config_builds_the_official_71_5m_parameter_model_and_the_finetune_he
     _, config = load("finetune", "F0")
     forward = make_forward(config.model.name, 1000, config.model.kwargs.to_dict())
     params, _ = jax.eval_shape(lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, 192, 192, 3)), True))
-    assert models.count_params(params) == 71_489_284  # official_nfnets.md §9.1
+    assert models.count_params(params) == 71_489_284  # official count, tests/data/official_nfnet_facts.json
     paths = [f"{module}/{leaf}" for module, leaves in params.items() for leaf in leaves]
     head = [p for p in paths if any(re.search(r, p) for r in config.checkpoint.init_exclude)]
     assert sorted(head) == ["NFNet/~/linear/b", "NFNet/~/linear/w"]

@@ -10,7 +10,7 @@ from nfnets_jax.data import pipeline
 def test_defaults_are_the_nfnet_f0_recipe():
     config = data_config_lib.default_data_config()
     data_config_lib.validate_data_config(config)
-    # official_nfnets.md §4.1 / §5: F0 trains at 192 px, tests at 256 px, RA 4x5 after
+    # official `experiment_nfnets.py:get_config`: F0 trains at 192 px, tests at 256 px, RA 4x5 after
     # MixUp(0.2)+CutMix, squash-resize evaluation.
     assert (config.name, config.train_split, config.eval_split) == (
         "imagenet2012", "train", "validation")

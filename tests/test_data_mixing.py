@@ -1,4 +1,4 @@
-"""MixUp/CutMix arrangement and weights (official_nfnets.md §5.2 step 5)."""
+"""MixUp/CutMix arrangement and weights (official `dataset.py:my_mixup_cutmix`)."""
 
 import numpy as np
 import pytest
@@ -81,7 +81,7 @@ def test_none_passes_through_with_ratio_one():
 
 
 def test_cutmix_box_geometry_on_a_non_square_image():
-    # official_nfnets.md §5.2: one u per mask, sides int(sqrt(1-u)*H) by int(sqrt(1-u)*W) with
+    # official `dataset.py:cutmix_padding`: one u per mask, sides int(sqrt(1-u)*H) by int(sqrt(1-u)*W) with
     # half-extents side//2 around the centre, clipped. For boxes clear of the borders both
     # sides are even and a single keep = sqrt(1-u) must explain both (H and W not swapped).
     height, width = 24, 60

@@ -1,4 +1,4 @@
-"""Inception crop and evaluation crop geometry (official_nfnets.md §5.2 steps 1-3, §5.4)."""
+"""Inception crop and evaluation crop geometry (official `dataset.py:_preprocess_image`)."""
 
 import numpy as np
 import tensorflow as tf
@@ -83,7 +83,7 @@ def test_normalize_uses_imagenet_statistics():
 
 
 def test_resize_crop_32_is_the_central_crop_of_the_squash_at_offset_16():
-    # §5.4: bicubic squash of the whole image to (S+32)^2, then rows/cols [16, 16+S).
+    # `resize_crop_32`: bicubic squash of the whole image to (S+32)^2, then rows/cols [16, 16+S).
     size = 24
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""RandAugment (official_nfnets.md §5.3): the magnitude table and each op against NumPy."""
+"""RandAugment (docs/randaugment.md): the magnitude table and each op against NumPy."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ def _image(height=12, width=12, seed=0):
 
 @pytest.mark.parametrize("magnitude, table", [
     # (rotate deg, shear, translate px, cutout half-size, posterize bits, solarize threshold,
-    #  solarize-add, enhance factor): official_nfnets.md §5.3 columns M = 5, 10, 15.
+    #  solarize-add, enhance factor): docs/randaugment.md columns M = 5, 10, 15.
     (5, (15, 0.15, 50, 20, 2, 128, 55, 1.0)),
     (10, (30, 0.3, 100, 40, 4, 256, 110, 1.9)),
     (15, (45, 0.45, 150, 60, 6, 384, 165, 2.8)),

@@ -22,7 +22,7 @@ TOLERANCE = 1e-5
 
 
 def recipe_params(shapes) -> dict:
-    """The golden README's recipe: a crc32-seeded N(0,1) draw per leaf, scaled by leaf kind."""
+    """The golden recipe (docs/paper_numbers.md): a crc32-seeded N(0,1) draw per leaf, scaled by leaf kind."""
     params = {}
     for module, leaves in shapes.items():
         params[module] = {}
@@ -46,7 +46,7 @@ def recipe_params(shapes) -> dict:
     return params
 
 
-# The golden README's model settings (official_nfnets.md §6 for the NF-ResNet/RegNet ones).
+# The model settings the golden outputs were made with (docs/paper_numbers.md).
 SETTINGS = {
     "nfnet_f0": {},
     "nf_resnet50": {"drop_rate": 0.0, "activation": "relu"},

@@ -37,7 +37,7 @@ def numpy_conv_same(x, w, stride, groups):
 
 
 def numpy_standardize(w, gain, eps=1e-4):
-    """Scaled WS, [P2] eq. 1 with the official floor: (w - mean) / sqrt(max(N·var, eps)) · gain."""
+    """Scaled WS, paper eq. 1 with the official floor: (w - mean) / sqrt(max(N·var, eps)) · gain."""
     fan_in = np.prod(w.shape[:-1])
     mean = w.mean(axis=(0, 1, 2))
     var = ((w - mean) ** 2).mean(axis=(0, 1, 2))
@@ -182,7 +182,7 @@ def test_skip_gain_is_a_zero_scalar():
 
 
 def test_block_schedule_matches_official_f0_table():
-    """β and stochastic-depth rates of F0 with α = 0.2, rate 0.25 (official_nfnets.md §1.4)."""
+    """β and stochastic-depth rates of F0 with α = 0.2, rate 0.25 (official `nfnet.py:NFNet`)."""
     schedule = layers.block_schedule((1, 2, 6, 3), (1, 2, 2, 2), alpha=0.2, stochdepth_rate=0.25)
     betas = [b.beta for b in schedule]
     # Closed form: transition of stage s>1 gets 1/sqrt(1 + k·α²) with k blocks in the previous

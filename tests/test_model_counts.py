@@ -2,7 +2,8 @@
 
 Expectations: the official parameter counts of all 16 NFNet variants and the official
 `count_flops` MACs (measured by running DeepMind's code, tests/data/official_nfnet_facts.json),
-[P2] Table 3's #FLOPs, and official_nfnets.md §6 for NF-ResNets / NF-RegNets (0.01M rounding).
+the paper's Table 3 #FLOPs, and the official code's counts for NF-ResNets / NF-RegNets (0.01M
+rounding; docs/paper_numbers.md).
 """
 
 import json
@@ -19,9 +20,9 @@ from nfnets_jax.models import registry
 
 FACTS = json.loads((pathlib.Path(__file__).parent / "data" / "official_nfnet_facts.json").read_text())
 
-# [P2] Table 3, "#FLOPs" (billions of MACs at the test resolution).
+# The paper's Table 3, "#FLOPs" (billions of MACs at the test resolution).
 PAPER_TABLE3_GMACS = {"F0": 12.38, "F1": 35.54, "F2": 62.59, "F3": 114.76, "F4": 215.24, "F5": 289.76, "F6": 377.28}
-# [P2] Table 1 / official base.py: (train px, test px, dropout, RandAugment magnitude).
+# The paper's Table 1 / official `base.py:nfnet_params`: (train px, test px, dropout, RandAugment magnitude).
 PAPER_TABLE1 = {
     "F0": (192, 256, 0.2, 5),
     "F1": (224, 320, 0.3, 10),
@@ -32,7 +33,7 @@ PAPER_TABLE1 = {
     "F6": (448, 576, 0.5, 15),
     "F7": (480, 608, 0.5, 15),
 }
-# official_nfnets.md §6, measured with the official code, in millions.
+# Measured with the official code (`hk.transform` + `jax.eval_shape`, 1000 classes), in millions.
 NF_RESNET_MPARAMS = {"50": 25.56, "101": 44.55, "152": 60.19, "200": 64.67, "288": 146.46}
 NF_SERESNET_MPARAMS = {"50": 35.64, "101": 63.56, "152": 86.57, "200": 93.15, "288": 213.42}
 NF_REGNET_MPARAMS = {
@@ -56,7 +57,7 @@ def test_nfnet_params_and_macs_equal_official(variant):
 
 
 def test_count_macs_at_train_resolution_f0():
-    # Official count_flops at 192 px: 6.977 GMACs (official_nfnets.md §1.5).
+    # Official count_flops at 192 px: 6.977 GMACs (`base.py:count_flops`).
     assert models.count_macs("nfnet_f0", 192) == 6_977_003_520
 
 

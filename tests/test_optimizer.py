@@ -15,7 +15,7 @@ from nfnets_jax import optim
 
 
 def _f0_like_params():
-    """F0's 233 parameter paths (official_nfnets.md §2.1–2.2) with tiny shapes.
+    """F0's 233 parameter paths (docs/official_code_notes.md) with tiny shapes.
 
     Stem: 4 convs. 12 blocks (stage depths 1, 2, 6, 3); the first block of each stage is a
     transition with a conv_shortcut. Head: final_conv and the classifier `linear`.
@@ -38,7 +38,7 @@ def _f0_like_params():
 
 
 def _official_groups(module, leaf):
-    """The official predicates (official_nfnets.md §3.2), independent of our regexes."""
+    """The official predicates (`experiment_nfnets.py:Experiment._make_opt`), independent of our regexes."""
     gain_or_bias = leaf in ("scale", "offset", "b") or "gain" in leaf or "bias" in leaf
     classifier_weight = "linear" in module and "squeeze_excite" not in module and not gain_or_bias
     return (not classifier_weight), (not gain_or_bias)  # (gets AGC, gets weight decay)
@@ -112,7 +112,7 @@ def _nfnet_like_tree(seed):
 
 
 def _numpy_official_steps(params, grads_per_step, lrs, *, clipping, eps, weight_decay, momentum):
-    """official_nfnets.md §3.3, step 4, written out in float64 NumPy, tensor by tensor."""
+    """Official `optim.py:SGD_AGC.update_param`, written out in float64 NumPy, tensor by tensor."""
     params = {m: {l: np.asarray(v, np.float64) for l, v in leaves.items()} for m, leaves in params.items()}
     buffers = {m: {l: np.zeros_like(v) for l, v in leaves.items()} for m, leaves in params.items()}
     for grads, lr in zip(grads_per_step, lrs):

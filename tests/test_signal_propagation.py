@@ -1,4 +1,4 @@
-"""Signal Propagation Plots (NF-ResNet paper §4, reference/paper.md §6.3): the statistics against
+"""Signal Propagation Plots (NF-ResNet paper §4, official `base.py:signal_metrics`): the statistics against
 NumPy and closed forms, the NF-ResNet and BN-ResNet curves at init against their analytic
 predictions, and a smoke test of the command.
 
@@ -71,7 +71,7 @@ def test_skip_gain_override_equals_nf_resnet_skipinit_knob():
 
 def test_nf_resnet_tracks_expected_std_and_resets_at_transitions(images):
     """h_{i+1} = h_i + α·f(h_i/β_i) with a variance-preserving branch: Var(h) = 1 + k·α² after the
-    k-th block of a stage (the transition's shortcut restarts at 1), paper.md §6.1.
+    k-th block of a stage (the transition's shortcut restarts at 1), NFNet paper §3.
 
     Tolerances: at 128 px the last stages' maps are 8×8 and 4×4, where the zero padding of the
     3×3 conv drops up to 5/9 of the taps at border positions and lowers the branch variance
@@ -103,8 +103,8 @@ def test_nf_resnet_tracks_expected_std_and_resets_at_transitions(images):
 
 
 def test_bn_resnet_variance_grows_linearly_within_stages_and_resets(images):
-    """Pre-activation BN-ReLU ResNet at init, BN on batch statistics: paper.md §6.3, "in BN
-    ResNets [the variance] grows linearly within a stage and resets at transitions".
+    """Pre-activation BN-ReLU ResNet at init, BN on batch statistics: the
+    variance grows linearly within a stage and resets at transitions (NF-ResNet paper §4 SPPs).
 
     Closed form: every BN → ReLU → He-init conv produces channels of second moment
     2·E[relu(z)²] = 1, of which the squared channel mean is 2·(E[relu(z)])² = 1/π (the ReLU's

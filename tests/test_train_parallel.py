@@ -64,7 +64,7 @@ def test_first_replica_returns_one_host_copy():
 
 @pytest.mark.parametrize("backend_name", ["pmap", "shard_map"])
 def test_every_device_and_every_step_draws_its_own_dropout_key(backend_name):
-    # jaxline's 'unique_host_unique_device' (official_nfnets.md §4.5): the equality of the two
+    # jaxline's 'unique_host_unique_device' (docs/official_code_notes.md): the equality of the two
     # backends above would hold even if every device, or every step, reused one key.
     keys = []
 

@@ -1,4 +1,4 @@
-"""The AGC λ × batch-size study (Brock et al. 2021 §4.1, Figures 2 and 7; reference/paper.md §2.2):
+"""The AGC λ × batch-size study (Brock et al. 2021 §4.1, Figures 2 and 7; docs/recipe.md):
 run naming, reading each run's final evaluation, the paper's seed aggregation, the tables and
 the figure.
 

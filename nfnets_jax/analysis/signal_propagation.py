@@ -1,6 +1,6 @@
 """Signal Propagation Plots: per-block activation statistics of a network at initialisation.
 
-NF-ResNet paper (Brock, De & Smith, ICLR 2021) §4; reference/paper.md §6.3. Feed a batch of
+NF-ResNet paper (Brock, De & Smith, ICLR 2021) §4; official `base.py:signal_metrics`. Feed a batch of
 N(0, 1) inputs through a freshly initialised network and record, for every residual block:
 
 1. the average channel squared mean of the block output — mean over channels of

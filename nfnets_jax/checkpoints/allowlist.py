@@ -1,7 +1,7 @@
 """What a DeepMind weight pickle may name, each re-implemented so that naming it runs no foreign code.
 
 A pickle rebuilds objects by calling globals it names (`module.name`). DeepMind's released NFNet
-files (official_nfnets.md §2.3: dill pickles of `{module: {leaf: array}}` from early 2021, haiku
+files (docs/official_code_notes.md: dill pickles of `{module: {leaf: array}}` from early 2021, haiku
 0.0.3, jax 0.2.x, numpy 1.x) need only the names below; the restricted unpickler resolves every
 global through `resolve`, and each name maps to a small function here that accepts only the
 arguments a genuine file passes:

@@ -1,7 +1,7 @@
 """Loads DeepMind's released NFNet weights without running any code from the file.
 
 The released `F0_haiku.npz` … `F6_haiku.npz` are not NumPy archives but dill pickles of the Haiku
-parameter tree `{module path: {leaf name: array}}` (official_nfnets.md §2.3). Ordinary unpickling
+parameter tree `{module path: {leaf name: array}}` (official `utils.py:load_haiku_file`). Ordinary unpickling
 imports and calls whatever the file names, so a tampered file could run any command. Here:
 
 - every global the file names is resolved through `allowlist.resolve` (safe stand-ins for numpy
@@ -102,7 +102,7 @@ def load_deepmind_params(path: str | os.PathLike) -> Params:
     """Loads a released `F*_haiku.npz` (a dill pickle) as Haiku params, running no code from it.
 
     Returns `{module path: {leaf: np.ndarray}}`, directly usable as the `params` of the official
-    architecture under `hk.transform` (names per official_nfnets.md §2.1; HWIO conv kernels).
+    architecture under `hk.transform` (names per docs/official_code_notes.md; HWIO conv kernels).
     Raises `UnsafeCheckpointError` naming the first global or operation outside the allowlist,
     and `ValueError` for a file that is not a pickled parameter tree (e.g. truncated).
     """

@@ -2,7 +2,7 @@
 
 Haiku params are `{module path: {leaf: array}}` and module paths themselves contain '/' (e.g.
 `NFNet/~/nf_block_3/conv1b`), so a flat key `module/leaf` is split on its LAST '/'. Haiku returns
-modules sorted lexicographically (`nf_block_10` before `nf_block_2`, official_nfnets.md §2.1), so
+modules sorted lexicographically (`nf_block_10` before `nf_block_2`; docs/official_code_notes.md), so
 trees are always matched by name, never by position.
 """
 

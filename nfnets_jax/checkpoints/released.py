@@ -1,7 +1,7 @@
 """DeepMind's released NFNet weights: where they are, how to recognise them, how to fetch them.
 
 DeepMind published NFNet-F0 … F5 (trained without SAM) and F6 (trained with SAM) as
-`https://storage.googleapis.com/dm-nfnets/{F0..F6}_haiku.npz` (official_nfnets.md §2.3). No
+`https://storage.googleapis.com/dm-nfnets/{F0..F6}_haiku.npz` (official `nfnet_demo_colab.ipynb`). No
 checksum was published and none is known to us, so every `sha256` below is None: after a download
 you trust, pin the digest that `download` returns (pass it as `sha256=`), and later fetches are
 verified against it.
@@ -48,7 +48,7 @@ RELEASED_WEIGHTS: Mapping[str, ReleasedWeights] = MappingProxyType(
     }
 )
 
-# Module count -> depth index k of F_k (official_nfnets.md §2.3; F7 was never released).
+# Module count -> depth index k of F_k (docs/official_code_notes.md; F7 was never released).
 MODULE_COUNT_TO_DEPTH_INDEX: Mapping[int, int] = MappingProxyType(
     {94: 0, 178: 1, 262: 2, 346: 3, 430: 4, 514: 5, 598: 6, 682: 7}
 )

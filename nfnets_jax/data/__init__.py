@@ -1,4 +1,4 @@
-"""Input pipelines for NFNets (official_nfnets.md §5): sources, preprocessing, augmentation,
+"""Input pipelines for NFNets (docs/recipe.md): sources, preprocessing, augmentation,
 per-process sharding and per-device batching, and device feeding.
 
 Public entry points (docs/CONTRACTS.md, data section): `pipeline.dataset_info`,

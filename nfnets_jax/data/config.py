@@ -1,6 +1,6 @@
 """`config.data`: the input pipeline's settings, their NFNet defaults and their validation.
 
-Defaults follow the official NFNet-F0 experiment (official_nfnets.md §4.1, §5): ImageNet
+Defaults follow the official NFNet-F0 experiment (official `experiment_nfnets.py:get_config`): ImageNet
 (`imagenet2012`), 192 px training crops, 256 px evaluation with `resize_crop_32`, RandAugment
 4 layers at magnitude 5, MixUp (Beta(0.2, 0.2)) on half the batch and CutMix on the other half,
 RandAugment applied after mixing (`augment_before_mix=False`).
@@ -23,7 +23,7 @@ BUILTIN_SOURCES = ("digits", "synthetic")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """The NFNet-F0 ImageNet input settings (official_nfnets.md §4.1, §5.2-§5.4)."""
+    """The NFNet-F0 ImageNet input settings (docs/recipe.md, input pipeline)."""
     config = ml_collections.ConfigDict()
     config.name = "imagenet2012"  # 'digits' | 'synthetic' | any TFDS image-classification name
     config.data_dir = None  # TFDS data_dir; None means TFDS's default (~/tensorflow_datasets)

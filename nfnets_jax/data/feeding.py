@@ -1,7 +1,7 @@
 """Host batches -> device arrays, for the pmap runner and for the shard_map/jit runner.
 
 JAX 0.10 removed `jax.device_put_sharded` / `device_put_replicated` (which the official code
-used, official_nfnets.md §4.5 and ecosystem.md §1e), so placement goes through shardings:
+used, `deepmind-research/nfnets/experiment.py:Experiment`), so placement goes through shardings:
 - pmap: the host batch is `[local_devices, per_device_batch, ...]`; each leading-axis slice goes
   to its local device, as a jax.Array sharded over a one-axis mesh of those devices (the
   layout pmap itself produces, so pmap consumes it without a copy).

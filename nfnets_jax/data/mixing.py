@@ -1,4 +1,5 @@
-"""MixUp and CutMix, arranged as in the official NFNet pipeline (official_nfnets.md §5.2 step 5).
+"""MixUp and CutMix, arranged as in the official NFNet pipeline (official
+`deepmind-research/nfnets/dataset.py:my_mixup_cutmix`).
 
 `mixup_cutmix` takes 2B examples and returns B, every one of them mixed (b = B/2):
 outputs 0..b−1 are MixUp of the pairs (i, b+i) with λ ~ Beta(0.2, 0.2); outputs b..2b−1 are
@@ -24,7 +25,7 @@ def sample_beta(seed: tf.Tensor, alpha: float, shape) -> tf.Tensor:
 
 
 def cutmix_masks(seed: tf.Tensor, count: int, height: int, width: int) -> tf.Tensor:
-    """`count` float32 [H, W, 1] box masks: 1 inside, 0 outside (official_nfnets.md §5.2).
+    """`count` float32 [H, W, 1] box masks: 1 inside, 0 outside (official `dataset.py:cutmix_padding`).
 
     Per mask: centre uniform over the image, u ~ U(0, 1), box sides int(√(1−u)·W) by
     int(√(1−u)·H) with half-extents side//2, clipped to the image; so the area fraction is

@@ -1,6 +1,6 @@
 """Train and eval input pipelines: per-process sharding, per-device batching, exact resume.
 
-Layout (official_nfnets.md §4.5): every process reads its own contiguous slice of the split
+Layout (official `dataset.py:_shard`): every process reads its own contiguous slice of the split
 (np.array_split of the example range, the rule of `tfds.even_splits`), and yields numpy
 batches `[local_devices, per_device_batch, H, W, 3]` with global_batch =
 process_count × local_devices × per_device_batch.
@@ -143,7 +143,7 @@ def _finish_image(image: tf.Tensor, seed: tf.Tensor, source: Source,
                   augment: ml_collections.ConfigDict) -> tf.Tensor:
     """Optional RandAugment on the clipped, truncated uint8 image, then normalisation.
 
-    Official order (§5.2 step 6): clip to [0, 255], cast to uint8, RandAugment, back to float.
+    Official order (`dataset.py:_augment_image`): clip to [0, 255], cast to uint8, RandAugment, back to float.
     """
     if augment.randaugment_layers > 0:
         as_uint8 = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)

@@ -1,6 +1,6 @@
 """Per-example preprocessing: the Inception crop for training, squash-and-crop for evaluation.
 
-Exactly the official NFNet recipe (official_nfnets.md §5.2 steps 1-3 and §5.4): a distorted
+Exactly the official NFNet recipe (official `dataset.py:_preprocess_image`): a distorted
 bounding-box crop (area 0.08-1, aspect 3/4-4/3, min object 0.1, 10 attempts) fused with JPEG
 decoding, with a padded centre crop as fallback; a horizontal flip; a bicubic resize that is
 neither antialiased nor clamped. Evaluation squashes the whole image to (S+32)² and takes the
@@ -41,7 +41,8 @@ def decode(image: tf.Tensor, encoded: bool) -> tf.Tensor:
 
 
 def padded_center_crop_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Aspect-preserving centre crop of side S/(S+32)·min(h, w); offsets round up (§5.4)."""
+    """Aspect-preserving centre crop of side S/(S+32)·min(h, w); offsets round up (official
+    `dataset.py:_decode_and_center_crop`)."""
     height, width = shape[0], shape[1]
     scale = image_size / (image_size + CROP_PADDING)
     side = tf.cast(scale * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
@@ -54,7 +55,7 @@ def inception_crop_window(shape: tf.Tensor, seed: tf.Tensor, image_size: int) ->
     """The Inception distorted-bounding-box window, or the padded centre crop if sampling failed.
 
     `sample_distorted_bounding_box` returns the whole image when none of its 10 attempts meets
-    the constraints; the official code then falls back to the centre crop (§5.2 step 1).
+    the constraints; the official code then falls back to the centre crop (`_decode_and_random_crop`).
     """
     whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -76,7 +77,7 @@ def train_preprocess(image: tf.Tensor, seed: tf.Tensor, *, encoded: bool,
                      image_size: int) -> tf.Tensor:
     """Inception crop (fused decode) -> random flip -> bicubic resize; float32 [S, S, 3].
 
-    Official order (§5.2 steps 1-3): the flip acts on the crop, before resizing.
+    Official order (`dataset.py:_preprocess_image`): the flip acts on the crop, before resizing.
     """
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     window = inception_crop_window(image_shape(image, encoded), crop_seed, image_size)

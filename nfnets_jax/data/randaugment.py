@@ -1,15 +1,16 @@
-"""RandAugment exactly as the official NFNet pipeline runs it (official_nfnets.md §5.3).
+"""RandAugment exactly as the official NFNet pipeline runs it (docs/randaugment.md; official
+`deepmind-research/nfnets/autoaugment.py:distort_image_with_randaugment`).
 
 N layers; each picks one of 16 ops uniformly and always applies it, at a fixed magnitude M
-mapped to op arguments by the table of §5.3, including the quirks of the TF TPU code it came
-from: posterize keeps int(M/10·4) bits (stronger at low M), the enhance ops are identities at
+mapped to op arguments by the table in docs/randaugment.md, including the quirks of the TF TPU
+code it came from: posterize keeps int(M/10·4) bits (stronger at low M), the enhance ops are identities at
 M = 5, translation is in absolute pixels, and Contrast blends with (pixel count / 256) instead of
 the mean grey level. Images are uint8 [H, W, 3].
 
 Solarize's threshold int(M/10·256) is compared with the uint8 image, so TF converts it to uint8
 first and it wraps modulo 256: at M = 10 the threshold 256 becomes 0 and Solarize inverts every
-pixel (it is Invert), at M = 15 the threshold 384 becomes 128. official_nfnets.md §5.3 calls
-these thresholds no-ops, but that is not what the official expression `tf.where(image <
+pixel (it is Invert), at M = 15 the threshold 384 becomes 128. Reading these thresholds as
+no-ops is tempting, but that is not what the official expression `tf.where(image <
 threshold, image, 255 - image)` computes (measured here with TF 2.21, eagerly, in tf.function
 and in tf.data). Posterize likewise shifts uint8 values, where TF clamps shifts to [0, 7].
 
@@ -35,7 +36,7 @@ SIGNED_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 
 
 def op_arguments(magnitude: float) -> dict[str, float | int | None]:
-    """The argument of every op at magnitude M, before the random sign (§5.3 table)."""
+    """The argument of every op at magnitude M, before the random sign (docs/randaugment.md)."""
     level = magnitude / MAX_LEVEL
     enhance = level * 1.8 + 0.1
     return {

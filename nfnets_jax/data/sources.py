@@ -1,7 +1,7 @@
 """Where examples come from: TFDS datasets, a deterministic synthetic source, scikit-learn digits.
 
 Every source serves `{'image', 'label'}` examples from absolute index ranges of a split, so that
-the pipeline can give each process its own contiguous slice (official_nfnets.md §4.5) and read
+the pipeline can give each process its own contiguous slice (official `dataset.py:_shard`) and read
 each epoch in a seeded order. Images are either JPEG bytes (`encoded=True`, decoded later
 together with the crop, as the official `dataset.py` does) or uint8 `[H, W, 3]` arrays.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# ImageNet RGB statistics in [0, 255] units (official_nfnets.md §5.2, step 6).
+# ImageNet RGB statistics in [0, 255] units (official `dataset.py:MEAN_RGB`).
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 

@@ -1,7 +1,7 @@
 """Pre-activation (v2) BatchNorm ResNet: the normalised baseline of the NF papers.
 
 He et al. 2016, "Identity Mappings in Deep Residual Networks", as in DeepMind's `resnet.py`
-(official_nfnets.md §6): BN → ReLU before every conv, a strided 3×3 and a strided 1×1 projection
+(official `resnet.py:ResNet`): BN → ReLU before every conv, a strided 3×3 and a strided 1×1 projection
 shortcut on transition blocks, a final BN → ReLU before pooling, `hk.BatchNorm` with decay 0.9,
 and a zero-initialised classifier. It is the "BN" row of the NF papers' comparisons and the
 reference curve of the signal-propagation plots. Needs `hk.transform_with_state` (BN statistics).

@@ -1,8 +1,8 @@
 """Multiply-accumulate (MAC) counting for convs and linears, from the traced computation.
 
-[P2] Table 3's "#FLOPs" are the official `count_flops`: one MAC per weight per output position,
+The paper's Table 3 "#FLOPs" are the official `count_flops`: one MAC per weight per output position,
 for convolutions and linear layers only, per image, at the *test* resolution
-(official_nfnets.md §1.5, paper.md §1.1). Rather than re-deriving layer sizes by hand, we trace
+(official `base.py:count_conv_flops`; docs/paper_numbers.md). Rather than re-deriving layer sizes by hand, we trace
 the model's forward pass with `jax.make_jaxpr` on abstract inputs (nothing is computed) and sum
 the MACs of every `conv_general_dilated` and `dot_general` in the graph (tests check the
 result against the official counts of all 16 NFNet variants). At resolutions that are

@@ -2,7 +2,7 @@
 
 Why two: XLA:CPU lowers a grouped convolution's **weight gradient** to a `batch_group_count`
 convolution that runs 10–1000× slower than the same arithmetic done as dense convolutions
-(official_nfnets.md §9.2: 12×12, 768 ch, 6 groups, batch 8 — forward 72 ms, dW 1009 ms; a dense
+(docs/official_code_notes.md: 12×12, 768 ch, 6 groups, batch 8 — forward 72 ms, dW 1009 ms; a dense
 conv with 6× the MACs has dW 251 ms). It makes a CPU training step of F0 cost ~8.6× its forward.
 The forward and input gradient of a grouped conv are also 2–4× slower on XLA:CPU than the same
 work as per-group dense convs (`python -m benchmarks.grouped_conv_grads`). GPU and TPU compilers

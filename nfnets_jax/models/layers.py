@@ -1,10 +1,10 @@
 """Normalizer-Free building blocks shared by NFNets, NF-ResNets and NF-RegNets.
 
-Everything here follows DeepMind's `nfnets/base.py` (official_nfnets.md §1.6–§1.8) so that the
+Everything here follows DeepMind's `nfnets/base.py` (docs/official_code_notes.md) so that the
 released weights load and reproduce: Scaled Weight Standardisation with an ε *floor* on
 fan_in·var, activation gains γ with the official constants, a squeeze-excite whose gate the
 caller doubles, batch-wise stochastic depth without the 1/keep rescale, and the α/β
-variance bookkeeping with the reset after each transition block (paper §3, [P2] App. C).
+variance bookkeeping with the reset after each transition block (paper §3 and App. C).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _RAW_ACTIVATIONS: dict[str, Activation] = {
     "celu": jax.nn.celu,
     "elu": jax.nn.elu,
     # The official code calls jax.nn.gelu with its default, the tanh approximation; the exact
-    # erf form moves F0's logits by ~7e-5 (official_nfnets.md §8.1).
+    # erf form moves F0's logits by ~7e-5 (official `base.py:nonlinearities`).
     "gelu": functools.partial(jax.nn.gelu, approximate=True),
     "glu": jax.nn.glu,
     "leaky_relu": jax.nn.leaky_relu,
@@ -75,7 +75,7 @@ def raw_activation(name: str) -> Activation:
 
 
 def scaled_activation(name: str) -> Activation:
-    """γ·f(x): the variance-preserving nonlinearity the NF models use (official table §1.7).
+    """γ·f(x): the variance-preserving nonlinearity the NF models use (official `base.py:nonlinearities`).
 
     `"identity"` is accepted and has no gain, as in the official table.
     """
@@ -86,7 +86,7 @@ def scaled_activation(name: str) -> Activation:
 
 
 class WSConv2D(hk.Module):
-    """2-D convolution with Scaled Weight Standardisation ([P2] eq. 1, official §1.6).
+    """2-D convolution with Scaled Weight Standardisation (paper eq. 1, official `base.py:WSConv2D`).
 
     ŵ = gain · (w − mean) · rsqrt(max(fan_in · var, eps)), with population mean/var over (H, W, I)
     per output channel. Standardising on every call (rather than once) keeps the signal
@@ -148,7 +148,7 @@ class SqueezeExcite(hk.Module):
     """Squeeze-excite gate σ(W1·relu(W0·mean_hw(x))), shape [B, 1, 1, C] (official `base.SqueezeExcite`).
 
     Hidden width is max(1, int(in_ch·ratio)). The ReLU is the plain, unscaled one (the paper's
-    App. C says GELU, the code and the released weights use ReLU, paper.md §5.2). Callers
+    App. C says GELU, the code and the released weights use ReLU; docs/official_code_notes.md). Callers
     multiply the gate by 2 so that it is 1 on average at init.
     """
 
@@ -187,7 +187,7 @@ def skip_gain(dtype: jnp.dtype, init: Callable = jnp.zeros) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSchedule:
-    """Per-block constants of an NF network, fixed at construction (official_nfnets.md §1.4).
+    """Per-block constants of an NF network, fixed at construction (official `nfnet.py:NFNet`).
 
     beta: 1/expected_std of the block's input; the branch sees act(x)·beta with unit variance.
     expected_std: the analytic std of the block's *output* (sqrt(var_in_after_reset + α²)).
@@ -210,7 +210,7 @@ def block_schedule(
 ) -> list[BlockSchedule]:
     """α/β bookkeeping and stochastic-depth schedule for every block, in order.
 
-    NF-ResNet paper §3 / [P2] §3: h_{i+1} = h_i + α·f(h_i/β_i) with β_i = sqrt(Var(h_i)),
+    NF-ResNet paper §3 / NFNet paper §3: h_{i+1} = h_i + α·f(h_i/β_i) with β_i = sqrt(Var(h_i)),
     Var(h_{i+1}) = Var(h_i) + α². A transition block's shortcut is taken from the
     standardised input, so the variance resets to 1 after it, and then grows by α².
     """

@@ -4,7 +4,7 @@
 EfficientNet-like inverted bottlenecks without normalisation: 1×1 expand (×2.25, but ×1 for the
 very first block) → 3×3 grouped conv (group width 8, strided) → 2·SE on the expanded width →
 1×1 project, with the NF α/β bookkeeping; a 3×3/2 stem, stride 2 in every stage, and a final
-1×1 conv to int(1280·ch // 440) channels (official_nfnets.md §6).
+1×1 conv to int(1280·ch // 440) channels (official `nf_regnet.py:NF_RegNet`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 performance gap in unnormalized ResNets", §3–§4; official `nf_resnet.py`).
 
 A pre-activation bottleneck ResNet without normalisation: Scaled WS convs, γ-scaled ReLU, the
-α/β variance bookkeeping and a zero-initialised scalar skip gain (official_nfnets.md §6).
+α/β variance bookkeeping and a zero-initialised scalar skip gain (official `nf_resnet.py:NFResNet`).
 Parameter names and shapes match DeepMind's (`NF_ResNet/~/nf_res_block_3/~/conv1/w`, …).
 """
 
@@ -42,7 +42,7 @@ class NFResBlock(hk.Module):
     optional 2·SE, stochastic depth, scalar skip gain, ×α, plus the shortcut.
 
     Transition blocks take the shortcut through a *strided* 1×1 conv of act(x)·β (no avg-pool,
-    unlike NFNet); other blocks add the raw x (official_nfnets.md §6).
+    unlike NFNet); other blocks add the raw x (official `nf_resnet.py:NFResBlock`).
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 Recognition Without Normalization", §5, Table 1, App. C; official `nfnet.py` / `base.py`).
 
 With default arguments the module, its parameter names and shapes, and its outputs are those of
-DeepMind's `NFNet` (official_nfnets.md §1–§2), so released weights load by name. The extra knobs
+DeepMind's `NFNet` (docs/official_code_notes.md), so released weights load by name. The extra knobs
 `depths`, `widths`, `group_size` and `stem_channels` only exist to build tiny models for CPU runs.
 """
 
@@ -23,14 +23,14 @@ _STAGE_STRIDES = (1, 2, 2, 2)
 
 @dataclasses.dataclass(frozen=True)
 class NFNetVariant:
-    """One row of [P2] Table 1 (plus the official code's F7 and F+ rows)."""
+    """One row of the paper's Table 1 (plus the official code's F7 and F+ rows)."""
 
     depths: tuple[int, int, int, int]
     widths: tuple[int, int, int, int]
     train_imsize: int
     test_imsize: int
     drop_rate: float
-    randaugment_magnitude: int  # RandAugment uses 4 layers for every variant ([P2] A.3).
+    randaugment_magnitude: int  # RandAugment uses 4 layers for every variant (paper App. A.3).
 
 
 _BASE_WIDTHS = (256, 512, 1536, 1536)
@@ -69,10 +69,10 @@ NFNET_VARIANTS: dict[str, NFNetVariant] = _make_variants()
 
 class NFBlock(hk.Module):
     """NFNet bottleneck: 1×1 → 3×3 grouped (strided) → 3×3 grouped → 1×1, then 2·SE, stochastic
-    depth, scalar skip gain and ×α, plus the shortcut (official_nfnets.md §1.3).
+    depth, scalar skip gain and ×α, plus the shortcut (official `nfnet.py:NFBlock`).
 
     The shortcut of a transition block is taken from act(x)·β (average-pooled if strided);
-    otherwise it is the raw x (§8.3). Bottleneck width is expansion × **output** channels,
+    otherwise it is the raw x (docs/official_code_notes.md). Bottleneck width is expansion × **output** channels,
     rounded down to a multiple of `group_size`.
     """
 
@@ -136,7 +136,7 @@ class NFBlock(hk.Module):
 
 
 class NFNet(hk.Module):
-    """Normalizer-Free Network ([P2] §5, official `nfnet.NFNet`).
+    """Normalizer-Free Network (paper §5, official `nfnet.py:NFNet`).
 
     Call as `model(x, is_training, return_features=False)` on NHWC float images.
     - Default: logits [B, num_classes].
@@ -183,7 +183,7 @@ class NFNet(hk.Module):
         if len(self.depths) != 4 or len(base_widths) != 4:
             raise ValueError(f"depths and widths need 4 entries (one per stage); got {self.depths}, {base_widths}.")
         self.widths = tuple(int(w * width) for w in base_widths)
-        # The stem is not scaled by `width` (official §1.2).
+        # The stem is not scaled by `width` (official `nfnet.py:NFNet`).
         self.stem_channels = (
             tuple(stem_channels) if stem_channels is not None else (16, 32, 64, base_widths[0] // 2)
         )

@@ -96,7 +96,7 @@ def create(name: str, num_classes: int, **kwargs: Any) -> hk.Module:
 def variant_info(name: str) -> dict[str, Any]:
     """Recipe facts for `name`: `train_imsize`, `test_imsize`, `drop_rate`, `randaugment_magnitude`
     (None where RandAugment is not used), plus `stochdepth_rate` for NFNets (the experiment's
-    0.25, [P2] A.3; the class default is 0.1) — [P2] Table 1, official `base.py`."""
+    0.25, paper App. A.1; the class default is 0.1) — paper Table 1, official `base.py:nfnet_params`."""
     family, fixed = _lookup(name)
     if family not in (_NFNET, _NF_REGNET):
         return dict(_RESNET_INFO)
@@ -160,6 +160,6 @@ def macs_and_params(name: str, imsize: int, **kwargs: Any) -> tuple[int, int]:
 
 
 def count_macs(name: str, imsize: int, **kwargs: Any) -> int:
-    """Multiply-accumulates of convs and linears for one `imsize`² image ([P2] Table 3's
+    """Multiply-accumulates of convs and linears for one `imsize`² image (the paper's Table 3
     "#FLOPs" at the test resolution; see `flops`). `num_classes` defaults to 1000."""
     return macs_and_params(name, imsize, **kwargs)[0]

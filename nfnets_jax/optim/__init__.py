@@ -1,6 +1,6 @@
 """The NFNet optimizer: AGC, parameter groups, schedule, SGD-Nesterov, modified SAM, EMA.
 
-One training step, in order (official_nfnets.md §3.3):
+One training step, in order (official `experiment.py:Experiment._train_fn`; docs/recipe.md):
 grads per device → [`sam_gradients`: ascent on a slice, unsynced] → pmean → `make_optimizer`'s
 chain (AGC → masked coupled weight decay → SGD-Nesterov with `make_lr_schedule`) →
 `ema.ema_update`.

@@ -6,12 +6,12 @@ linear weight, an output filter of an HWIO conv kernel) with gradient G:
     max_norm_i = clipping · max(‖W_i‖_F, eps)
     G_i ← G_i · max_norm_i / max(‖G_i‖_F, 1e-6)     if ‖G_i‖_F > max_norm_i
 
-(paper.md §2.1; official_nfnets.md §3.1). `eps` keeps zero-initialised parameters such as
+(paper §4, eq. 3; official `optim.py:SGD_AGC`). `eps` keeps zero-initialised parameters such as
 `skip_gain` trainable; the 1e-6 only guards the division. Scalars and vectors (anything whose
 squeezed rank is ≤ 1) are one unit.
 
 It must see the cross-device *averaged* raw gradient, before weight decay and momentum
-(official_nfnets.md §3.3), so it goes first in the chain built by `factory.make_optimizer`.
+(official `optim.py:SGD_AGC`), so it goes first in the chain built by `factory.make_optimizer`.
 Unlike `optax.adaptive_grad_clip` it keeps, in its state, how many units it clipped at the last
 update, so the training step can log the clip fraction without recomputing any norm
 (`clip_fraction_metrics`).

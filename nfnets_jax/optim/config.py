@@ -1,6 +1,6 @@
 """The optimizer section of the config (`config.optimizer`): defaults and validation.
 
-Defaults are the NFNet ImageNet recipe (paper.md §4; official_nfnets.md §3–4): SGD with
+Defaults are the NFNet ImageNet recipe (paper App. A.1; docs/recipe.md): SGD with
 Nesterov momentum 0.9, base LR 0.1 per 256 examples, 5 warmup epochs then cosine to 0,
 coupled weight decay 2e-5 on weights only, AGC λ = 0.01 / ε = 1e-3 on everything but the
 classifier weight, EMA 0.99999 with the TF1 warmup, SAM off.
@@ -22,8 +22,8 @@ from nfnets_jax.optim import schedules
 
 # Gains and biases get no weight decay: a leaf named `b`, `scale` or `offset` (Linear,
 # BatchNorm) or whose name contains `gain` or `bias` (WSConv gain and bias, the SkipInit
-# `skip_gain`). This is the official predicate on the leaf name (`experiment_nfnets._make_opt`;
-# official_nfnets.md §3.2: 151 leaves of F0). One pattern, so that no model family (NF or
+# `skip_gain`). This is the official predicate on the leaf name (`experiment_nfnets.py:Experiment._make_opt`;
+# 151 leaves of F0). One pattern, so that no model family (NF or
 # BatchNorm) triggers an "unmatched pattern" warning.
 DEFAULT_WD_EXCLUDE = (r"/(b|scale|offset|[^/]*(gain|bias)[^/]*)$",)
 

@@ -1,4 +1,4 @@
-"""Exponential moving average of the params with the TF1 warmup (official_nfnets.md §4.4).
+"""Exponential moving average of the params with the TF1 warmup (official `utils.py:tf1_ema`).
 
     decay_t = min(decay, (1 + t) / (10 + t))
     ema ← decay_t · ema + (1 − decay_t) · params

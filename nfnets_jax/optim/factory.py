@@ -1,10 +1,10 @@
 """Builds the NFNet optimizer from `config.optimizer`: one optax chain in the paper's order.
 
     grads (already averaged over devices)
-      → AGC, masked to all but the classifier weight          (official_nfnets.md §3.3 a)
-      → coupled weight decay g += λ_wd·w, masked to weights   (§3.3 b)
-      → SGD, Nesterov momentum 0.9 in the official form       (§3.3 c–d)
-      → − lr(t) with warmup + cosine                          (§3.3 e, §4.1)
+      → AGC, masked to all but the classifier weight          (paper §4.1)
+      → coupled weight decay g += λ_wd·w, masked to weights   (official `optim.py:SGD_AGC`)
+      → SGD, Nesterov momentum 0.9 in the official form       (official `optim.py:SGD`)
+      → − lr(t) with warmup + cosine                          (`optim.py:WarmupCosineDecay`)
 
 optax's `sgd(momentum=0.9, nesterov=True)` keeps a trace buf ← 0.9·buf + g and steps along
 g + 0.9·buf, which is exactly the official (PyTorch-style) Nesterov update.

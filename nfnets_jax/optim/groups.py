@@ -1,6 +1,6 @@
 """Parameter groups as data: regular expressions over Haiku parameter paths.
 
-The official optimiser (official_nfnets.md §3.2, `experiment_nfnets.Experiment._make_opt`)
+The official optimiser (`experiment_nfnets.py:Experiment._make_opt`)
 treats three groups differently: gains and biases get no weight decay, the classifier weight
 gets no AGC, everything else gets both. We express those groups as lists of regular
 expressions in the config (big_vision style) and turn them into `optax.masked` masks here, so

@@ -1,4 +1,4 @@
-"""The NFNet paper's modified SAM (Brock et al. 2021, §6.1 and App. A.4; paper.md §3).
+"""The NFNet paper's modified SAM (Brock et al. 2021, §6.1 and App. A.4; docs/recipe.md).
 
 SAM (Foret et al. 2021) takes its descent gradient at perturbed parameters
 w + ρ·g/‖g‖, where g is an "ascent" gradient at w. The NFNet paper changes two things:
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 # Keeps the normalisation finite when the ascent gradient is exactly zero (optax's
-# `contrib.normalize` has no epsilon and returns NaN there; ecosystem.md §1f).
+# `contrib.normalize` has no epsilon and returns NaN there).
 DEFAULT_NORM_EPS = 1e-12
 
 GradFn = Callable[[Any, Any], tuple[Any, Any]]

@@ -1,6 +1,6 @@
 """Learning-rate schedule: linear warmup from 0, then cosine (or constant).
 
-The official NFNet run (official_nfnets.md §4.1; paper.md §4) uses a peak of
+The official NFNet run (paper App. A.1; official `experiment_nfnets.py:get_config`) uses a peak of
 `0.1 × batch/256` (1.6 at batch 4096), a linear warmup from 0 over 5 epochs, then a cosine
 decay to 0 at the last step:
 

@@ -1,4 +1,4 @@
-"""The one config schema every experiment shares (DESIGN.md), and its checks at the door.
+"""The one config schema every experiment shares (docs/CONTRACTS.md), and its checks at the door.
 
 `base_config()` is what `configs/*.py` start from; each file changes only what its recipe
 changes. `config_flags` locks the result, so a misspelt `--config.a.b=...` override fails instead
@@ -36,7 +36,7 @@ OPTIONAL_FIELDS = {
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field of the schema with the NFNet-F0 ImageNet defaults (paper.md §4)."""
+    """Every field of the schema with the NFNet-F0 ImageNet defaults (docs/recipe.md)."""
     config = ml_collections.ConfigDict()
 
     config.model = ml_collections.ConfigDict()
@@ -169,7 +169,7 @@ def default_workdir(config_spec: str) -> str:
 def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     """`config.train.steps`, or epochs x examples // batch as the official code counts them.
 
-    For NFNets on ImageNet: 360 x 1,281,167 // 4096 = 112,602 (official_nfnets.md §4.1).
+    For NFNets on ImageNet: 360 x 1,281,167 // 4096 = 112,602 (official `experiment_nfnets.py:get_config`).
     """
     if config.train.steps is not None:
         return int(config.train.steps)

@@ -1,7 +1,7 @@
 """A fake classifier and in-memory data, to test the runner without a real network.
 
 Scenic's trainer tests use a fake model with simple logits so that the loop, the step, the
-checkpoints and the multi-device code are tested on their own (STYLE.md). Here: a linear
+checkpoints and the multi-device code are tested on their own. Here: a linear
 classifier on the flattened image, with optional dropout (so the per-device RNG matters), and a
 deterministic stream of Gaussian-blob images whose batch at step `s` depends only on `(seed, s)`,
 so a resumed run sees exactly the batches an uninterrupted run sees.

@@ -2,7 +2,7 @@
 
 `experiments/train.py` builds an `Experiment` (model, optimizer, data) from the config and hands
 it to `run`; tests hand `run` a fake model and in-memory batches, so the loop is tested without a
-real network (scenic's fake-model pattern, STYLE.md).
+real network (scenic's fake-model pattern).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Two ways to run the same per-device step on many devices: pmap and jit(shard_map).
 
 Why both: the design is pmap-shaped (one per-device function with `axis_name` collectives, as in
-the official code, official_nfnets.md §4.5), but in current JAX `jax.pmap` is itself implemented
-as `jit(shard_map)` and is in maintenance mode (ecosystem.md §4b). `config.parallel.backend`
+the official code, `experiment.py:Experiment`), but in current JAX `jax.pmap` is itself implemented
+as `jit(shard_map)` and is in maintenance mode (JAX 0.8.0 changelog). `config.parallel.backend`
 picks one; tests check they give the same params.
 
 Both backends keep the train state as ONE logical copy, replicated over all devices
@@ -138,7 +138,7 @@ def make_backend(name: str) -> Backend:
 def first_replica(tree: Any) -> Any:
     """Host numpy copy of a replicated tree, read from this process's first addressable shard.
 
-    Explicit about which copy it reads (STYLE.md: no hidden `x[0]` on a device axis); works in
+    Explicit about which copy it reads (no hidden `x[0]` on a device axis); works in
     multi-process runs where the global array is not fully addressable.
     """
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)

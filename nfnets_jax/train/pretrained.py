@@ -1,6 +1,6 @@
 """Start from trained weights: DeepMind's released files, our `.npz`, or one of our workdirs.
 
-Fine-tuning (paper.md §1.4) starts from pretrained params with a new classifier for the target
+Fine-tuning (paper §6.2, App. A.5) starts from pretrained params with a new classifier for the target
 dataset's classes; evaluation-only runs load params as they are. Either way the loaded names and
 shapes are checked against the model before anything runs, and every mismatch is listed.
 """
@@ -70,8 +70,8 @@ def read_workdir_params(workdir: str, *, use_ema: bool = True) -> Params:
 def read_params(path: str, *, use_ema: bool = True) -> Params:
     """Params from a workdir (our orbax checkpoints), our `.npz`, or DeepMind's pickle `.npz`.
 
-    DeepMind's released `F*_haiku.npz` files are dill pickles, not zip archives (official_nfnets.md
-    §2.3); they are read with the safe unpickler of `nfnets_jax.checkpoints`, which runs no code.
+    DeepMind's released `F*_haiku.npz` files are dill pickles, not zip archives (official
+    `utils.py:load_haiku_file`); they are read with the safe unpickler of `nfnets_jax.checkpoints`, which runs no code.
     """
     if os.path.isdir(path):
         return read_workdir_params(path, use_ema=use_ema)

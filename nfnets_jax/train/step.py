@@ -1,7 +1,7 @@
 """The per-device train and eval steps, written once with `axis_name` collectives.
 
-The train step follows the path of one step in the paper's order (STYLE.md; official_nfnets.md
-§3.3 and §4.3; paper.md §4):
+The train step follows the path of one step in the paper's order (paper App. A.1;
+official `experiment.py:Experiment._train_fn`; docs/recipe.md):
 
     forward in compute_dtype (f32 master params cast, images cast, logits back to f32)
       -> label-smoothed loss on MixUp/CutMix targets
@@ -41,7 +41,7 @@ AXIS_NAME = "batch"
 
 @dataclasses.dataclass(frozen=True)
 class SamSettings:
-    """The paper's cost-reduced SAM (paper.md §3): ascent on a slice of the same batch."""
+    """The paper's cost-reduced SAM (paper App. A.4): ascent on a slice of the same batch."""
 
     rho: float
     ascent_fraction: float
@@ -54,7 +54,7 @@ class StepSettings:
 
     Attributes:
       num_classes: size of the one-hot targets.
-      label_smoothing: 0.1 in the paper (paper.md §4).
+      label_smoothing: 0.1 in the paper (App. A.1).
       compute_dtype: dtype of the forward/backward pass (bfloat16 in the paper); params stay f32.
       ema_decay: the EMA decay (0.99999 in the paper, with the TF1 warmup), or None.
       sam: SAM settings, or None to train without SAM.
@@ -145,7 +145,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         # Per-device RNG for dropout and stochastic depth: the replicated key, the step and this
-        # device's index (jaxline's 'unique_host_unique_device', official_nfnets.md §4.5).
+        # device's index (jaxline's 'unique_host_unique_device'; docs/official_code_notes.md).
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
         targets = losses.mixed_targets(
             batch["labels"], batch["mix_labels"], batch["ratio"], settings.num_classes
@@ -170,7 +170,7 @@ def make_train_step(
         else:
             grads, (loss, logits, new_model_state) = grad_fn(state.params, example_batch)
 
-        # ---- Average over devices in f32, before AGC (official_nfnets.md §3.3) ----
+        # ---- Average over devices in f32, before AGC (official `optim.py:SGD_AGC`) ----
         grads = lax.pmean(grads, axis_name)
         loss = lax.pmean(loss, axis_name)
         new_model_state = _pmean_floating(new_model_state, axis_name)
@@ -224,7 +224,7 @@ def make_eval_step(
     over the real examples of the whole global batch (`mask` is 0 on padding), so that the caller
     divides once by the number of examples: no example is dropped or double-counted when the
     eval set does not divide by the batch. The loss is plain cross-entropy, without smoothing,
-    like the official `eval_loss` (official_nfnets.md §4.5).
+    like the official `eval_loss` (official `experiment.py:Experiment`).
     """
 
     def eval_step(params: hk.Params, model_state: hk.State, batch: Batch) -> Metrics:
