@@ -1,6 +1,6 @@
 """Forward, dX and dW of one grouped 3×3 conv, XLA's native op against the per-group split.
 
-The micro-benchmark of docs/official_code_notes.md (last section), which found XLA:CPU's grouped-conv weight
+The micro-benchmark of docs/official_code_notes.md, which found XLA:CPU's grouped-conv weight
 gradient to be the bottleneck of an NFNet training step. Each shape is (batch, size, channels,
 groups, stride); the defaults are F0's two grouped shapes at 192 px. Prints one JSON line per
 (shape, implementation, pass) with the median over `--repeats` calls and the load average.

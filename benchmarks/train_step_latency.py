@@ -1,6 +1,6 @@
 """Latency of one training step (forward + backward) and of one eval forward pass.
 
-The setup of docs/official_code_notes.md (last section), where DeepMind's own F0 was timed on this 2-core CPU box:
+The setup of docs/official_code_notes.md, where DeepMind's own F0 was timed on this 2-core CPU box:
 `jax.jit(jax.value_and_grad(loss))` with `is_training=True` (dropout and stochastic depth on),
 softmax cross-entropy on one-hot labels, float32, batch 8 at 192 px; timed after compilation and
 one warm-up call, median of `--steps` calls. The eval forward (`is_training=False`) is timed the
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from nfnets_jax import losses, models
 from nfnets_jax.models import grouped_conv
 
-# docs/official_code_notes.md (last section), idle machine: DeepMind's F0 on XLA:CPU, jax 0.10.2, 2 cores.
+# docs/official_code_notes.md, idle machine: DeepMind's F0 on XLA:CPU, jax 0.10.2, 2 cores.
 REFERENCE = {
     "setup": {"model": "nfnet_f0", "batch": 8, "res": 192, "dtype": "float32"},
     "images_per_s": 0.63,

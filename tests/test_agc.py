@@ -92,7 +92,7 @@ def test_clip_counts_match_numpy():
 
 
 def test_zero_initialised_scalar_moves_by_clipping_times_eps():
-    """skip_gain = 0: ‖W‖ is floored at eps, so a unit gradient is capped at λ·ε (official `optim.py:SGD_AGC`)."""
+    """skip_gain = 0: ‖W‖ is floored at eps, so a unit gradient is capped at λ·ε (official `SGD_AGC`)."""
     params = {"NFNet/~/nf_block": {"skip_gain": jnp.zeros(())}}
     grads = {"NFNet/~/nf_block": {"skip_gain": jnp.ones(())}}
     transform = optim.adaptive_grad_clip(CLIPPING, EPS)

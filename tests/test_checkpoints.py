@@ -38,7 +38,7 @@ from nfnets_jax.checkpoints import (
 )
 
 # --------------------------------------------------------------------------------------------
-# The official NFNet-F parameter layout, rebuilt from the official `nfnet.py:NFNet` (docs/official_code_notes.md): stem convs
+# The official NFNet-F parameter layout, rebuilt from the official `nfnet.py:NFNet`: stem convs
 # 3->16->32->64->width[0]/2, stages of depth (k+1)*(1, 2, 6, 3) and width (256, 512, 1536, 1536)
 # (F+: (384, 768, 2048, 2048)), bottleneck width 0.5*out rounded down to whole groups of 128, a
 # shortcut conv on each stage's first block, SE hidden width 0.5*out, final conv 2*last width.

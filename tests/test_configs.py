@@ -1,4 +1,4 @@
-"""Every config loads, locks, validates and carries the paper's recipe (paper Tables 1 and 3, App. A.1-A.5).
+"""Every config loads, locks, validates and carries the paper's recipe (paper Table 1, App. A).
 
 Expected values are typed in from the paper's tables, not read from the code.
 """
@@ -115,7 +115,7 @@ def test_f0_config_builds_the_official_71_5m_parameter_model_and_the_finetune_he
     _, config = load("finetune", "F0")
     forward = make_forward(config.model.name, 1000, config.model.kwargs.to_dict())
     params, _ = jax.eval_shape(lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, 192, 192, 3)), True))
-    assert models.count_params(params) == 71_489_284  # official count, tests/data/official_nfnet_facts.json
+    assert models.count_params(params) == 71_489_284  # tests/data/official_nfnet_facts.json
     paths = [f"{module}/{leaf}" for module, leaves in params.items() for leaf in leaves]
     head = [p for p in paths if any(re.search(r, p) for r in config.checkpoint.init_exclude)]
     assert sorted(head) == ["NFNet/~/linear/b", "NFNet/~/linear/w"]

@@ -81,7 +81,7 @@ def test_none_passes_through_with_ratio_one():
 
 
 def test_cutmix_box_geometry_on_a_non_square_image():
-    # official `dataset.py:cutmix_padding`: one u per mask, sides int(sqrt(1-u)*H) by int(sqrt(1-u)*W) with
+    # official `cutmix_padding`: one u per mask, sides int(sqrt(1-u)*H) by int(sqrt(1-u)*W) with
     # half-extents side//2 around the centre, clipped. For boxes clear of the borders both
     # sides are even and a single keep = sqrt(1-u) must explain both (H and W not swapped).
     height, width = 24, 60

@@ -1,4 +1,4 @@
-"""EMA with the TF1 warmup (official `utils.py:tf1_ema`) and the label-smoothed soft-label loss (App. A.1)."""
+"""EMA with the TF1 warmup (official `utils.py:tf1_ema`) and the label-smoothed soft-label loss."""
 
 import numpy as np
 import pytest

@@ -22,7 +22,7 @@ TOLERANCE = 1e-5
 
 
 def recipe_params(shapes) -> dict:
-    """The golden recipe (docs/paper_numbers.md): a crc32-seeded N(0,1) draw per leaf, scaled by leaf kind."""
+    """The recipe of docs/paper_numbers.md: a crc32-seeded N(0,1) draw per leaf, scaled by leaf kind."""
     params = {}
     for module, leaves in shapes.items():
         params[module] = {}

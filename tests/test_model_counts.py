@@ -22,7 +22,7 @@ FACTS = json.loads((pathlib.Path(__file__).parent / "data" / "official_nfnet_fac
 
 # The paper's Table 3, "#FLOPs" (billions of MACs at the test resolution).
 PAPER_TABLE3_GMACS = {"F0": 12.38, "F1": 35.54, "F2": 62.59, "F3": 114.76, "F4": 215.24, "F5": 289.76, "F6": 377.28}
-# The paper's Table 1 / official `base.py:nfnet_params`: (train px, test px, dropout, RandAugment magnitude).
+# Paper Table 1 / official `base.py:nfnet_params`: (train px, test px, dropout, RandAugment magnitude).
 PAPER_TABLE1 = {
     "F0": (192, 256, 0.2, 5),
     "F1": (224, 320, 0.3, 10),

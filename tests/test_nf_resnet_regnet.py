@@ -79,7 +79,7 @@ def test_nf_seresnet_has_quarter_width_se():
 
 
 def test_nf_regnet_b0_structure():
-    """Official `nf_regnet.py:NF_RegNet`: widths ×0.75 → 36/78/156/330, expansion 1 for the very first block,
+    """Official `NF_RegNet`: widths ×0.75 → 36/78/156/330, expansion 1 for the very first block,
     2.25·in_ch rounded down to groups of 8 after, SE on the expanded width, final conv 960."""
     x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
     forward, params = abstract_params("nf_regnet_b0", x)

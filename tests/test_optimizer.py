@@ -38,7 +38,7 @@ def _f0_like_params():
 
 
 def _official_groups(module, leaf):
-    """The official predicates (`experiment_nfnets.py:Experiment._make_opt`), independent of our regexes."""
+    """The official predicates (`experiment_nfnets.py:_make_opt`), independent of our regexes."""
     gain_or_bias = leaf in ("scale", "offset", "b") or "gain" in leaf or "bias" in leaf
     classifier_weight = "linear" in module and "squeeze_excite" not in module and not gain_or_bias
     return (not classifier_weight), (not gain_or_bias)  # (gets AGC, gets weight decay)

@@ -1,4 +1,4 @@
-"""Signal Propagation Plots (NF-ResNet paper §4, official `base.py:signal_metrics`): the statistics against
+"""Signal Propagation Plots (NF-ResNet paper §4; `base.py:signal_metrics`): the statistics against
 NumPy and closed forms, the NF-ResNet and BN-ResNet curves at init against their analytic
 predictions, and a smoke test of the command.
 

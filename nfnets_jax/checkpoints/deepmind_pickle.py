@@ -1,7 +1,7 @@
 """Loads DeepMind's released NFNet weights without running any code from the file.
 
 The released `F0_haiku.npz` … `F6_haiku.npz` are not NumPy archives but dill pickles of the Haiku
-parameter tree `{module path: {leaf name: array}}` (official `utils.py:load_haiku_file`). Ordinary unpickling
+parameter tree `{module path: {leaf name: array}}` (`utils.py:load_haiku_file`). Ordinary unpickling
 imports and calls whatever the file names, so a tampered file could run any command. Here:
 
 - every global the file names is resolved through `allowlist.resolve` (safe stand-ins for numpy

@@ -143,7 +143,7 @@ def _finish_image(image: tf.Tensor, seed: tf.Tensor, source: Source,
                   augment: ml_collections.ConfigDict) -> tf.Tensor:
     """Optional RandAugment on the clipped, truncated uint8 image, then normalisation.
 
-    Official order (`dataset.py:_augment_image`): clip to [0, 255], cast to uint8, RandAugment, back to float.
+    Official order (`_augment_image`): clip to [0, 255], cast to uint8, RandAugment, back to float.
     """
     if augment.randaugment_layers > 0:
         as_uint8 = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)

@@ -2,7 +2,7 @@
 
 The paper's Table 3 "#FLOPs" are the official `count_flops`: one MAC per weight per output position,
 for convolutions and linear layers only, per image, at the *test* resolution
-(official `base.py:count_conv_flops`; docs/paper_numbers.md). Rather than re-deriving layer sizes by hand, we trace
+(official `base.py:count_conv_flops`). Rather than re-deriving layer sizes by hand, we trace
 the model's forward pass with `jax.make_jaxpr` on abstract inputs (nothing is computed) and sum
 the MACs of every `conv_general_dilated` and `dot_general` in the graph (tests check the
 result against the official counts of all 16 NFNet variants). At resolutions that are

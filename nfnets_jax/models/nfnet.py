@@ -72,7 +72,7 @@ class NFBlock(hk.Module):
     depth, scalar skip gain and ×α, plus the shortcut (official `nfnet.py:NFBlock`).
 
     The shortcut of a transition block is taken from act(x)·β (average-pooled if strided);
-    otherwise it is the raw x (docs/official_code_notes.md). Bottleneck width is expansion × **output** channels,
+    otherwise the raw x (official `NFBlock`). Bottleneck width is expansion × **output** channels,
     rounded down to a multiple of `group_size`.
     """
 

@@ -22,8 +22,8 @@ from nfnets_jax.optim import schedules
 
 # Gains and biases get no weight decay: a leaf named `b`, `scale` or `offset` (Linear,
 # BatchNorm) or whose name contains `gain` or `bias` (WSConv gain and bias, the SkipInit
-# `skip_gain`). This is the official predicate on the leaf name (`experiment_nfnets.py:Experiment._make_opt`;
-# 151 leaves of F0). One pattern, so that no model family (NF or
+# `skip_gain`). This is the official predicate on the leaf name (`Experiment._make_opt` in
+# `experiment_nfnets.py`; 151 leaves of F0). One pattern, so that no model family (NF or
 # BatchNorm) triggers an "unmatched pattern" warning.
 DEFAULT_WD_EXCLUDE = (r"/(b|scale|offset|[^/]*(gain|bias)[^/]*)$",)
 

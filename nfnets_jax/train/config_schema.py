@@ -169,7 +169,7 @@ def default_workdir(config_spec: str) -> str:
 def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     """`config.train.steps`, or epochs x examples // batch as the official code counts them.
 
-    For NFNets on ImageNet: 360 x 1,281,167 // 4096 = 112,602 (official `experiment_nfnets.py:get_config`).
+    For NFNets on ImageNet: 360 x 1,281,167 // 4096 = 112,602 (official `get_config`).
     """
     if config.train.steps is not None:
         return int(config.train.steps)

@@ -81,7 +81,7 @@ def evaluate_raw_and_ema(
 ) -> dict[str, float]:
     """Evaluates the raw params and, when present, the EMA params (keys prefixed `ema_`).
 
-    The official experiment reports both (official `experiment.py:Experiment.evaluate`); results are usually quoted
+    The official experiment reports both (official `Experiment.evaluate`); results are usually quoted
     for the EMA weights. One pass over the eval split serves both: each batch is read,
     preprocessed and placed once.
     """

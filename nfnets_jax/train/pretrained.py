@@ -71,7 +71,7 @@ def read_params(path: str, *, use_ema: bool = True) -> Params:
     """Params from a workdir (our orbax checkpoints), our `.npz`, or DeepMind's pickle `.npz`.
 
     DeepMind's released `F*_haiku.npz` files are dill pickles, not zip archives (official
-    `utils.py:load_haiku_file`); they are read with the safe unpickler of `nfnets_jax.checkpoints`, which runs no code.
+    `utils.py:load_haiku_file`); we read them with the safe unpickler of `nfnets_jax.checkpoints`.
     """
     if os.path.isdir(path):
         return read_workdir_params(path, use_ema=use_ema)

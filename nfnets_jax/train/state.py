@@ -2,7 +2,7 @@
 
 Why a NamedTuple of plain arrays: it is a pytree that `jax.jit`, `jax.pmap` and orbax all take as
 is, and every field is what the official experiment checkpoints (`CHECKPOINT_ATTRS`:
-params, state, ema_params, opt_state; official `experiment.py:Experiment`) plus the step and the RNG, so that
+params, state, ema_params, opt_state; official `experiment.py`) plus the step and the RNG, so that
 a restart continues bit-exactly where the run stopped.
 """
 
@@ -53,7 +53,7 @@ def init_train_state(
     """Initialises params, optimizer and EMA from one seed, so every replica is identical.
 
     The official code initialises with bf16 inputs and so starts from bf16-rounded weights
-    (official `experiment.py:Experiment._train_fn`); we always initialise in float32 (the f32 master copy), which is what
+    (official `_initialize_train`); we always initialise in float32 (the f32 master copy), which is what
     the paper describes. The EMA starts equal to the initial params, as in the official code.
     `initial_params` (fine-tuning: pretrained weights with a new head) replace the random ones;
     the optimizer state and the EMA then start from them.

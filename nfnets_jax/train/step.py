@@ -224,7 +224,7 @@ def make_eval_step(
     over the real examples of the whole global batch (`mask` is 0 on padding), so that the caller
     divides once by the number of examples: no example is dropped or double-counted when the
     eval set does not divide by the batch. The loss is plain cross-entropy, without smoothing,
-    like the official `eval_loss` (official `experiment.py:Experiment`).
+    like the official `eval_loss` (official `experiment.py:Experiment._eval_fn`).
     """
 
     def eval_step(params: hk.Params, model_state: hk.State, batch: Batch) -> Metrics:
