@@ -57,7 +57,7 @@ def test_nfnet_params_and_macs_equal_official(variant):
 
 
 def test_count_macs_at_train_resolution_f0():
-    # Official count_flops at 192 px: 6.977 GMACs (`base.py:count_flops`).
+    # Official count_flops at 192 px: 6.977 GMACs (`nfnet.py:NFNet.count_flops`).
     assert models.count_macs("nfnet_f0", 192) == 6_977_003_520
 
 
