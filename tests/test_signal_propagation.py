@@ -103,8 +103,8 @@ def test_nf_resnet_tracks_expected_std_and_resets_at_transitions(images):
 
 
 def test_bn_resnet_variance_grows_linearly_within_stages_and_resets(images):
-    """Pre-activation BN-ReLU ResNet at init, BN on batch statistics: the
-    variance grows linearly within a stage and resets at transitions (NF-ResNet paper §4 SPPs).
+    """Pre-activation BN-ReLU ResNet at init, BN on batch statistics: the variance grows linearly
+    within a stage and resets at transitions (the NF-ResNet paper's signal propagation plots).
 
     Closed form: every BN → ReLU → He-init conv produces channels of second moment
     2·E[relu(z)²] = 1, of which the squared channel mean is 2·(E[relu(z)])² = 1/π (the ReLU's
