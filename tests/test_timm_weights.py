@@ -27,6 +27,7 @@ from nfnets_jax.checkpoints import (
     convert_timm_nfnet,
     detect_nfnet_variant,
     load_timm_nfnet,
+    match_timm_standardization,
     read_safetensors,
 )
 from nfnets_jax.train import pretrained
@@ -158,13 +159,14 @@ def golden():
     facts, model = _tiny_model()
     arrays = np.load(GOLDEN / "golden.npz")
     images = jnp.asarray(arrays["images_nhwc"])
-    return {"model": model, "images": images, "arrays": dict(arrays), "facts": facts,
+    forward = jax.jit(lambda params, x: model.apply(params, {}, None, x, False)[0])
+    return {"model": model, "forward": forward, "images": images, "arrays": dict(arrays), "facts": facts,
             "expected": _tiny_expected(model, images),
             "state": read_safetensors(GOLDEN / "weights.safetensors")}
 
 
 def _logits(golden, params):
-    return np.asarray(jax.jit(lambda p, x: golden["model"].apply(p, {}, None, x, False)[0])(params, golden["images"]))
+    return np.asarray(golden["forward"](params, golden["images"]))
 
 
 @pytest.mark.slow  # ~5-20 s: one compile of a 12-block model (2-core box, loaded by other jobs).
@@ -181,6 +183,28 @@ def test_golden_logits_match_timm_run_with_deepmind_numerics(golden):
     timm_difference = np.max(np.abs(logits - golden["arrays"]["logits_timm"])) / scale
     assert 1e-3 < timm_difference < 1e-2
     assert "torch" not in sys.modules
+
+
+@pytest.mark.slow  # shares the compile of the test above when run in the same session
+def test_matching_timms_standardization_leaves_only_the_gelu_difference(golden):
+    params = match_timm_standardization(load_timm_nfnet(GOLDEN / "weights.safetensors", golden["expected"]))
+    logits = _logits(golden, params)
+    scale = np.max(np.abs(golden["arrays"]["logits_timm"]))
+    # timm with eps 1e-5 but DeepMind's tanh GELU: reproduced like the golden above.
+    np.testing.assert_allclose(logits, golden["arrays"]["logits_timm_eps_only"], rtol=0, atol=1e-4 * scale)
+    # timm as shipped: only the erf-vs-tanh GELU is left (4e-4 of the logit scale here).
+    assert np.max(np.abs(logits - golden["arrays"]["logits_timm"])) < 1e-3 * scale
+
+
+def test_matching_timms_standardization_equals_timms_formula_per_kernel():
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal((3, 3, 4, 5)) * np.array([1.0, 0.1, 1e-3, 1e-4, 0.0])  # incl. the floor
+    gain = rng.uniform(0.5, 1.5, 5)
+    matched = match_timm_standardization({"conv": {"w": kernel, "gain": gain, "bias": np.zeros(5)}}, eps=1e-5)
+    fan_in, mean, var = 36, kernel.mean(axis=(0, 1, 2)), kernel.var(axis=(0, 1, 2))
+    timm_kernel = (kernel - mean) / np.sqrt(var + 1e-5) * gain / np.sqrt(fan_in)  # timm's ScaledStdConv2d
+    ours = (kernel - mean) * matched["conv"]["gain"] / np.sqrt(np.maximum(fan_in * var, 1e-4))  # WSConv2D
+    np.testing.assert_allclose(ours, timm_kernel, rtol=1e-12, atol=1e-15)
 
 
 def test_every_golden_tensor_matters(golden):

@@ -10,7 +10,8 @@
 - `safetensors_format`: `read_safetensors`, a NumPy-only reader that validates the whole header
   against the file before allocating anything (`SafetensorsFormatError` otherwise).
 - `timm_nfnet`: `load_timm_nfnet` / `convert_timm_nfnet`, timm's `dm_nfnet_f0`…`f6` weights
-  mapped onto our NFNet by an explicit name table (`TimmWeightsError` lists every mismatch).
+  mapped onto our NFNet by an explicit name table (`TimmWeightsError` lists every mismatch);
+  `match_timm_standardization` to reproduce timm's outputs rather than DeepMind's.
 """
 
 from nfnets_jax.checkpoints.allowlist import allowed_globals
@@ -41,6 +42,7 @@ from nfnets_jax.checkpoints.timm_nfnet import (
     TimmWeightsError,
     convert_timm_nfnet,
     load_timm_nfnet,
+    match_timm_standardization,
 )
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "load_npz",
     "load_timm_nfnet",
     "looks_like_safetensors",
+    "match_timm_standardization",
     "read_safetensors",
     "save_npz",
     "sha256_of_file",

@@ -51,6 +51,8 @@ TIMM_NFNET_MODELS: Mapping[str, str] = {f"dm_nfnet_f{k}": f"nfnet_f{k}" for k in
 _SCOPE = "NFNet/~/"
 _BASE_DEPTHS = (1, 2, 6, 3)  # F_k has (k + 1) times these blocks per stage.
 _FIRST_STAGE_WIDTH_TO_SUFFIX = {256: "", 384: "plus"}
+TIMM_STD_CONV_EPS = 1e-5  # timm's NfCfg.std_conv_eps, which its dm_nfnet_f* configs keep.
+_OUR_STD_FLOOR = 1e-4  # layers.WSConv2D's eps: a floor on fan_in·var.
 
 
 class TimmWeightsError(ParamsMismatchError):
@@ -255,6 +257,29 @@ def convert_timm_nfnet(state_dict: Mapping[str, Any], expected: ParamTree | None
     if inferred is not None and detect_nfnet_variant(params) != inferred:
         raise AssertionError(f"converted tree detected as {detect_nfnet_variant(params)}, built as {inferred}")
     return params
+
+
+def match_timm_standardization(params: ParamTree, eps: float = TIMM_STD_CONV_EPS) -> Params:
+    """Rescales every conv gain so that our weight standardisation yields timm's kernels.
+
+    timm standardises with (w - mean) / sqrt(var + eps) · gain / sqrt(fan_in); we (as DeepMind)
+    use (w - mean) · gain · rsqrt(max(fan_in · var, 1e-4)). Both depend only on the weights, so
+    multiplying each gain by sqrt(max(fan_in · var, 1e-4) / (fan_in · (var + eps))) makes the two
+    standardised kernels equal. Use it to reproduce timm's outputs (docs/weights.md); by default
+    the converted weights compute DeepMind's function, which is what they were trained with.
+    timm's exact-erf GELU (ours is DeepMind's tanh form) remains the only difference.
+    """
+    matched: Params = {}
+    for module, leaves in params.items():
+        matched[module] = dict(leaves)
+        if "w" in leaves and "gain" in leaves and np.ndim(leaves["w"]) == 4:
+            kernel = np.asarray(leaves["w"], np.float64)  # HWIO
+            fan_in = int(np.prod(kernel.shape[:3]))
+            var = np.var(kernel, axis=(0, 1, 2))
+            scale = np.sqrt(np.maximum(fan_in * var, _OUR_STD_FLOOR) / (fan_in * (var + eps)))
+            gain = np.asarray(leaves["gain"])
+            matched[module]["gain"] = (gain.astype(np.float64) * scale).astype(gain.dtype)
+    return matched
 
 
 def load_timm_nfnet(source: str | os.PathLike | Mapping[str, Any], expected: ParamTree | None = None) -> Params:
