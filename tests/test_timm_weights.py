@@ -30,6 +30,7 @@ from nfnets_jax.checkpoints import (
     match_timm_standardization,
     read_safetensors,
 )
+from nfnets_jax.checkpoints.timm_nfnet import infer_model_name
 from nfnets_jax.train import pretrained
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "timm_golden"
@@ -235,6 +236,17 @@ def test_the_name_table_covers_timms_full_f0_and_detects_the_variant(full_f0):
     assert params["NFNet/~/nf_block"]["skip_gain"].shape == ()
 
 
+@pytest.mark.parametrize("k", range(7))
+def test_the_variant_is_recognised_from_the_blocks_per_stage(k):
+    # timm's dm_nfnet_f{k} has (k + 1)·(1, 2, 6, 3) blocks per stage (timm's model_cfgs).
+    depths = [(k + 1) * d for d in (1, 2, 6, 3)]
+    keys = {f"stages.{s}.{b}.conv1.weight": np.zeros(1) for s, depth in enumerate(depths) for b in range(depth)}
+    keys["stages.0.0.conv3.weight"] = np.zeros((256, 1, 1, 1))
+    assert infer_model_name(keys) == f"nfnet_f{k}"
+    keys["stages.0.0.conv3.weight"] = np.zeros((384, 1, 1, 1))
+    assert infer_model_name(keys) == f"nfnet_f{k}plus"
+
+
 def test_values_are_moved_with_the_right_layout(full_f0):
     state, params = full_f0
     kernel = state["stem.conv2.weight"]  # (out 32, in 16, kh, kw)
@@ -256,7 +268,7 @@ def test_missing_extra_and_wrongly_shaped_tensors_are_listed_in_one_error(golden
     with pytest.raises(TimmWeightsError) as error:
         convert_timm_nfnet(state, golden["expected"])
     message = str(error.value)
-    assert "1 missing, 2 unexpected, 2 wrong-shaped" in message
+    assert "1 missing, 2 unexpected, 2 wrong-shaped or -typed" in message
     assert "missing:     stages.2.3.conv2b.gain -> NFNet/~/nf_block_6/~/conv1b/gain (64,)" in message
     assert "unexpected:  stages.2.3.conv4.weight" in message
     assert "unexpected:  stages.1.1.downsample.conv.bias (64,) (would be NFNet/~/nf_block_2/~/conv_shortcut/bias" in message
@@ -264,15 +276,17 @@ def test_missing_extra_and_wrongly_shaped_tensors_are_listed_in_one_error(golden
     assert "wrong shape: final_conv.gain (256,) is not a ScaledStdConv2d gain (out, 1, 1, 1)" in message
 
 
-@pytest.mark.parametrize("problem", ["missing", "extra", "wrong shape"])
+@pytest.mark.parametrize("problem", ["missing", "extra", "wrong shape", "wrong dtype"])
 def test_each_kind_of_mismatch_alone_is_refused_naming_the_tensor(golden, problem):
     state = dict(golden["state"])
     if problem == "missing":
         del state["head.fc.bias"]
     elif problem == "extra":
         state["head.fc.bias_extra"] = np.zeros((10,), np.float32)
-    else:
+    elif problem == "wrong shape":
         state["head.fc.bias"] = np.zeros((11,), np.float32)
+    else:
+        state["head.fc.bias"] = np.array([object()] * 10)
     with pytest.raises(TimmWeightsError, match=r"head\.fc\.bias"):
         convert_timm_nfnet(state, golden["expected"])
 

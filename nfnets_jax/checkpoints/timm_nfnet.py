@@ -226,6 +226,9 @@ def convert_timm_nfnet(state_dict: Mapping[str, Any], expected: ParamTree | None
             unexpected.append(f"  unexpected:  {key} {value.shape} (no NFNet parameter has this name)")
             continue
         ours, convert = table[key]
+        if value.dtype.kind not in "fV":  # floats; bfloat16 is an ml_dtypes void-kind type
+            wrong.append(f"  wrong dtype: {key} is {value.dtype}, not a floating-point array (-> {ours})")
+            continue
         if ours not in want:
             unexpected.append(f"  unexpected:  {key} {value.shape} (would be {ours}, which the model does not have)")
             continue
@@ -249,7 +252,7 @@ def convert_timm_nfnet(state_dict: Mapping[str, Any], expected: ParamTree | None
         target = inferred or "the given model"
         raise TimmWeightsError(
             f"the timm state dict does not fit {target} ({len(missing)} missing, {len(unexpected)}"
-            f" unexpected, {len(wrong)} wrong-shaped of {len(state)} tensors; the model has"
+            f" unexpected, {len(wrong)} wrong-shaped or -typed of {len(state)} tensors; the model has"
             f" {len(want)} params). Check that it is a dm_nfnet_f* state dict of the same variant"
             " and number of classes:\n" + "\n".join(sorted(missing) + sorted(unexpected) + sorted(wrong))
         )
