@@ -9,8 +9,10 @@ by `_write_safetensors` below, a separate implementation of the format's layout.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import struct
+import subprocess
 import sys
 
 import haiku as hk
@@ -33,7 +35,8 @@ from nfnets_jax.checkpoints import (
 from nfnets_jax.checkpoints.timm_nfnet import infer_model_name
 from nfnets_jax.train import pretrained
 
-GOLDEN = pathlib.Path(__file__).parent / "data" / "timm_golden"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "data" / "timm_golden"
 _CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
 
 
@@ -313,3 +316,16 @@ def test_read_params_sends_safetensors_to_the_timm_converter(tmp_path):
     with pytest.raises(SafetensorsFormatError):
         pretrained.read_params(str(damaged))
     assert checkpoints.looks_like_safetensors(GOLDEN / "weights.safetensors")
+
+
+@pytest.mark.slow  # a fresh interpreter importing jax and TensorFlow: ~40 s on the loaded 2-core box
+def test_eval_refuses_a_safetensors_file_that_is_no_dm_nfnet_at_the_door(tmp_path):
+    """`experiments.eval --weights=x.safetensors` reaches the converter; its error is one line
+    on stderr, before anything runs (the tiny golden is no F-variant layout; digits config)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.eval", f"--weights={GOLDEN / 'weights.safetensors'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "error: stages.0.0.conv3.weight has 32 output channels; F0 has 256" in result.stderr
+    assert "Traceback" not in result.stderr
