@@ -189,7 +189,8 @@ def main() -> None:
     if not args.full:  # timm's own names and shapes for the full F0, for the name-table test.
         full_f0 = timm.create_model("dm_nfnet_f0", pretrained=False, device="meta")
         shapes = {key: list(value.shape) for key, value in full_f0.state_dict().items()}
-        (out / "dm_nfnet_f0_state_shapes.json").write_text(json.dumps(shapes, indent=0) + "\n")
+        lines = ",\n".join(f"  {json.dumps(key)}: {json.dumps(shape)}" for key, shape in shapes.items())
+        (out / "dm_nfnet_f0_state_shapes.json").write_text("{\n" + lines + "\n}\n")
     print(json.dumps(facts, indent=2))
 
 
