@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import pickle
 import struct
 import subprocess
 import sys
+import zipfile
 
 import haiku as hk
 import jax
@@ -316,6 +318,16 @@ def test_read_params_sends_safetensors_to_the_timm_converter(tmp_path):
     with pytest.raises(SafetensorsFormatError):
         pretrained.read_params(str(damaged))
     assert checkpoints.looks_like_safetensors(GOLDEN / "weights.safetensors")
+
+
+def test_pytorch_pickle_checkpoints_are_refused_not_read_as_npz(tmp_path):
+    # The layout of torch.save's zip archive (`<name>/data.pkl` + storages), without torch.
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("pytorch_model/data.pkl", pickle.dumps({"stem.conv1.weight": None}))
+        archive.writestr("pytorch_model/data/0", bytes(16))
+    with pytest.raises(ValueError, match="PyTorch pickle checkpoint .* use the same weights as .safetensors"):
+        pretrained.read_params(str(path))
 
 
 @pytest.mark.slow  # a fresh interpreter importing jax and TensorFlow: ~40 s on the loaded 2-core box

@@ -42,6 +42,7 @@ from nfnets_jax.checkpoints.timm_nfnet import (
     TimmWeightsError,
     convert_timm_nfnet,
     load_timm_nfnet,
+    looks_like_pytorch_checkpoint,
     match_timm_standardization,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "load_deepmind_params",
     "load_npz",
     "load_timm_nfnet",
+    "looks_like_pytorch_checkpoint",
     "looks_like_safetensors",
     "match_timm_standardization",
     "read_safetensors",

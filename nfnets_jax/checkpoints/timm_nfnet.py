@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -285,11 +286,26 @@ def match_timm_standardization(params: ParamTree, eps: float = TIMM_STD_CONV_EPS
     return matched
 
 
+def looks_like_pytorch_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a `torch.save` zip archive (`pytorch_model.bin`, `*.pth`): its `data.pkl` is a pickle."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+
+
 def load_timm_nfnet(source: str | os.PathLike | Mapping[str, Any], expected: ParamTree | None = None) -> Params:
     """Our NFNet params from a timm `.safetensors` file (read without torch) or a state dict.
 
     See `convert_timm_nfnet` for `expected` and the checks. The variant is recognised from the
     layout (`infer_model_name`, then `detect_nfnet_variant` on the result, as for DeepMind's files).
+    PyTorch's own checkpoints (`torch.save` pickles) are refused: unpickling them can run code.
     """
-    state = source if isinstance(source, Mapping) else read_safetensors(source)
-    return convert_timm_nfnet(state, expected)
+    if isinstance(source, Mapping):
+        return convert_timm_nfnet(source, expected)
+    if looks_like_pytorch_checkpoint(source):
+        raise ValueError(
+            f"{os.fspath(source)} is a PyTorch pickle checkpoint (torch.save), which can run code when"
+            " loaded; use the same weights as .safetensors (timm publishes dm_nfnet_f* as model.safetensors)"
+        )
+    return convert_timm_nfnet(read_safetensors(source), expected)

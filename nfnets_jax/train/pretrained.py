@@ -79,8 +79,8 @@ def read_params(path: str, *, use_ema: bool = True) -> Params:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No weights at {path}: pass a workdir, our .npz, DeepMind's F*_haiku.npz"
                                 " or timm's dm_nfnet_f*.safetensors.")
-    if checkpoints.looks_like_safetensors(path):
-        return checkpoints.load_timm_nfnet(path)
+    if checkpoints.looks_like_safetensors(path) or checkpoints.looks_like_pytorch_checkpoint(path):
+        return checkpoints.load_timm_nfnet(path)  # (refuses the latter: a pickle)
     with open(path, "rb") as f:
         is_zip = f.read(4) == _ZIP_MAGIC
     return checkpoints.load_npz(path) if is_zip else checkpoints.load_deepmind_params(path)
