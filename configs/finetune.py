@@ -6,7 +6,7 @@
 
 (A dataset other than ImageNet names its own eval split: CIFAR's is `test`, not `validation`.)
 `init_from` takes DeepMind's released `F*_haiku.npz` (https://storage.googleapis.com/dm-nfnets/),
-timm's `dm_nfnet_f*` `model.safetensors`, one of our `.npz` files, or one of our workdirs (its latest checkpoint, EMA params). Everything
+timm's `model.safetensors`, our `.npz`, or one of our workdirs (its latest checkpoint, EMA params). Everything
 but the classifier (`config.checkpoint.init_exclude`, the `NFNet/~/linear` layer) is loaded, with
 names and shapes checked first; the classifier is re-initialised for the dataset's classes.
 
