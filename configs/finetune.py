@@ -6,7 +6,7 @@
 
 (A dataset other than ImageNet names its own eval split: CIFAR's is `test`, not `validation`.)
 `init_from` takes DeepMind's released `F*_haiku.npz` (https://storage.googleapis.com/dm-nfnets/),
-one of our `.npz` files, or one of our workdirs (its latest checkpoint, EMA params). Everything
+timm's `model.safetensors`, our `.npz`, or one of our workdirs (its latest checkpoint, EMA params). Everything
 but the classifier (`config.checkpoint.init_exclude`, the `NFNet/~/linear` layer) is loaded, with
 names and shapes checked first; the classifier is re-initialised for the dataset's classes.
 
@@ -28,7 +28,7 @@ from nfnets_jax.models import variant_info
 from nfnets_jax.train.config_schema import base_config
 
 VARIANTS = tuple(f"F{k}" for k in range(7))
-REQUIRED = "<set --config.checkpoint.init_from to F*_haiku.npz, our .npz or a workdir>"
+REQUIRED = "<set --config.checkpoint.init_from to F*_haiku.npz, a .safetensors, our .npz or a workdir>"
 
 
 def get_config(arg: str | None = "F0") -> ml_collections.ConfigDict:

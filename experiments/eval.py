@@ -5,7 +5,7 @@
     python -m experiments.eval --weights=F0_haiku.npz --variant=F0 [--data_dir=TFDS_DIR] [--batch_size=N]
 
 From a workdir it evaluates the latest checkpoint's raw and EMA params; from a weight file
-(DeepMind's released `F*_haiku.npz`, loaded without unpickling code, or our `.npz`) it evaluates
+(DeepMind's `F*_haiku.npz` read without unpickling code, timm's `.safetensors`, our `.npz`) it evaluates
 that one tree. `--variant=F0` means `--config=configs/nfnet.py:F0`: ImageNet's validation split
 at the variant's test resolution (256 px for F0, resize to S+32 squashed then centre crop).
 Parameter names and shapes are checked against the model before anything runs.
@@ -31,7 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:arg] (default: configs/digits.py, or the --variant's).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to evaluate (its latest checkpoint).")
-_WEIGHTS = flags.DEFINE_string("weights", None, "A weight file: DeepMind's F*_haiku.npz or our .npz.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "A weight file: DeepMind's F*_haiku.npz, timm's .safetensors or our .npz.")
 _VARIANT = flags.DEFINE_string("variant", None, "NFNet variant of --weights (F0 ... F6): picks configs/nfnet.py:<variant>.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (overrides config.data.data_dir).")
 _BATCH_SIZE = flags.DEFINE_integer(

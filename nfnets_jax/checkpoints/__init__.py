@@ -7,6 +7,11 @@
 - `npz_format`: `save_npz` / `load_npz`, pickle-free and exact (bfloat16 included).
 - `download`: atomic download with sha256 verification.
 - `released`: `RELEASED_WEIGHTS`, `detect_nfnet_variant`, `fetch_released_params`.
+- `safetensors_format`: `read_safetensors`, a NumPy-only reader that validates the whole header
+  against the file before allocating anything (`SafetensorsFormatError` otherwise).
+- `timm_nfnet`: `load_timm_nfnet` / `convert_timm_nfnet`, timm's `dm_nfnet_f0`…`f6` weights
+  mapped onto our NFNet by an explicit name table (`TimmWeightsError` lists every mismatch);
+  `match_timm_standardization` to reproduce timm's outputs rather than DeepMind's.
 """
 
 from nfnets_jax.checkpoints.allowlist import allowed_globals
@@ -27,6 +32,19 @@ from nfnets_jax.checkpoints.released import (
     detect_nfnet_variant,
     fetch_released_params,
 )
+from nfnets_jax.checkpoints.safetensors_format import (
+    SafetensorsFormatError,
+    looks_like_safetensors,
+    read_safetensors,
+)
+from nfnets_jax.checkpoints.timm_nfnet import (
+    TIMM_NFNET_MODELS,
+    TimmWeightsError,
+    convert_timm_nfnet,
+    load_timm_nfnet,
+    looks_like_pytorch_checkpoint,
+    match_timm_standardization,
+)
 
 __all__ = [
     "ChecksumMismatchError",
@@ -35,15 +53,24 @@ __all__ = [
     "RELEASED_BASE_URL",
     "RELEASED_WEIGHTS",
     "ReleasedWeights",
+    "SafetensorsFormatError",
+    "TIMM_NFNET_MODELS",
+    "TimmWeightsError",
     "UnsafeCheckpointError",
     "allowed_globals",
     "check_params_match",
+    "convert_timm_nfnet",
     "detect_nfnet_variant",
     "download",
     "fetch_released_params",
     "flatten_params",
     "load_deepmind_params",
     "load_npz",
+    "load_timm_nfnet",
+    "looks_like_pytorch_checkpoint",
+    "looks_like_safetensors",
+    "match_timm_standardization",
+    "read_safetensors",
     "save_npz",
     "sha256_of_file",
     "unflatten_params",

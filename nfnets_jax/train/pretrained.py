@@ -1,4 +1,4 @@
-"""Start from trained weights: DeepMind's released files, our `.npz`, or one of our workdirs.
+"""Start from trained weights: DeepMind's or timm's released files, our `.npz`, or one of our workdirs.
 
 Fine-tuning (paper §6.2, App. A.5) starts from pretrained params with a new classifier for the target
 dataset's classes; evaluation-only runs load params as they are. Either way the loaded names and
@@ -68,7 +68,8 @@ def read_workdir_params(workdir: str, *, use_ema: bool = True) -> Params:
 
 
 def read_params(path: str, *, use_ema: bool = True) -> Params:
-    """Params from a workdir (our orbax checkpoints), our `.npz`, or DeepMind's pickle `.npz`.
+    """Params from a workdir (our orbax checkpoints), our `.npz`, DeepMind's pickle `.npz`, or
+    timm's `dm_nfnet_f*` `.safetensors` (converted to our names, `checkpoints.load_timm_nfnet`).
 
     DeepMind's released `F*_haiku.npz` files are dill pickles, not zip archives (official
     `utils.py:load_haiku_file`); we read them with the safe unpickler of `nfnets_jax.checkpoints`.
@@ -76,7 +77,10 @@ def read_params(path: str, *, use_ema: bool = True) -> Params:
     if os.path.isdir(path):
         return read_workdir_params(path, use_ema=use_ema)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No weights at {path}: pass a workdir, our .npz or DeepMind's F*_haiku.npz.")
+        raise FileNotFoundError(f"No weights at {path}: pass a workdir, our .npz, DeepMind's F*_haiku.npz"
+                                " or timm's dm_nfnet_f*.safetensors.")
+    if checkpoints.looks_like_safetensors(path) or checkpoints.looks_like_pytorch_checkpoint(path):
+        return checkpoints.load_timm_nfnet(path)  # (refuses the latter: a pickle)
     with open(path, "rb") as f:
         is_zip = f.read(4) == _ZIP_MAGIC
     return checkpoints.load_npz(path) if is_zip else checkpoints.load_deepmind_params(path)
