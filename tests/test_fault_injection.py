@@ -63,15 +63,12 @@ def _meta(workdir, step):
 
 
 def _assert_same_final_state(workdir, reference_dir):
-    """Bit-identical params and EMA, and the same CRC32 for every leaf (optimizer state included)."""
-    final = pretrained.read_workdir_state(str(workdir))
-    reference = pretrained.read_workdir_state(str(reference_dir))
-    assert final["step"] == reference["step"] == STEPS
-    chex.assert_trees_all_equal(final["params"], reference["params"])
-    chex.assert_trees_all_equal(final["ema_params"], reference["ema_params"])
-    crcs, reference_crcs = _meta(workdir, STEPS)["leaf_crc32"], _meta(reference_dir, STEPS)["leaf_crc32"]
-    assert any("opt_state" in path for path in reference_crcs)
-    assert crcs == reference_crcs
+    """Bit-identical train state: params, EMA, optimizer state, RNG and step, every leaf."""
+    final, _ = checkpointing.read_latest(str(workdir / "checkpoints"))
+    reference, _ = checkpointing.read_latest(str(reference_dir / "checkpoints"))
+    assert int(np.asarray(final["step"])) == int(np.asarray(reference["step"])) == STEPS
+    assert "opt_state" in reference and reference["ema_params"]
+    chex.assert_trees_all_equal(final, reference)
 
 
 def _wait_until(condition, process, what):
@@ -177,8 +174,8 @@ def _garble_data(step_dir):
 
 def _rewrite_one_value(step_dir, new_value=None):
     """A checkpoint that orbax reads back without complaint, but holding a changed weight: only
-    the CRC32 recorded at save time can tell. With `new_value` (e.g. NaN), that value is written
-    and the CRC32s are dropped from `meta`, as in a checkpoint written before they were recorded."""
+    the fingerprints recorded at save time can tell. With `new_value` (e.g. NaN), that value is
+    written and the fingerprints are dropped, as in a checkpoint written before they were recorded."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -203,8 +200,9 @@ def _rewrite_one_value(step_dir, new_value=None):
     shutil.rmtree(scratch)
     if new_value is not None:
         meta = json.loads((step_dir / "meta" / "metadata").read_text())
-        del meta["leaf_crc32"]
+        del meta["integrity"]
         (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+        shutil.rmtree(step_dir / "integrity")
 
 
 def _remove(relative):
