@@ -336,10 +336,11 @@ def read_latest(directory: str | epath.Path) -> tuple[dict, dict] | None:
       CorruptCheckpointError: checkpoints exist but none of them is intact.
     """
     path = workdir_lib.as_path(directory)
-    manager = ocp.CheckpointManager(
-        workdir_lib.checkpoint_location(path),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers=_item_handlers())
+    with _quiet_restore_attempt():  # orbax warns that a read-only manager will not save
+        manager = ocp.CheckpointManager(
+            workdir_lib.checkpoint_location(path),
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers=_item_handlers())
     try:
         found = _restore_newest_intact(manager, path, None)
     finally:

@@ -65,7 +65,7 @@ def tensorstore_kvstore(directory: epath.Path) -> dict[str, Any]:
 
 def write_text_atomically(path: epath.Path, text: str) -> None:
     """Replaces `path`'s content with `text`; readers never see a partial file."""
-    if is_url(path) and getattr(path, "checkpoint_location", None) is None:
+    if is_url(path):
         path.write_text(text)  # one object upload: atomic on object stores
         return
     temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"

@@ -148,3 +148,26 @@ def acquire(workdir: str | os.PathLike, *, refresh_s: float = REFRESH_SECONDS,
                              describe(holder) if holder else "no readable record", gone)
             return WorkdirLock(path, record, refresh_s=refresh_s)
     raise WorkdirBusyError(f"{directory}: several runs are starting in it at once; start only one.")
+
+
+def acquire_for_run(workdir: str | os.PathLike) -> WorkdirLock | None:
+    """Process 0 takes the lock (returned; None on other processes); every process raises
+    `WorkdirBusyError` if it could not, so that none of them touches the workdir."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = acquire(workdir)
+        except WorkdirBusyError as busy:
+            error = busy
+    if jax.process_count() > 1:
+        import numpy as np  # pylint: disable=import-outside-toplevel
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not held and error is None:
+            error = WorkdirBusyError(f"{workdir} is in use by another run (see process 0's message).")
+    if error is not None:
+        raise error
+    return lock
