@@ -187,7 +187,7 @@ def test_resuming_with_another_model_names_the_differences_and_changes_nothing(s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, damage", [("state_merged_data", "truncated"), ("state/ocdbt.process_0", "folder"),
+@pytest.mark.parametrize("kind, damage", [("state_merged_data", "truncated"), ("state/d", "folder"),
                                           ("state_merged_data", "emptied"), ("state_manifest", "deleted")])
 def test_a_resumed_process_prints_one_warning_not_orbax_tracebacks(kind, damage, stopped_at_8, tmp_path):
     source, _ = stopped_at_8
