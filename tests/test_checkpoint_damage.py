@@ -77,6 +77,36 @@ CASES = [(f"{kind}-{damage}", kind, damage) for kind in FILE_KINDS for damage in
 CASES += [(f"folder_{folder.replace('/', '_')}-deleted", folder, "folder") for folder in FOLDER_KINDS]
 
 
+def _numpy_fingerprint(array):
+    """The fingerprint's formula, independently in numpy (uint64 arithmetic, reduced mod 2**32)."""
+    words = np.ascontiguousarray(array).reshape(-1)
+    words = (words.astype(np.uint8) if words.dtype == bool else words).view(
+        {1: np.uint8, 2: np.uint16, 4: np.uint32}[words.dtype.itemsize if words.dtype != bool else 1])
+    words = words.astype(np.uint64)
+    words ^= words >> 16
+    index = np.arange(words.size, dtype=np.uint64)
+    weights = ((index * 0x9E3779B1) % 2**32) | 1
+    return int((words * weights).sum() % 2**32)
+
+
+def test_fingerprint_matches_its_formula_and_sees_any_single_changed_word():
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.RandomState(0)
+    tree = {"f32": rng.randn(33, 7).astype(np.float32), "i32": rng.randint(-9, 9, 12).astype(np.int32),
+            "bf16": np.asarray(jnp.asarray(rng.randn(50), jnp.bfloat16)), "bool": rng.rand(9) > 0.5}
+    computed = checkpointing.fingerprint({k: jnp.asarray(v) for k, v in tree.items()})
+    for name, array in tree.items():
+        assert int(computed[name]) == _numpy_fingerprint(np.asarray(array)), name
+    base = tree["f32"].copy()
+    seen = {int(checkpointing.fingerprint(jnp.asarray(base)))}
+    for index in rng.choice(base.size, 20, replace=False):
+        changed = base.copy().reshape(-1)
+        changed.view(np.uint32)[index] ^= np.uint32(1 << rng.randint(32))  # one flipped bit
+        seen.add(int(checkpointing.fingerprint(jnp.asarray(changed.reshape(base.shape)))))
+    assert len(seen) == 21
+
+
 def _config(steps=STEPS):
     return fakes.fake_config(**{"train.steps": steps, "checkpoint.every_steps": EVERY, "checkpoint.keep": 3})
 

@@ -138,6 +138,10 @@ def test_sigkill_mid_save_and_mid_run_resumes_bit_exactly_from_the_last_complete
     assert f"at step {latest_complete}." in capsys.readouterr().out
     assert not _unfinished(workdir)
     _assert_same_final_state(workdir, reference_dir)
+    # Steps logged between the last checkpoint and each kill were dropped on resume: each step once.
+    logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["split"] == "train"]
+    assert logged == list(range(1, STEPS + 1))
 
 
 # ---- corrupt checkpoints ------------------------------------------------------------------------
