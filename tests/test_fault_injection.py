@@ -27,12 +27,12 @@ import chex
 import numpy as np
 import pytest
 
-from nfnets_jax.train import checkpointing, fakes, loop, pretrained
+from nfnets_jax.train import checkpointing, fake_object_store, fakes, loop, pretrained
 from test_train_checkpointing import _SlowData
 
 STEPS = 16
 EVERY = 4
-SUBPROCESS_TIMEOUT_S = 120
+SUBPROCESS_TIMEOUT_S = 240  # generous: CI boxes and shared machines compile slowly
 HEARTBEAT_S = 5
 CHECKPOINT_LOGGER = checkpointing.__name__
 # orbax's restore of a corrupt checkpoint leaves a failed asyncio task behind: noise, not a result.
@@ -261,18 +261,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_workers(workdir, steps, sleep):
+STORE_URL = f"{fake_object_store.SCHEME}://bucket/multi"
+
+
+def _start_workers(store, steps, sleep):
+    """Two worker processes training in `STORE_URL`, a fake object store backed by `store`."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               **{fake_object_store.ENV_ROOT: str(store)})
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(port), str(i),
-                              str(workdir), str(steps), str(sleep)],
+                              STORE_URL, str(steps), str(sleep)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(2)]
 
 
 def test_a_killed_worker_makes_the_survivor_exit_in_bounded_time_and_both_resume(tmp_path):
-    workdir, steps = tmp_path / "multi", 3 * EVERY
-    workers = _start_workers(workdir, steps, sleep=0.1)
+    # The workdir is a URL of a fake object store: the two processes reach it only through it.
+    store, steps = tmp_path / "store", 3 * EVERY
+    workdir = store / "bucket" / "multi"  # where the store keeps the files, for the checks below
+    workers = _start_workers(store, steps, sleep=0.1)
     try:
         # Kill worker 1 once the first checkpoint is committed (its step directory renamed).
         _wait_until(lambda: os.path.isdir(workdir / "checkpoints" / str(EVERY)), workers[0],
@@ -296,7 +303,7 @@ def test_a_killed_worker_makes_the_survivor_exit_in_bounded_time_and_both_resume
     assert latest >= EVERY
 
     # Restart both: they resume from the last complete checkpoint and finish.
-    workers = _start_workers(workdir, steps, sleep=0.0)
+    workers = _start_workers(store, steps, sleep=0.0)
     outputs = []
     try:
         for worker in workers:
@@ -326,6 +333,8 @@ def _kill_self_in_commit_of(step: int) -> None:
 
 def _worker(port: int, process_id: int, workdir: str, steps: int, sleep: float) -> None:
     import jax  # pylint: disable=import-outside-toplevel
+
+    fake_object_store.register()  # the root comes from the environment
 
     from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
 

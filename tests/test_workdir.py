@@ -15,7 +15,6 @@ import sys
 import time
 
 import chex
-import numpy as np
 import pytest
 
 from nfnets_jax.train import (checkpointing, fake_object_store, fakes, loop, metrics_logging, pretrained,

@@ -109,8 +109,12 @@ def _encode(record: dict) -> bytes:
 def _is_abandoned(record: dict, *, stale_after_s: float) -> str | None:
     """Why the lock's run is gone, or None if it may be alive."""
     age = time.time() - float(record.get("heartbeat", 0))
-    if record.get("host") == socket.gethostname() and not _pid_alive(int(record.get("pid", -1))):
-        return "its process no longer exists"
+    if record.get("host") == socket.gethostname():
+        pid = int(record.get("pid", -1))
+        if pid == os.getpid():  # a restarted machine or container handed this run the same pid
+            return "its pid is this process's own"
+        if not _pid_alive(pid):
+            return "its process no longer exists"
     if age > stale_after_s:
         return f"its heartbeat is {age:.0f}s old (more than {stale_after_s:.0f}s)"
     return None
