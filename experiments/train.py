@@ -124,10 +124,7 @@ def main(argv: list[str]) -> None:
         experiment = build_experiment(config)
     except (ValueError, FileNotFoundError, DatasetUnavailableError) as error:
         sys.exit(f"error: {error}")
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    # (config.json is written by loop.run, once it holds the workdir lock and the resume checks passed.)
 
     # ---- Train (resumes from the workdir's latest checkpoint), evaluate, plot ----
     try:

@@ -1,79 +1,162 @@
 """Orbax checkpoints of the train state: every N steps, keep the last K, on SIGTERM, resume.
 
 What is saved is the one logical copy of `TrainState` (replicated global arrays; orbax writes a
-replicated array once, from one process, and coordinates multi-process saves) and a small JSON
-record with the step and the position in the data stream. Saves are atomic (orbax writes to a
-temporary directory and renames it when complete), so a run killed mid-save resumes from the
-previous complete checkpoint; the unfinished save it leaves (`<step>.orbax-checkpoint-tmp-*`) is
-never listed as a step and is deleted when the next run opens the directory. A state with
-non-finite values is never handed to `save`: the loop checks first, so the last good checkpoint is
-never overwritten.
+replicated array once, from one process, and coordinates multi-process saves), a fingerprint of
+every leaf, and a small JSON record with the step and the position in the data stream. Saves are
+asynchronous (orbax copies the arrays to host, returns, and writes in a background thread) and
+atomic (orbax writes to a temporary directory and commits it when complete), so a run killed
+mid-save resumes from the previous complete checkpoint; the unfinished save it leaves
+(`<step>.orbax-checkpoint-tmp-*`) is never listed as a step and is deleted when the next run
+opens the directory (which it only does while holding the workdir lock, see `workdir_lock`). A
+state with non-finite values is never handed to `save`: the loop checks first, so the last good
+checkpoint is never overwritten.
 
-Restoring trusts nothing on disk: each save records a CRC32 of every leaf's bytes in `meta`, and
-`restore_latest` walks from the newest step down, skipping (with one warning each) checkpoints
-that are unreadable (missing or truncated files, garbled data, missing metadata) or that restore
-to the wrong step, shapes, dtypes, non-finite params or bytes that fail their CRC. Skipped ones
-are moved to `corrupt_checkpoints/` next to the checkpoint directory, so that the resumed run can
-save those steps again. When no checkpoint survives, `CorruptCheckpointError` says what to do;
-nothing is loaded and nothing starts from scratch behind the user's back.
+The fingerprint (`fingerprint`) is computed on the devices that hold each array, inside one
+jitted function dispatched asynchronously: a save never copies the state to host for it, and it
+is orbax that writes the fingerprints, from the process that writes the arrays. Checkpoints from
+before fingerprints recorded a CRC32 of each leaf in `meta`; those are still verified.
+
+Restoring trusts nothing on disk: `restore_latest` (resume) and `read_latest` (evaluation and
+fine-tuning from a workdir) walk from the newest step down and skip, with one warning each,
+checkpoints that fail to restore in any way (orbax and TensorStore raise anything from
+`ValueError` to a bare `Exception` for missing, truncated, emptied or garbled files) or that
+restore to the wrong step, shapes, dtypes, non-finite params or a wrong fingerprint. While a
+checkpoint is tried, orbax's, TensorStore's and asyncio's own logging is held back, so a damaged
+checkpoint costs the user one line, not pages of tracebacks. On resume, skipped checkpoints are
+moved to `corrupt_checkpoints/` next to the checkpoint directory, so that the resumed run can
+save those steps again (readers leave them in place). When no checkpoint survives,
+`CorruptCheckpointError` says what to do; nothing is loaded and nothing starts from scratch
+behind the user's back. A checkpoint whose arrays do not match the model being resumed (a changed
+config) raises `IncompatibleCheckpointError` naming the differences, before anything is moved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import shutil
 import signal
+import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
+from nfnets_jax.train import workdir as workdir_lib
 from nfnets_jax.train.state import TrainState
 
 _log = logging.getLogger(__name__)
 
 # Suffix orbax gives a step directory while it is being written (renamed away on commit).
 _UNFINISHED_SAVE_MARKER = ".orbax-checkpoint-tmp"
-# What orbax and tensorstore raise for missing, truncated or garbled files: FileNotFoundError for a
-# missing `_METADATA` or item file, ValueError for tensorstore's NOT_FOUND / DATA_LOSS /
-# OUT_OF_RANGE statuses and for unparsable JSON, KeyError for a metadata tree that lacks an entry.
-_UNREADABLE_ERRORS = (OSError, ValueError, KeyError)
 # Files every save writes whose absence orbax reports only obliquely (a pytree structure error).
 _REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
-# Leaf paths (of `TrainState` fields) that the loop guarantees finite before every save: non-finite
+# Top-level `TrainState` fields that the loop guarantees finite before every save: non-finite
 # updates are never applied. (The optimizer state is left out: an optax state may hold inf.)
-_FINITE_PATH_PREFIXES = (".params[", ".model_state[", ".ema_params[")
+_FINITE_FIELDS = ("params", "model_state", "ema_params")
+# `meta["integrity"]` of checkpoints whose `integrity` item holds `fingerprint`s.
+FINGERPRINT_FORMAT = "uint32-weighted-sum-v1"
+# Loggers whose output during a failed restore attempt is noise to the user (orbax logs through
+# absl; asyncio reports the tasks orbax leaves behind when a read fails).
+_NOISY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "jax._src.distributed")
+_MAX_LISTED_DIFFERENCES = 8
 
 
 class CorruptCheckpointError(RuntimeError):
     """No checkpoint in the directory could be restored and verified; nothing was loaded."""
 
 
+class IncompatibleCheckpointError(ValueError):
+    """The newest checkpoint holds arrays of another model (names or shapes differ)."""
+
+
 class _FailedVerification(ValueError):
     """A checkpoint restored without error but does not hold what was saved."""
 
 
-def _host_leaves(state: TrainState) -> list[tuple[str, np.ndarray]]:
-    """(path, host copy) of every leaf, read from this process's first addressable shard."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(state)
-    return [(jax.tree_util.keystr(path), np.asarray(leaf.addressable_shards[0].data)
-             if isinstance(leaf, jax.Array) else np.asarray(leaf)) for path, leaf in flat]
+# ---- Fingerprints: computed on device, at save and at restore --------------------------------------
+
+def _words(leaf: jax.Array) -> jax.Array:
+    """The leaf's bytes as a flat uint32 vector (narrower types widened, wider ones split)."""
+    flat = leaf.reshape(-1)
+    if flat.dtype == jnp.bool_:
+        flat = flat.astype(jnp.uint8)
+    size = flat.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(flat, jnp.uint32)
+    if size in (1, 2):
+        unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+        return jax.lax.bitcast_convert_type(flat, unsigned).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(flat, jnp.uint32).reshape(-1)  # 8 bytes -> 2 words
+
+
+def _leaf_fingerprint(leaf: jax.Array) -> jax.Array:
+    """A position-weighted sum (mod 2**32) of the leaf's words: a uint32 scalar.
+
+    Each word goes through an invertible xorshift and is multiplied by an odd weight that depends
+    on its position, so changing any single word always changes the sum (and swapping words
+    changes it too, but for a 2**-32 chance); modular addition makes the result independent of
+    how XLA orders the reduction and of the sharding. One pass over the bytes, at the memory
+    bandwidth of the device that holds them.
+    """
+    words = _words(leaf)
+    words = words ^ (words >> 16)
+    weights = jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def fingerprint(state: Any) -> Any:
+    """A uint32 fingerprint of every leaf of `state`, same tree structure, on device."""
+    return jax.tree.map(_leaf_fingerprint, state)
+
+
+@jax.jit
+def _restored_summary(state: Any) -> tuple[Any, Any]:
+    """(fingerprints, all-finite flag per floating leaf): what verification needs, on device."""
+    finite = jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating)
+                          else jnp.bool_(True), state)
+    return fingerprint(state), finite
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("name", "key", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _path_name(path: tuple) -> str:
+    """`opt_state/0/trace/net/~/linear/w`: the same for a `TrainState` and orbax's dict of it."""
+    return "/".join(_key_name(key) for key in path)
+
+
+def _legacy_crc_key(path: tuple) -> str:
+    """The key under which pre-fingerprint checkpoints recorded a leaf's CRC32 (a `TrainState`
+    keystr, e.g. `.params['net/~/linear']['w']`)."""
+    return f".{_key_name(path[0])}{jax.tree_util.keystr(path[1:])}"
+
+
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _host(leaf: Any) -> np.ndarray:
+    return np.asarray(leaf.addressable_shards[0].data) if isinstance(leaf, jax.Array) else np.asarray(leaf)
 
 
 def _crc32(array: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
-def leaf_checksums(state: TrainState) -> dict[str, int]:
-    """CRC32 of each leaf's bytes, keyed by its tree path: recorded at save, checked at restore."""
-    return {path: _crc32(value) for path, value in _host_leaves(state)}
-
+# ---- Verification --------------------------------------------------------------------------------
 
 def _short(error: BaseException) -> str:
     """One line of an exception, without tensorstore's long JSON spec."""
@@ -82,68 +165,222 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
-def _verify(step: int, state: TrainState, meta: dict, abstract_state: TrainState) -> None:
+def _differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Leaf names and shapes/dtypes that differ between two {name: array-like} maps."""
+    lines = [f"missing from the checkpoint: {name}" for name in sorted(set(expected) - set(found))]
+    lines += [f"not in the model: {name}" for name in sorted(set(found) - set(expected))]
+    for name in sorted(set(found) & set(expected)):
+        have, want = found[name], expected[name]
+        if tuple(have.shape) != tuple(want.shape) or np.dtype(have.dtype) != np.dtype(want.dtype):
+            lines.append(f"{name}: checkpoint {np.dtype(have.dtype)}{list(have.shape)}, model "
+                         f"{np.dtype(want.dtype)}{list(want.shape)}")
+    return lines
+
+
+def _verify(step: int, state: Any, integrity: Any, meta: dict, abstract_state: Any) -> None:
     """Raises `_FailedVerification` unless `state` is exactly what was saved at `step`."""
     if int(meta["step"]) != step:
         raise _FailedVerification(f"its meta record says step {meta['step']}")
-    if jax.tree.structure(state) != jax.tree.structure(abstract_state):
-        raise _FailedVerification("its tree of arrays differs from the model's train state")
-    for (path, leaf), target in zip(jax.tree_util.tree_flatten_with_path(state)[0],
-                                    jax.tree.leaves(abstract_state)):
-        if leaf.shape != target.shape or leaf.dtype != target.dtype:
-            raise _FailedVerification(
-                f"{jax.tree_util.keystr(path)} is {leaf.dtype}{list(leaf.shape)}, the model expects "
-                f"{target.dtype}{list(target.shape)}")
-    host = _host_leaves(state)
-    saved_step = int(dict(host)[".step"])
+    wrong = _differences(_named_leaves(state), _named_leaves(abstract_state))
+    if wrong:
+        raise _FailedVerification(f"its arrays differ from the train state: {wrong[0]}")
+    saved_step = int(_host(_named_leaves(state)["step"]))
     if saved_step != step:
         raise _FailedVerification(f"its state holds step {saved_step}")
-    for path, value in host:
-        if (path.startswith(_FINITE_PATH_PREFIXES) and np.issubdtype(value.dtype, np.floating)
-                and not np.all(np.isfinite(value))):
-            raise _FailedVerification(f"{path} holds NaN or inf")
-    expected = meta.get("leaf_crc32")
-    if expected is None:  # written before checksums were recorded: nothing more to compare
+    fingerprints, finite = jax.device_get(_restored_summary(state))
+    flat, _ = jax.tree_util.tree_flatten_with_path(finite)
+    for path, ok in flat:
+        if _key_name(path[0]) in _FINITE_FIELDS and not bool(ok):
+            raise _FailedVerification(f"{_path_name(path)} holds NaN or inf")
+    if meta.get("integrity") == FINGERPRINT_FORMAT:
+        if integrity is None:
+            raise _FailedVerification("its fingerprints are missing")
+        saved = {name: _host(value) for name, value in _named_leaves(integrity).items()}
+        computed = {name: np.asarray(value) for name, value in _named_leaves(fingerprints).items()}
+        if set(saved) != set(computed):
+            raise _FailedVerification("its fingerprints cover other arrays than its state")
+        mismatched = [name for name in computed if not np.array_equal(saved[name], computed[name])]
+        if mismatched:
+            raise _FailedVerification(f"fingerprint mismatch in {mismatched[:3]}")
         return
-    wrong = [path for path, value in host if expected.get(path) != _crc32(value)]
-    if wrong or set(expected) != {path for path, _ in host}:
+    expected = meta.get("leaf_crc32")
+    if expected is None:  # written before integrity data was recorded: nothing more to compare
+        return
+    host = {_legacy_crc_key(path): _host(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+    wrong = [path for path, value in host.items() if expected.get(path) != _crc32(value)]
+    if wrong or set(expected) != set(host):
         raise _FailedVerification(f"CRC32 mismatch in {wrong or 'the set of leaves'}")
+
+
+@contextlib.contextmanager
+def _quiet_restore_attempt() -> Iterator[None]:
+    """Holds back what orbax, TensorStore and asyncio print while one checkpoint is tried:
+    their loggers, and the exceptions that orbax's abandoned asyncio tasks and threads raise
+    when a read fails (reported through `sys.unraisablehook` and `threading.excepthook`)."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    hooks = sys.unraisablehook, threading.excepthook
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        sys.unraisablehook, threading.excepthook = hooks
+
+
+def _integrity_target(abstract_state: Any) -> Any:
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((), jnp.uint32, sharding=leaf.sharding),
+                        abstract_state)
+
+
+def _metadata_tree(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
+    metadata = manager.item_metadata(step)[item]
+    return getattr(metadata, "tree", metadata)
+
+
+def _on_one_device(tree: Any) -> Any:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
+
+
+def _restore_one(manager: ocp.CheckpointManager, step_path: epath.Path, step: int,
+                 abstract_state: Any | None) -> tuple[Any, dict]:
+    """Restores and verifies one step; raises on any failure. `abstract_state=None` restores
+    whatever tree the checkpoint holds, onto this process's first device."""
+    missing = [name for name in _REQUIRED_FILES if not (step_path / name).exists()]
+    if missing:
+        raise _FailedVerification(f"{', '.join(missing)} missing")
+    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    if abstract_state is None:
+        abstract_state = _on_one_device(_metadata_tree(manager, step, "state"))
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    has_integrity = meta.get("integrity") == FINGERPRINT_FORMAT and (step_path / "integrity").exists()
+    if has_integrity:
+        args["integrity"] = ocp.args.StandardRestore(_integrity_target(abstract_state))
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+    state, integrity = restored["state"], restored["integrity"] if has_integrity else None
+    _verify(step, state, integrity, meta, abstract_state)
+    return state, meta
+
+
+def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any, directory: str) -> None:
+    """Raises `IncompatibleCheckpointError` if the step's (readable) metadata describes arrays of
+    another model; unreadable metadata is left to the restore attempt (damage, not a config)."""
+    try:
+        with _quiet_restore_attempt():
+            saved = _named_leaves(_metadata_tree(manager, step, "state"))
+    except Exception:  # pylint: disable=broad-except
+        return
+    if not saved:
+        return
+    differences = _differences(saved, _named_leaves(abstract_state))
+    if not differences:
+        return
+    listed = "\n  ".join(differences[:_MAX_LISTED_DIFFERENCES])
+    more = len(differences) - _MAX_LISTED_DIFFERENCES
+    raise IncompatibleCheckpointError(
+        f"The checkpoint of step {step} in {directory} was written by another model or optimizer "
+        f"({len(differences)} difference(s)):\n  {listed}"
+        f"{f'{chr(10)}  ... and {more} more' if more > 0 else ''}\n"
+        "Resume with the config that wrote it (the workdir's config.json), or use a new workdir. "
+        "Nothing was changed.")
+
+
+def _restore_newest_intact(manager: ocp.CheckpointManager, directory: epath.Path,
+                           abstract_state: Any | None) -> tuple[Any, dict, list[int]] | None:
+    """(state, meta, skipped steps) of the newest step that restores intact, or None when the
+    directory holds no step; warns once per skipped step; raises `CorruptCheckpointError`."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if steps and abstract_state is not None:
+        _check_compatible(manager, steps[0], abstract_state, str(directory))
+    failures: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            with _quiet_restore_attempt():
+                state, meta = _restore_one(manager, directory / str(step), step, abstract_state)
+        except Exception as error:  # pylint: disable=broad-except  # any failure: try the next one
+            reason = error if isinstance(error, _FailedVerification) else _short(error)
+            _log.warning("Checkpoint %s is unreadable or corrupt (%s); skipping it.",
+                         directory / str(step), reason)
+            failures.append((step, str(reason)))
+            continue
+        return state, meta, [failed for failed, _ in failures]
+    if failures:
+        listing = "; ".join(f"step {failed}: {reason}" for failed, reason in failures)
+        raise CorruptCheckpointError(
+            f"No checkpoint in {directory} could be restored intact ({listing}). Nothing was "
+            f"loaded. To start this run from scratch, move the checkpoints aside (e.g. `mv "
+            f"{directory} {directory}.corrupt`) or use a new workdir; to recover, restore "
+            "a copy of the checkpoint directory from backup.")
+    return None
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+            "integrity": ocp.StandardCheckpointHandler()}
+
+
+def read_latest(directory: str | epath.Path) -> tuple[dict, dict] | None:
+    """(state as a dict of arrays on this process's first device, meta) of the newest intact
+    checkpoint in `directory`, verified as on resume; None if it holds no checkpoint.
+
+    Read-only: skipped checkpoints stay where they are (a run may be writing this directory).
+
+    Raises:
+      CorruptCheckpointError: checkpoints exist but none of them is intact.
+    """
+    path = workdir_lib.as_path(directory)
+    with _quiet_restore_attempt():  # orbax warns that a read-only manager will not save
+        manager = ocp.CheckpointManager(
+            workdir_lib.checkpoint_location(path),
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers=_item_handlers())
+    try:
+        found = _restore_newest_intact(manager, path, None)
+    finally:
+        manager.close()
+    return None if found is None else found[:2]
 
 
 class Checkpointer:
     """Saves and restores `TrainState` under `workdir/checkpoints` with orbax.
 
     Args:
-      directory: where the step directories go.
+      directory: where the step directories go (a local path or a `gs://` URL).
       every_steps: periodic save interval (the final step and SIGTERM always save).
       keep: how many of the most recent checkpoints to keep.
 
     Opening the directory deletes unfinished saves left by a killed run (see module docstring).
     """
 
-    def __init__(self, directory: str, *, every_steps: int, keep: int):
+    def __init__(self, directory: str | epath.Path, *, every_steps: int, keep: int):
         if every_steps <= 0 or keep <= 0:
             raise ValueError(
                 f"config.checkpoint.every_steps={every_steps} and config.checkpoint.keep={keep} "
                 "must both be positive."
             )
         self.every_steps = every_steps
-        directory = os.path.abspath(directory)
-        unfinished = sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else ())
-                            if _UNFINISHED_SAVE_MARKER in name)
+        self._path = workdir_lib.as_path(directory)
+        unfinished = sorted(path.name for path in (self._path.iterdir() if self._path.is_dir() else ())
+                            if _UNFINISHED_SAVE_MARKER in path.name)
         if unfinished and jax.process_index() == 0:
             _log.warning("Deleting unfinished checkpoint save(s) %s in %s, left by an interrupted run.",
-                         ", ".join(unfinished), directory)
+                         ", ".join(unfinished), self._path)
         self._manager = ocp.CheckpointManager(
-            directory,
+            workdir_lib.checkpoint_location(self._path),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 cleanup_tmp_directories=True),
-            item_names=("state", "meta"),
+                                                 cleanup_tmp_directories=True,
+                                                 enable_async_checkpointing=True),
+            item_handlers=_item_handlers(),
         )
 
     @property
     def directory(self) -> str:
-        return str(self._manager.directory)
+        return str(self._path)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -152,12 +389,17 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: TrainState, *, data_position: int) -> None:
-        """Saves `state` at `step` (every process must call this; orbax coordinates)."""
-        meta = {"step": int(step), "data_position": int(data_position),
-                "leaf_crc32": leaf_checksums(state)}
+        """Starts saving `state` at `step` (every process must call this; orbax coordinates).
+
+        Returns once orbax holds a host copy of the arrays; the files are written in the
+        background (`wait()` blocks until they are).
+        """
+        meta = {"step": int(step), "data_position": int(data_position), "integrity": FINGERPRINT_FORMAT}
         self._manager.save(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    integrity=ocp.args.StandardSave(fingerprint(state)),
+                                    meta=ocp.args.JsonSave(meta)),
             force=True,
         )
 
@@ -171,58 +413,31 @@ class Checkpointer:
 
         Raises:
           CorruptCheckpointError: checkpoints exist but none of them is intact.
+          IncompatibleCheckpointError: the newest checkpoint holds another model's arrays.
         """
-        failures: list[tuple[int, str]] = []
-        for step in sorted(self.all_steps(), reverse=True):
-            try:
-                missing = [name for name in _REQUIRED_FILES
-                           if not os.path.exists(os.path.join(self._step_path(step), name))]
-                if missing:
-                    raise _FailedVerification(f"{', '.join(missing)} missing")
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                    ),
-                )
-                state, meta = restored["state"], dict(restored["meta"])
-                _verify(step, state, meta, abstract_state)
-            except _UNREADABLE_ERRORS as error:
-                reason = error if isinstance(error, _FailedVerification) else _short(error)
-                _log.warning("Checkpoint %s is unreadable or corrupt (%s); skipping it (it goes to "
-                             "corrupt_checkpoints/ once an older one restores).",
-                             self._step_path(step), reason)
-                failures.append((step, str(reason)))
-                continue
-            self._set_aside([failed for failed, _ in failures])
-            if jax.process_count() > 1:
-                multihost_utils.assert_equal(np.int64(step), "processes restored different steps")
-            return state, meta
-        if failures:
-            listing = "; ".join(f"step {failed}: {reason}" for failed, reason in failures)
-            raise CorruptCheckpointError(
-                f"No checkpoint in {self.directory} could be restored intact ({listing}). Nothing was "
-                f"loaded. To start this run from scratch, move the checkpoints aside (e.g. `mv "
-                f"{self.directory} {self.directory}.corrupt`) or use a new workdir; to recover, restore "
-                "a copy of the checkpoint directory from backup.")
-        return None
-
-    def _step_path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        self._manager.wait_until_finished()
+        found = _restore_newest_intact(self._manager, self._path, abstract_state)
+        if found is None:
+            return None
+        state, meta, skipped = found
+        self._set_aside(skipped)
+        if jax.process_count() > 1:
+            multihost_utils.assert_equal(np.int64(meta["step"]), "processes restored different steps")
+        return state, meta
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves failed step directories out of orbax's sight (kept for inspection)."""
         if not steps:
             return
         if jax.process_index() == 0:
-            corrupt_dir = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
-            os.makedirs(corrupt_dir, exist_ok=True)
+            corrupt_dir = self._path.parent / "corrupt_checkpoints"
+            corrupt_dir.mkdir(parents=True, exist_ok=True)
             for step in steps:
-                destination = os.path.join(corrupt_dir, str(step))
-                if os.path.exists(destination):
-                    destination += f".{time.time_ns()}"
-                shutil.move(self._step_path(step), destination)
-                _log.info("Moved corrupt checkpoint %s to %s.", self._step_path(step), destination)
+                source, destination = self._path / str(step), corrupt_dir / str(step)
+                if destination.exists():
+                    destination = corrupt_dir / f"{step}.{time.time_ns()}"
+                source.rename(destination)
+                _log.info("Moved corrupt checkpoint %s to %s.", source, destination)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("nfnets_jax_checkpoints_set_aside")
         self._manager.reload()

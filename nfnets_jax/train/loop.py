@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,10 +24,13 @@ from nfnets_jax.train import config_schema
 from nfnets_jax.train import evaluation
 from nfnets_jax.train import metrics_logging
 from nfnets_jax.train import parallel
+from nfnets_jax.train import workdir as workdir_lib
+from nfnets_jax.train import workdir_lock
 from nfnets_jax.train.state import TrainState, init_train_state
 from nfnets_jax.train.step import StepSettings, make_eval_step, make_train_step
 
 NONFINITE_MODES = config_schema.NONFINITE_MODES
+CONFIG_FILE = "config.json"
 HostBatch = Mapping[str, np.ndarray]
 
 
@@ -104,12 +106,20 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
     if config.nonfinite not in NONFINITE_MODES:
         raise ValueError(f"config.nonfinite={config.nonfinite!r}; choose one of {NONFINITE_MODES}.")
     is_main = jax.process_index() == 0
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    # Nothing in the workdir is read or written before this run holds its lock.
+    lock = workdir_lock.acquire_for_run(workdir)
+    try:
+        return _run_locked(experiment, config, workdir_lib.as_path(workdir), is_main, prefetch)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workdir: workdir_lib.Path,
+                is_main: bool, prefetch: int) -> RunSummary:
     backend = parallel.make_backend(config.parallel.backend)
-    writer = metrics_logging.MetricWriter(workdir, is_main=is_main)
     checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        workdir / "checkpoints",
         every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep,
     )
@@ -124,7 +134,11 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
         use_ema=experiment.step_settings.ema_decay is not None,
     )
     abstract_state = _abstract(jax.eval_shape(init_fn), backend.replicated)
-    restored = checkpointer.restore_latest(abstract_state)
+    try:
+        restored = checkpointer.restore_latest(abstract_state)
+    except BaseException:
+        checkpointer.close()
+        raise
     if restored is None:
         state = jax.jit(init_fn, out_shardings=backend.replicated)()
         if experiment.initial_params is not None:  # fine-tuning: loaded body, the fresh head
@@ -134,6 +148,13 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
     else:
         state, meta = restored
         data_position = int(meta["data_position"])
+    resumed_at = int(parallel.first_replica(state.step))
+    if is_main:
+        # The records of steps after the resumed one are logged again by this run: drop them.
+        metrics_logging.trim_metrics(workdir / metrics_logging.METRICS_FILE, last_step=resumed_at)
+        workdir_lib.write_text_atomically(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
+    writer = metrics_logging.MetricWriter(workdir, is_main=is_main,
+                                          resumed_at=None if restored is None else resumed_at)
     step = start_step = int(parallel.first_replica(state.step))
     progress = metrics_logging.Progress(experiment.total_steps, step, is_main=is_main)
     if restored is not None:
@@ -176,10 +197,9 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
 
     def draw_curves() -> str | None:
         """The PNG of the training curves so far (process 0), from the flushed JSONL file."""
-        if not is_main or not os.path.exists(writer.jsonl_path):
+        if not is_main or not workdir_lib.as_path(writer.jsonl_path).exists():
             return None
-        return metrics_logging.plot_training_curves(
-            writer.jsonl_path, os.path.join(workdir, metrics_logging.CURVES_FILE))
+        return metrics_logging.plot_training_curves(writer.jsonl_path, workdir / metrics_logging.CURVES_FILE)
 
     # ---- Loop ----
     batches = _prefetch(experiment.train_batches(data_position), backend.put_batch, prefetch)

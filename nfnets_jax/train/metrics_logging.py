@@ -2,21 +2,24 @@
 
 Named `metrics_logging` so as not to shadow the standard library's `logging`. Only process 0
 writes files (`is_main`); every process computes the same metrics, which are averaged on device
-before they reach the host.
+before they reach the host. Files go through `workdir.as_path`, so a `gs://` workdir works too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
+from etils import epath
+
+from nfnets_jax.train import workdir as workdir_lib
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -40,24 +43,65 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def trim_metrics(jsonl_path: str | epath.Path, *, last_step: int) -> int:
+    """Drops the records of steps after `last_step` (and a line cut short by a kill), so that a
+    run resumed from the checkpoint of `last_step` logs each later step once. The file is
+    replaced atomically. Returns the number of records dropped."""
+    path = workdir_lib.as_path(jsonl_path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += bool(line.strip())
+            continue
+        if int(record.get("step", 0)) > last_step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        workdir_lib.write_text_atomically(path, "".join(kept))
+    return dropped
+
+
+class _EpathEventFiles:
+    """tensorboardX writer factory for workdirs on object stores (`gs://`), through epath."""
+
+    def open(self, path: str) -> IO[bytes]:
+        return workdir_lib.as_path(path).open("wb")
+
+    def directory_check(self, path: str) -> None:
+        workdir_lib.as_path(path).mkdir(parents=True, exist_ok=True)
+
+
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` and to TensorBoard event files in `workdir/tb`.
 
     One JSON object per line: `{"step": 100, "split": "train", "loss": 0.52, ...}`, flushed at
-    once, so a crashed run keeps everything written before the crash and a resumed run appends.
+    once, so a crashed run keeps everything written before the crash and a resumed run appends
+    (after `trim_metrics` removed what it will log again). `resumed_at` makes TensorBoard drop
+    the events of later steps, for the same reason.
     """
 
-    def __init__(self, workdir: str, *, is_main: bool):
+    def __init__(self, workdir: str | epath.Path, *, is_main: bool, resumed_at: int | None = None):
         self.is_main = is_main
-        self.jsonl_path = os.path.join(workdir, METRICS_FILE)
+        directory = workdir_lib.as_path(workdir)
+        self.jsonl_path = str(directory / METRICS_FILE)
         self._jsonl: IO[str] | None = None
         self._tensorboard = None
         if is_main:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+            directory.mkdir(parents=True, exist_ok=True)
+            self._jsonl = (directory / METRICS_FILE).open("a")
+            # pylint: disable=import-outside-toplevel
+            from tensorboardX import SummaryWriter
+            from tensorboardX import record_writer
 
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tb"))
+            if workdir_lib.is_url(directory):
+                record_writer.register_writer_factory(str(directory).split(":")[0], _EpathEventFiles())
+            self._tensorboard = SummaryWriter(
+                str(directory / "tb"), purge_step=None if resumed_at is None else resumed_at + 1)
 
     def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
         """Records `scalars` (host floats or device scalars) for `split` at `step`."""
@@ -126,13 +170,13 @@ class Progress:
             self._bar = None
 
 
-def read_metrics(jsonl_path: str) -> list[dict]:
+def read_metrics(jsonl_path: str | epath.Path) -> list[dict]:
     """All records of a metrics file, in order."""
-    with open(jsonl_path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in workdir_lib.as_path(jsonl_path).read_text().splitlines()
+            if line.strip()]
 
 
-def plot_training_curves(jsonl_path: str, png_path: str) -> str:
+def plot_training_curves(jsonl_path: str | epath.Path, png_path: str | epath.Path) -> str:
     """Draws train loss, train/eval top-1, learning rate and AGC clip fraction against step.
 
     Returns the path written. Uses the non-interactive Agg backend (no display needed).
@@ -166,9 +210,11 @@ def plot_training_curves(jsonl_path: str, png_path: str) -> str:
         if axis.lines:
             axis.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    return png_path
+    workdir_lib.as_path(png_path).write_bytes(image.getvalue())
+    return str(png_path)
 
 
 class StepTimer:

@@ -12,20 +12,22 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from etils import epath
 
 from nfnets_jax import checkpoints
+from nfnets_jax.train import checkpointing
+from nfnets_jax.train import workdir as workdir_lib
 
 Params = dict[str, dict[str, np.ndarray]]
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _latest_checkpoint_dir(path: str) -> str | None:
+def _latest_checkpoint_dir(path: str) -> epath.Path | None:
     """`path` itself if it holds orbax step directories, or its `checkpoints/` subfolder."""
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(candidate) and any(name.isdigit() for name in os.listdir(candidate)):
+    root = workdir_lib.as_path(path)
+    for candidate in (root / "checkpoints", root):
+        if candidate.is_dir() and any(child.name.isdigit() for child in candidate.iterdir()):
             return candidate
     return None
 
@@ -37,24 +39,20 @@ def _to_numpy(tree: Any) -> Any:
 
 
 def read_workdir_state(workdir: str) -> dict[str, Any]:
-    """The newest checkpoint of one of our workdirs as host arrays: `step`, `params`,
-    `ema_params` (None without EMA) and `model_state`, without building the model first."""
+    """The newest intact checkpoint of one of our workdirs as host arrays: `step`, `params`,
+    `ema_params` (None without EMA) and `model_state`, without building the model first.
+
+    Read through the same verifying reader as resume (`checkpointing.read_latest`): a damaged
+    newest checkpoint is skipped with one warning and the next older one is used; if none is
+    intact, `checkpointing.CorruptCheckpointError` says so. Nothing is ever evaluated or
+    fine-tuned from a checkpoint that failed verification.
+    """
     directory = _latest_checkpoint_dir(workdir)
-    if directory is None:
+    found = None if directory is None else checkpointing.read_latest(directory)
+    if found is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint (no numbered folders in it or in its "
                                 "checkpoints/); train first, or pass a weight file.")
-    manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-    step = manager.latest_step()
-    # Restore onto this process's first device whatever topology saved it (e.g. 2 hosts).
-    metadata = manager.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-                          getattr(metadata, "tree", metadata))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    manager.close()
-    state = restored["state"]
+    state, _ = found
     return {"step": int(np.asarray(state["step"])), "params": _to_numpy(state["params"]),
             "ema_params": _to_numpy(state.get("ema_params")) or None,
             "model_state": _to_numpy(state.get("model_state") or {})}
@@ -74,7 +72,7 @@ def read_params(path: str, *, use_ema: bool = True) -> Params:
     DeepMind's released `F*_haiku.npz` files are dill pickles, not zip archives (official
     `utils.py:load_haiku_file`); we read them with the safe unpickler of `nfnets_jax.checkpoints`.
     """
-    if os.path.isdir(path):
+    if workdir_lib.is_url(path) or os.path.isdir(path):
         return read_workdir_params(path, use_ema=use_ema)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No weights at {path}: pass a workdir, our .npz, DeepMind's F*_haiku.npz"

@@ -1,0 +1,238 @@
+"""Every way a checkpoint can be damaged means: skip it, one warning, use the next older one.
+
+Orbax and TensorStore fail in many ways on damaged files (FileNotFoundError, ValueError, a bare
+`Exception("Encountered error while reading array index ...")`, asyncio errors from abandoned
+tasks, or no error at all with wrong bytes). The tests below damage every kind of file and
+folder a save writes, in every way (truncated, emptied, garbled, deleted, valid JSON with the
+wrong content), and check the class: the reader used by evaluation and fine-tuning and the
+resume of a training run both fall back to the previous checkpoint, bit-identical to what was
+saved, with one warning and a bounded amount of output.
+
+Run as a script (`python tests/test_checkpoint_damage.py WORKDIR`), this file resumes and
+finishes a fake-model run in WORKDIR: the child process of the terminal-output test.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+
+from nfnets_jax.train import checkpointing, fakes, loop, pretrained
+
+STEPS = 12
+EVERY = 4
+CHECKPOINT_LOGGER = checkpointing.__name__
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+# Kinds of file orbax writes in a step directory (relative path patterns).
+FILE_KINDS = {
+    "checkpoint_metadata": r"^_CHECKPOINT_METADATA$",
+    "meta_record": r"^meta/metadata$",
+    "state_tree_metadata": r"^state/_METADATA$",
+    "state_sharding": r"^state/_sharding$",
+    "state_manifest": r"^state/manifest\.ocdbt$",
+    "state_array_metadatas": r"^state/array_metadatas/",
+    "state_process_manifest": r"^state/ocdbt\.process_\d+/manifest\.ocdbt$",
+    "state_process_data": r"^state/ocdbt\.process_\d+/d/",
+    "state_merged_data": r"^state/d/",
+    "integrity_data": r"^integrity/(ocdbt\.process_\d+/)?d/",
+    "integrity_tree_metadata": r"^integrity/_METADATA$",
+}
+FOLDER_KINDS = ("state", "meta", "integrity", "state/ocdbt.process_0", "state/d", "state/array_metadatas")
+
+
+def _truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _empty(path):
+    os.truncate(path, 0)
+
+
+def _garble(path):
+    data = bytearray(open(path, "rb").read())
+    for i in range(len(data) // 4, max(len(data) // 4 + 1, 3 * len(data) // 4)):
+        if i < len(data):
+            data[i] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+
+
+def _wrong_json(path):
+    """Valid JSON, wrong content (what a confused tool or a partial rewrite leaves)."""
+    open(path, "w").write(json.dumps({"step": 3, "tree": {"x": 1}}))
+
+
+DAMAGES = {"truncated": _truncate, "emptied": _empty, "garbled": _garble, "deleted": os.remove,
+           "wrong_json": _wrong_json}
+CASES = [(f"{kind}-{damage}", kind, damage) for kind in FILE_KINDS for damage in DAMAGES
+         if damage != "wrong_json" or kind in ("checkpoint_metadata", "meta_record", "state_tree_metadata",
+                                               "state_sharding", "integrity_tree_metadata")]
+CASES += [(f"folder_{folder.replace('/', '_')}-deleted", folder, "folder") for folder in FOLDER_KINDS]
+
+
+def _numpy_fingerprint(array):
+    """The fingerprint's formula, independently in numpy (uint64 arithmetic, reduced mod 2**32)."""
+    words = np.ascontiguousarray(array).reshape(-1)
+    words = (words.astype(np.uint8) if words.dtype == bool else words).view(
+        {1: np.uint8, 2: np.uint16, 4: np.uint32}[words.dtype.itemsize if words.dtype != bool else 1])
+    words = words.astype(np.uint64)
+    words ^= words >> 16
+    index = np.arange(words.size, dtype=np.uint64)
+    weights = ((index * 0x9E3779B1) % 2**32) | 1
+    return int((words * weights).sum() % 2**32)
+
+
+def test_fingerprint_matches_its_formula_and_sees_any_single_changed_word():
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.RandomState(0)
+    tree = {"f32": rng.randn(33, 7).astype(np.float32), "i32": rng.randint(-9, 9, 12).astype(np.int32),
+            "bf16": np.asarray(jnp.asarray(rng.randn(50), jnp.bfloat16)), "bool": rng.rand(9) > 0.5}
+    computed = checkpointing.fingerprint({k: jnp.asarray(v) for k, v in tree.items()})
+    for name, array in tree.items():
+        assert int(computed[name]) == _numpy_fingerprint(np.asarray(array)), name
+    base = tree["f32"].copy()
+    seen = {int(checkpointing.fingerprint(jnp.asarray(base)))}
+    for index in rng.choice(base.size, 20, replace=False):
+        changed = base.copy().reshape(-1)
+        changed.view(np.uint32)[index] ^= np.uint32(1 << rng.randint(32))  # one flipped bit
+        seen.add(int(checkpointing.fingerprint(jnp.asarray(changed.reshape(base.shape)))))
+    assert len(seen) == 21
+
+
+def _config(steps=STEPS):
+    return fakes.fake_config(**{"train.steps": steps, "checkpoint.every_steps": EVERY, "checkpoint.keep": 3})
+
+
+def _run(workdir, steps=STEPS, **kwargs):
+    config = _config(steps)
+    return loop.run(fakes.fake_experiment(config, fakes.FakeData(), drop_rate=0.2), config, str(workdir),
+                    prefetch=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_8(tmp_path_factory):
+    """A workdir whose run stopped at step 8 (checkpoints 4 and 8) and the intact states."""
+    workdir = tmp_path_factory.mktemp("stopped")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: step == 8)
+        assert _run(workdir).step == 8
+    intact = {}
+    for step in (4, 8):
+        only = tmp_path_factory.mktemp(f"only{step}")
+        shutil.copytree(workdir / "checkpoints" / str(step), only / str(step))
+        intact[step] = checkpointing.read_latest(str(only))[0]
+    return workdir, intact
+
+
+def _damage(step_dir, kind, damage):
+    if damage == "folder":
+        shutil.rmtree(step_dir / kind)
+        return
+    files = [os.path.relpath(os.path.join(root, name), step_dir)
+             for root, _, names in os.walk(step_dir) for name in names]
+    matching = [name for name in files if re.search(FILE_KINDS[kind], name)]
+    assert matching, f"no {kind} file in {sorted(files)}"  # the layout orbax writes changed
+    for name in matching:
+        DAMAGES[damage](step_dir / name)
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == CHECKPOINT_LOGGER and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, kind, damage", CASES, ids=[case for case, _, _ in CASES])
+def test_every_kind_of_damage_to_the_newest_checkpoint_falls_back_with_one_warning(
+        case, kind, damage, stopped_at_8, tmp_path, caplog, capfd):
+    source, intact = stopped_at_8
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(source / "checkpoints", checkpoints)
+    _damage(checkpoints / "8", kind, damage)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        state, meta = checkpointing.read_latest(str(checkpoints))
+    warnings = _warnings(caplog)
+    step = int(meta["step"])
+    # Damage orbax never reads (e.g. a deleted commit marker) may leave step 8 intact: then it
+    # must read back exactly as saved. Anything else falls back to step 4, with one warning.
+    assert step in (4, 8), case
+    assert len(warnings) == (1 if step == 4 else 0), warnings
+    if step == 4:
+        assert str(checkpoints / "8") in warnings[0]
+    chex.assert_trees_all_equal(state, intact[step])
+    out, err = capfd.readouterr()
+    assert len((out + err).splitlines()) < 5, out + err  # orbax's noise is held back
+    assert sorted(os.listdir(checkpoints)) == ["4", "8"]  # a reader moves nothing
+
+
+def test_eval_and_fine_tuning_read_the_same_checkpoint_resume_falls_back_to(stopped_at_8, tmp_path, caplog):
+    """`experiments.eval --workdir` and `init_from=<workdir>` go through `read_workdir_state`."""
+    source, intact = stopped_at_8
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    _damage(workdir / "checkpoints" / "8", "state_merged_data", "truncated")
+    with caplog.at_level(logging.WARNING):
+        saved = pretrained.read_workdir_state(str(workdir))
+        params = pretrained.read_params(str(workdir))
+    assert saved["step"] == 4
+    chex.assert_trees_all_equal(saved["params"], intact[4]["params"])
+    chex.assert_trees_all_equal(params, intact[4]["ema_params"])
+    assert len(_warnings(caplog)) == 2  # one per read, each naming the skipped checkpoint
+    # Resume falls back to the same step (and moves the damaged one aside).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: True)
+        assert _run(workdir).step == 5  # resumed at 4, one step, stopped
+    assert os.path.isdir(workdir / "corrupt_checkpoints" / "8")
+
+
+def test_all_checkpoints_damaged_the_reader_raises_one_clear_error(stopped_at_8, tmp_path):
+    source, _ = stopped_at_8
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    _damage(workdir / "checkpoints" / "8", "state_merged_data", "emptied")
+    _damage(workdir / "checkpoints" / "4", "state", "folder")
+    with pytest.raises(checkpointing.CorruptCheckpointError, match=r"(?s)step 8: .*step 4: .*Nothing was loaded"):
+        pretrained.read_workdir_state(str(workdir))
+
+
+def test_resuming_with_another_model_names_the_differences_and_changes_nothing(stopped_at_8, tmp_path):
+    source, _ = stopped_at_8
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    config = _config()
+    experiment = fakes.fake_experiment(config, fakes.FakeData(num_classes=7), drop_rate=0.2)
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"linear/w: checkpoint float32\[48, 4\]"):
+        loop.run(experiment, config, str(workdir), prefetch=1)
+    assert sorted(os.listdir(workdir / "checkpoints")) == before
+    assert not (workdir / "corrupt_checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, damage", [("state_merged_data", "truncated"), ("state/d", "folder"),
+                                          ("state_merged_data", "emptied"), ("state_manifest", "deleted")])
+def test_a_resumed_process_prints_one_warning_not_orbax_tracebacks(kind, damage, stopped_at_8, tmp_path):
+    source, _ = stopped_at_8
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    _damage(workdir / "checkpoints" / "8", kind, damage)
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), str(workdir)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "at step 4." in result.stdout
+    assert result.stderr.count("unreadable or corrupt") == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) < 20, result.stderr
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)  # warnings to stderr, as absl does for the CLI
+    _run(sys.argv[1])
