@@ -105,6 +105,7 @@ def main(argv: list[str]) -> None:
     # pylint: disable=import-outside-toplevel
     import jax
 
+    from nfnets_jax import provenance
     from nfnets_jax.data import DatasetUnavailableError
     from nfnets_jax.train import config_schema, loop
 
@@ -128,6 +129,7 @@ def main(argv: list[str]) -> None:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
+        provenance.write(workdir)  # versions, git commit, devices: what produced this workdir
 
     # ---- Train (resumes from the workdir's latest checkpoint), evaluate, plot ----
     try:

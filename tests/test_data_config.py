@@ -77,3 +77,4 @@ def test_input_benchmark_smoke(capsys):
                                    "--image_size=32", "--height=48", "--width=64"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(line) == result and result["images_per_s_per_core"] > 0
+    assert result["provenance"]["versions"]["tensorflow-datasets"]  # what produced the number
