@@ -37,6 +37,7 @@ setuptools.setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",  # DeepMind's NFNet code's licence; NOTICE says what comes from it
     python_requires=">=3.11",  # jax >= 0.8 needs 3.11,
     # `experiments/` and `configs/` install under the package (nfnets_jax.experiments, .configs),
     # not as stray top-level `experiments`/`configs` in site-packages; in a checkout they stay

@@ -45,3 +45,19 @@ def test_ci_can_run_against_the_newest_releases_instead_of_the_lock():
     assert "NFNETS_UNPINNED" in ci and "NFNETS_UNPINNED=1 bash .ci/run" in readme
     unpinned = ci.split('if [[ "${NFNETS_UNPINNED:-0}" == "1" ]]; then', 1)[1].split("else", 1)[0]
     assert "--upgrade" in unpinned and "requirements/lock.txt" not in unpinned
+
+
+def test_licence_notice_and_citation_name_the_papers():
+    import yaml
+
+    assert "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
+    assert "deepmind-research" in (ROOT / "NOTICE").read_text()
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    titles = {ref["title"]: ref["year"] for ref in citation["references"]}
+    assert titles == {
+        "High-Performance Large-Scale Image Recognition Without Normalization": 2021,
+        "Characterizing signal propagation to close the performance gap in unnormalized ResNets": 2021,
+    }
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for title in titles:
+        assert f"title     = {{{title}}}" in readme, f"README lacks the BibTeX entry of {title!r}"
