@@ -68,6 +68,7 @@ def test_eval_steps_cover_the_largest_shard():
     assert pipeline.num_eval_steps(37, layout) == 5  # shards 19 and 18, 4 per process-step
 
 
+@pytest.mark.slow
 def test_input_benchmark_smoke(capsys):
     """Smoke test: the benchmark command runs end to end and prints one JSON line."""
     import json

@@ -18,6 +18,8 @@ import pytest
 
 from nfnets_jax import checkpoints
 
+pytestmark = pytest.mark.slow  # subprocess end-to-end runs (pytest.ini)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--config.train.steps=3", "--config.optimizer.warmup_epochs=0", "--config.log.every_steps=1"]
 
