@@ -257,6 +257,7 @@ def test_undecodable_images_are_skipped_and_logged(mock_imagenet_with_corrupt_im
     assert "skipped 2 undecodable image(s) of 37" in caplog.text
 
 
+@pytest.mark.slow
 def test_augment_before_mix_mixes_normalised_images(mock_imagenet):
     # RandAugment + normalisation per example first, then MixUp of pairs: outputs are convex
     # combinations of normalised, clipped images, so they stay within the normalised range.
