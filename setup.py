@@ -23,6 +23,9 @@ TEST_REQUIRES = [
     "pytest-xdist>=3.5",
     "chex>=0.1.87",
     "dill>=0.3.6",  # only to write 2021-style weight files in tests; the loader never imports it
+    "nbclient>=0.10",  # the notebook tests execute notebooks/ end to end
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
 ]
 
 setuptools.setup(
@@ -34,8 +37,16 @@ setuptools.setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",  # DeepMind's NFNet code's licence; NOTICE says what comes from it
     python_requires=">=3.11",  # jax >= 0.8 needs 3.11,
-    packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*", "experiments", "experiments.*"]),
+    # `experiments/` and `configs/` install under the package (nfnets_jax.experiments, .configs),
+    # not as stray top-level `experiments`/`configs` in site-packages; in a checkout they stay
+    # top-level (`python3 -m experiments.train`). nfnets_jax/cli.py explains the console scripts.
+    packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*"])
+    + ["nfnets_jax.experiments", "nfnets_jax.configs"],
+    package_dir={"nfnets_jax.experiments": "experiments", "nfnets_jax.configs": "configs"},
+    entry_points={"console_scripts": ["nfnets-train = nfnets_jax.cli:train",
+                                      "nfnets-eval = nfnets_jax.cli:evaluate"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )

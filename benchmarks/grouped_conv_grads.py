@@ -19,6 +19,7 @@ import time
 import jax
 
 from benchmarks.train_step_latency import loadavg
+from nfnets_jax import provenance
 from nfnets_jax.models import grouped_conv
 
 DEFAULT_SHAPES = ["8,12,768,6,1", "8,24,256,2,1"]
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                     "pass": name,
                     "median_ms": round(_median_ms(fn, (x, kernel), args.repeats), 2),
                     "loadavg": loadavg(),
+                    "provenance": provenance.collect(),
                 }
                 print(json.dumps(record), flush=True)
 

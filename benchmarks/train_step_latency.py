@@ -28,7 +28,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets_jax import losses, models
+from nfnets_jax import losses, models, provenance
 from nfnets_jax.models import grouped_conv
 
 # docs/official_code_notes.md, idle machine: DeepMind's F0 on XLA:CPU, jax 0.10.2, 2 cores.
@@ -102,6 +102,7 @@ def measure(
         "forward_images_per_s": round(batch / forward_median_s, 4),
         "compile_s": round(compile_s, 2),
         "loadavg": loadavg(),
+        "provenance": provenance.collect(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "reference_images_per_s": REFERENCE["images_per_s"],

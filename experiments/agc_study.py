@@ -104,7 +104,7 @@ def _train_flag_names() -> set[str]:
     """The flags experiments/train.py defines besides --config/--workdir (multi-host etc.)."""
     from absl import flags  # pylint: disable=import-outside-toplevel
 
-    import experiments.train  # pylint: disable=import-outside-toplevel,unused-import
+    from . import train  # pylint: disable=import-outside-toplevel,unused-import  (also when installed)
 
     return set(flags.FLAGS) - {"config", "workdir"}
 

@@ -19,6 +19,7 @@ import json
 import os
 import time
 
+from nfnets_jax import provenance
 from nfnets_jax.data import config as data_config_lib
 from nfnets_jax.data import pipeline
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         "decoded_jpegs_per_s_per_core": round(2 * images / seconds / cores, 2),
         # Robust to other load on the machine: images per second of CPU time used.
         "images_per_cpu_second": round(images / cpu_seconds, 2),
+        "provenance": provenance.collect(devices=False),  # TensorFlow-only: JAX is not started
     }
     print(json.dumps(result))
     return result

@@ -4,7 +4,10 @@ XLA reads XLA_FLAGS once, when the backend starts, so this must happen before an
 module imports jax. Tests that need fewer devices take a prefix of `jax.devices()`.
 """
 
+import functools
 import os
+
+import pytest
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=4"
 if _DEVICE_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
@@ -19,3 +22,35 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def _contains_jax_array(value) -> bool:
+    """Whether `value` is, or directly holds, a jax.Array (checked by type, without importing jax)."""
+    if type(value).__module__.split(".")[0] in ("jax", "jaxlib"):
+        return True
+    if isinstance(value, dict):
+        return any(_contains_jax_array(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_contains_jax_array(v) for v in value)
+    return False
+
+
+def _checked_approx(approx):
+    """pytest.approx that refuses a jax.Array as the expected value.
+
+    Whether approx accepts one depends on the pytest release (9.2 calls numpy's `.flat` on it,
+    which jax arrays lack), so a test that passes one works or fails by version. Refusing it in
+    every version keeps the suite's result independent of which pytest pip resolved.
+    """
+
+    @functools.wraps(approx)
+    def checked(expected, *args, **kwargs):
+        if _contains_jax_array(expected):
+            raise TypeError("pytest.approx got a jax.Array as the expected value; compare numbers: "
+                            "pass float(x) or np.asarray(x) instead.")
+        return approx(expected, *args, **kwargs)
+
+    return checked
+
+
+pytest.approx = _checked_approx(pytest.approx)

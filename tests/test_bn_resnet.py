@@ -40,6 +40,7 @@ def test_resnet50_macs_are_standard():
     assert models.count_macs("bn_resnet50", 224) / 1e9 == pytest.approx(4.09, abs=0.01)
 
 
+@pytest.mark.slow
 def test_train_mode_updates_bn_state_and_eval_mode_does_not():
     forward = hk.transform_with_state(
         lambda x, train: models.create("bn_resnet50", 5, width=1, depths=(1, 1, 1, 1))(x, train)

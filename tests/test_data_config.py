@@ -68,6 +68,7 @@ def test_eval_steps_cover_the_largest_shard():
     assert pipeline.num_eval_steps(37, layout) == 5  # shards 19 and 18, 4 per process-step
 
 
+@pytest.mark.slow
 def test_input_benchmark_smoke(capsys):
     """Smoke test: the benchmark command runs end to end and prints one JSON line."""
     import json
@@ -77,3 +78,4 @@ def test_input_benchmark_smoke(capsys):
                                    "--image_size=32", "--height=48", "--width=64"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(line) == result and result["images_per_s_per_core"] > 0
+    assert result["provenance"]["versions"]["tensorflow-datasets"]  # what produced the number

@@ -69,6 +69,7 @@ def test_digits_batches_are_normalised_and_unflipped():
     assert eval_batches[0]["labels"][0, 0] == test_labels[0]
 
 
+@pytest.mark.slow
 def test_train_shift_is_a_translation_not_a_flip():
     config = data_config_lib.digits_data_config()
     config.digits.max_shift = 2

@@ -89,6 +89,7 @@ def test_dataset_info(mock_imagenet):
     assert info == (1000, NUM_EXAMPLES, NUM_EXAMPLES)
 
 
+@pytest.mark.slow
 def test_train_batches_shapes_dtypes_ranges_and_determinism(mock_imagenet):
     config = _config(randaugment_magnitude=10)
     kwargs = dict(global_batch_size=8, seed=3, process_index=0, process_count=1,
@@ -116,6 +117,7 @@ def test_train_batches_shapes_dtypes_ranges_and_determinism(mock_imagenet):
     assert not np.array_equal(different["images"], first["images"])
 
 
+@pytest.mark.slow
 def test_resume_from_start_step_equals_the_fresh_stream(mock_imagenet):
     # 8 outputs from 16 inputs per step: an epoch of 37 examples ends mid-step, so the resumed
     # stream must also cross epochs and segments exactly like the fresh one.
@@ -255,6 +257,7 @@ def test_undecodable_images_are_skipped_and_logged(mock_imagenet_with_corrupt_im
     assert "skipped 2 undecodable image(s) of 37" in caplog.text
 
 
+@pytest.mark.slow
 def test_augment_before_mix_mixes_normalised_images(mock_imagenet):
     # RandAugment + normalisation per example first, then MixUp of pairs: outputs are convex
     # combinations of normalised, clipped images, so they stay within the normalised range.

@@ -18,6 +18,8 @@ import pytest
 
 from nfnets_jax import checkpoints
 
+pytestmark = pytest.mark.slow  # subprocess end-to-end runs (pytest.ini)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--config.train.steps=3", "--config.optimizer.warmup_epochs=0", "--config.log.every_steps=1"]
 
@@ -46,6 +48,8 @@ def test_smoke_demo_trains_in_the_default_workdir_and_reports_where_outputs_went
     assert (workdir / "checkpoints" / "3").is_dir()
     assert (workdir / "metrics.jsonl").is_file() and (workdir / "training_curves.png").is_file()
     assert (workdir / "config.json").is_file()
+    provenance = json.loads((workdir / "provenance.json").read_text())  # versions behind the result
+    assert provenance["versions"]["jax"] and provenance["devices"]["backend"] == "cpu"
     # The AGC clip fraction is logged globally and for every stage of the real model.
     train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if r["split"] == "train"]

@@ -36,7 +36,8 @@ SUBPROCESS_TIMEOUT_S = 240  # generous: CI boxes and shared machines compile slo
 HEARTBEAT_S = 5
 CHECKPOINT_LOGGER = checkpointing.__name__
 # orbax's restore of a corrupt checkpoint leaves a failed asyncio task behind: noise, not a result.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.slow]  # subprocess end-to-end runs (pytest.ini)
 
 
 def _config(steps=STEPS):

@@ -17,6 +17,8 @@ import pytest
 
 from nfnets_jax import models
 
+pytestmark = pytest.mark.slow  # full-size model forwards, ~10 s each (pytest.ini)
+
 GOLDEN = pathlib.Path(__file__).parent / "data" / "official_golden_outputs.npz"
 TOLERANCE = 1e-5
 

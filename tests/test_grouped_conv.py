@@ -66,6 +66,7 @@ def test_split_matches_xla_values_and_gradients(groups, stride, size, kernel_siz
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.slow
 def test_split_gradient_of_a_scalar_loss_under_jit_grad():
     """jax.grad of a nonlinear loss through two stacked grouped convs (the conv1 → conv1b pattern)."""
     x, kernel, _ = random_problem(4, 7, 2, in_per_group=2, out_per_group=2)
@@ -111,6 +112,7 @@ def test_split_under_vmap_and_pmap():
 TINY = dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 64), group_size=8, stem_channels=(8, 8, 8, 8))
 
 
+@pytest.mark.slow
 def test_tiny_nfnet_training_gradient_is_the_same_with_both_impls():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
     targets = jax.nn.one_hot(jnp.array([3, 7]), 10)

@@ -129,7 +129,8 @@ def test_glu_and_log_softmax_gammas():
     assert layers.ACTIVATION_GAMMAS["glu"] == pytest.approx(1 / np.sqrt(sigmoid_sq), rel=2e-3)
     # log_softmax over a long vector is z minus a near-constant: variance 1.
     z = jax.random.normal(jax.random.PRNGKey(0), (1_000_000,))
-    assert layers.ACTIVATION_GAMMAS["log_softmax"] == pytest.approx(1 / np.std(jax.nn.log_softmax(z)), rel=1e-3)
+    std = float(np.std(np.asarray(jax.nn.log_softmax(z), np.float64)))  # a number, not a jax.Array
+    assert layers.ACTIVATION_GAMMAS["log_softmax"] == pytest.approx(1 / std, rel=1e-3)
 
 
 def test_gelu_is_the_tanh_form():

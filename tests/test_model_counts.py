@@ -46,6 +46,7 @@ def _registry_name(variant: str) -> str:
     return f"nfnet_{variant.lower().replace('+', 'plus')}"
 
 
+@pytest.mark.slow  # 16 full-size abstract inits and MAC counts, ~2-4 s each
 @pytest.mark.parametrize("variant", list(FACTS["param_counts_all_variants"]))
 def test_nfnet_params_and_macs_equal_official(variant):
     name = _registry_name(variant)

@@ -16,6 +16,8 @@ import pytest
 
 from nfnets_jax.train import distributed, fakes, loop, pretrained
 
+pytestmark = pytest.mark.slow  # subprocess end-to-end runs (pytest.ini)
+
 STEPS = 3
 BACKENDS = ("pmap", "shard_map")
 TIMEOUT_S = 300

@@ -29,3 +29,35 @@ def test_model_zoo_table_rows_are_what_the_code_computes():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for name in ("nfnet_f0", "nfnet_f3plus", "nf_resnet50", "nf_regnet_b0"):
         assert model_table.model_row(name) in readme.splitlines(), f"README row for {name} is stale"
+
+
+def test_readme_install_is_pinned_by_the_lock_that_the_readme_says_how_to_refresh():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    install = _indented_commands(readme, "## Install")
+    assert any("-c requirements/lock.txt" in command for command in install), install
+    assert (ROOT / "requirements" / "lock.txt").is_file()
+    assert "bash tools/update_lock.sh" in readme and (ROOT / "tools" / "update_lock.sh").is_file()
+
+
+def test_ci_can_run_against_the_newest_releases_instead_of_the_lock():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "NFNETS_UNPINNED" in ci and "NFNETS_UNPINNED=1 bash .ci/run" in readme
+    unpinned = ci.split('if [[ "${NFNETS_UNPINNED:-0}" == "1" ]]; then', 1)[1].split("else", 1)[0]
+    assert "--upgrade" in unpinned and "requirements/lock.txt" not in unpinned
+
+
+def test_licence_notice_and_citation_name_the_papers():
+    import yaml
+
+    assert "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
+    assert "deepmind-research" in (ROOT / "NOTICE").read_text()
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    titles = {ref["title"]: ref["year"] for ref in citation["references"]}
+    assert titles == {
+        "High-Performance Large-Scale Image Recognition Without Normalization": 2021,
+        "Characterizing signal propagation to close the performance gap in unnormalized ResNets": 2021,
+    }
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for title in titles:
+        assert f"title     = {{{title}}}" in readme, f"README lacks the BibTeX entry of {title!r}"

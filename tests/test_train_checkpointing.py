@@ -20,6 +20,8 @@ import pytest
 
 from nfnets_jax.train import checkpointing, fakes, loop, metrics_logging, pretrained
 
+pytestmark = pytest.mark.slow  # end-to-end training runs (pytest.ini)
+
 TOTAL_STEPS = 12
 SIGTERM_STEPS = 40
 

@@ -23,6 +23,7 @@ def finished_run(tmp_path_factory):
     return workdir, summary, data
 
 
+@pytest.mark.slow
 def test_metrics_file_has_every_train_and_eval_scalar(finished_run):
     workdir, summary, _ = finished_run
     records = metrics_logging.read_metrics(os.path.join(workdir, "metrics.jsonl"))
@@ -38,6 +39,7 @@ def test_metrics_file_has_every_train_and_eval_scalar(finished_run):
     assert summary.stopped_by == "completed" and summary.step == 4
 
 
+@pytest.mark.slow
 def test_tensorboard_events_and_curve_plot_are_written(finished_run):
     workdir, summary, _ = finished_run
     assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
@@ -46,6 +48,7 @@ def test_tensorboard_events_and_curve_plot_are_written(finished_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_final_eval_matches_numpy_on_the_checkpointed_params(finished_run):
     workdir, summary, data = finished_run
     saved = pretrained.read_workdir_state(workdir)
@@ -58,6 +61,7 @@ def test_final_eval_matches_numpy_on_the_checkpointed_params(finished_run):
         np.testing.assert_allclose(summary.eval_metrics[prefix + "top_1_acc"], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_plain_progress_lines_and_parameter_groups_when_not_a_tty(tmp_path, capsys):
     config = fakes.fake_config(**{"train.steps": 2, "log.every_steps": 1})
     loop.run(fakes.fake_experiment(config, fakes.FakeData()), config, str(tmp_path))
@@ -86,6 +90,7 @@ def test_format_duration():
     assert metrics_logging.format_duration(float("inf")) == "?"
 
 
+@pytest.mark.slow
 def test_jsonl_records_are_one_json_object_per_line(finished_run):
     workdir, _, _ = finished_run
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:

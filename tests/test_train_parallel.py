@@ -34,6 +34,7 @@ def _train(backend_name: str, config):
     return parallel.first_replica(state), history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sam_rho", [None, 0.05], ids=["sgd_agc", "sam"])
 def test_pmap_and_shard_map_reach_the_same_params(sam_rho):
     # Dropout makes the per-device RNG matter; SAM adds a per-device (unsynced) ascent step.
@@ -62,6 +63,7 @@ def test_first_replica_returns_one_host_copy():
     assert type(host["w"]).__module__ == "numpy"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend_name", ["pmap", "shard_map"])
 def test_every_device_and_every_step_draws_its_own_dropout_key(backend_name):
     # jaxline's 'unique_host_unique_device' (docs/official_code_notes.md): the equality of the two

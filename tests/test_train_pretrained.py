@@ -50,6 +50,7 @@ def _train_source(workdir, num_classes):
     return pretrained.read_workdir_params(workdir)
 
 
+@pytest.mark.slow
 def test_fine_tuning_run_starts_from_the_loaded_weights_and_a_fresh_excluded_part(tmp_path):
     trained = _train_source(str(tmp_path / "source"), num_classes=3)["fake_net/~/linear"]
     assert np.any(trained["b"] != 0)
@@ -64,6 +65,7 @@ def test_fine_tuning_run_starts_from_the_loaded_weights_and_a_fresh_excluded_par
     np.testing.assert_array_equal(started["b"], np.zeros(3))  # hk.Linear's fresh bias
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_weights_of_another_shape_fails_before_training(tmp_path):
     _train_source(str(tmp_path / "source"), num_classes=5)
     config = fakes.fake_config(**{"train.steps": 1})

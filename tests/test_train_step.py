@@ -43,6 +43,7 @@ def _reference_loss(params, forward, images, labels):
     return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
 
 
+@pytest.mark.slow
 def test_two_steps_on_four_devices_match_one_big_batch_on_one_device():
     experiment, data, backend, state, train_fn = _setup()
     params = parallel.first_replica(state.params)
@@ -63,6 +64,7 @@ def test_two_steps_on_four_devices_match_one_big_batch_on_one_device():
     assert int(parallel.first_replica(state.step)) == 2
 
 
+@pytest.mark.slow
 def test_state_is_one_replicated_copy_with_identical_shards():
     _, data, backend, state, train_fn = _setup()
     state, _ = train_fn(state, backend.put_batch(next(data.train_batches(0, global_batch_size=BATCH))))
@@ -74,6 +76,7 @@ def test_state_is_one_replicated_copy_with_identical_shards():
         np.testing.assert_array_equal(shard, shards[0])
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_keeps_float32_params_optimizer_and_ema():
     _, data, backend, state, train_fn = _setup(compute_dtype="bfloat16")
     _, _, _, state32, train_fn32 = _setup(compute_dtype="float32")
@@ -88,6 +91,7 @@ def test_bfloat16_forward_keeps_float32_params_optimizer_and_ema():
     assert float(metrics["loss"]) != float(metrics32["loss"])
 
 
+@pytest.mark.slow
 def test_ema_follows_the_tf1_formula():
     decay = 0.99
     _, data, backend, state, train_fn = _setup(ema_decay=decay)
@@ -99,6 +103,7 @@ def test_ema_follows_the_tf1_formula():
     chex.assert_trees_all_close(parallel.first_replica(state.ema_params), expected, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_non_finite_step_leaves_the_state_unchanged_and_is_flagged():
     _, data, backend, state, train_fn = _setup()
     before = parallel.first_replica(state)
@@ -137,6 +142,7 @@ def test_eval_counts_every_example_once_when_the_batch_does_not_divide(backend_n
     np.testing.assert_allclose(results["loss"], -np.mean(log_probs[np.arange(len(labels)), labels]), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_raw_and_ema_are_evaluated_in_one_pass_over_the_eval_split():
     # The eval split is read and preprocessed once for both trees (it was read twice).
     experiment, data, backend, state, train_fn = _setup()

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from nfnets_jax import provenance
 from nfnets_jax.train import checkpointing
 from nfnets_jax.train import config_schema
 from nfnets_jax.train import evaluation
@@ -153,6 +154,7 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
         # The records of steps after the resumed one are logged again by this run: drop them.
         metrics_logging.trim_metrics(workdir / metrics_logging.METRICS_FILE, last_step=resumed_at)
         workdir_lib.write_text_atomically(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
+        provenance.write(workdir)  # versions, git commit, devices: what produced this workdir
     writer = metrics_logging.MetricWriter(workdir, is_main=is_main,
                                           resumed_at=None if restored is None else resumed_at)
     step = start_step = int(parallel.first_replica(state.step))
