@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nfnets_jax import optim
+from nfnets_jax import optim, provenance
 from nfnets_jax.train import checkpointing, config_schema
 from nfnets_jax.train.forward import make_forward
 from nfnets_jax.train.state import init_train_state
@@ -117,6 +117,7 @@ def main() -> None:
         "all": {name: {key: [round(v, 3) for v in values] for key, values in timing.items()}
                 for name, timing in times.items()},
         "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "provenance": provenance.collect(),
     }
     result["blocking_speedup"] = round(result["host_crc32"]["blocking_s"] /
                                        max(result["device_fingerprint"]["blocking_s"], 1e-9), 1)
