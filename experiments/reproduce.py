@@ -62,7 +62,7 @@ class AgcSettings:
 
 @dataclasses.dataclass(frozen=True)
 class NfVsBnSettings:
-    image_size: int = 32
+    image_size: int = 16
     widths: tuple[int, ...] = (32, 64, 128, 128)
     depths: tuple[int, ...] = (1, 1, 1, 1)
     stem_channels: tuple[int, ...] = (8, 16, 16, 16)
@@ -70,7 +70,7 @@ class NfVsBnSettings:
     batch: int = 64
     lr: float = 0.1
     fast_compile: bool = False
-    epochs: float = 15.0
+    epochs: float = 10.0
     seeds: tuple[int, ...] = (0, 1, 2)
     clipping: float = 0.04  # the NF model's AGC; the BN model trains without
     repeats: int = 5
@@ -84,7 +84,7 @@ class CostSettings:
     f0_kwargs: tuple[tuple[str, Any], ...] = ()  # F0 as published
     f0_repeats: int = 3
     f0_steps_per_repeat: int = 1
-    digits: NfVsBnSettings = NfVsBnSettings()
+    digits: NfVsBnSettings | None = NfVsBnSettings()  # None: F0 only (--quick: the same code path)
     digits_repeats: int = 5
     digits_steps_per_repeat: int = 3
 
@@ -114,7 +114,7 @@ QUICK = {
     "cost": CostSettings(f0_image_size=32, f0_batch=4, f0_repeats=2,
                          f0_kwargs=(("depths", (1, 1, 1, 1)), ("width", 0.125), ("group_size", 16),
                                     ("stem_channels", (4, 4, 8, 16))),
-                         digits=_TINY_NFNET, digits_repeats=2, digits_steps_per_repeat=1),
+                         digits=None),
     "spp": SppSettings(resolution=32, batch=4, correlation_px=2.0,
                        model_kwargs=(("nfnet_f0", (("depths", (1, 1, 1, 1)), ("widths", (16, 16, 32, 32)),
                                                    ("group_size", 8), ("stem_channels", (4, 4, 8, 8)))),)),
@@ -201,11 +201,8 @@ def run_agc(settings: AgcSettings, out: str, progress: Progress) -> dict[str, An
         "bn": digits_training.DigitsTrainer(bn, data, microbatch=settings.microbatch,
                                             chunk_size=len(settings.seeds), fast_compile=settings.fast_compile),
     }
-    # Work: one unit per run-epoch of training, plus a compile of each program (≈ 40 units).
     compile_units = 40.0
-    progress.add(2 * compile_units + len(settings.batches) * (len(lambdas) + 1) * len(settings.seeds)
-                 * settings.epochs)
-    runs, records = [], []
+    records = []
     for batch in settings.batches:
         steps = digits_training.steps_for_epochs(settings.epochs, batch, num_train)
         lr = settings.base_lr * batch / settings.base_batch
@@ -218,16 +215,29 @@ def run_agc(settings: AgcSettings, out: str, progress: Progress) -> dict[str, An
             for spec, result in zip(specs, results):
                 clipping = None if model == "bn" else (0.0 if math.isinf(spec.clipping) else spec.clipping)
                 point = agc_study.StudyPoint(model, depth, batch, clipping)
-                name = agc_study.run_name(point, spec.seed)
-                runs.append(agc_study.RunResult(name, point, spec.seed, "finished", last_step=steps,
-                                                total_steps=steps, metrics={"top_1_acc": result["test_acc"]}))
-                records.append({"name": name, "series": point.series, "batch": batch, "seed": spec.seed,
+                records.append({"name": agc_study.run_name(point, spec.seed), "series": point.series,
+                                "model": model, "clipping": clipping, "batch": batch, "seed": spec.seed,
                                 "lr": lr, "steps": steps, **result})
             progress.advance((compile_units if first else 0.0) + len(specs) * settings.epochs,
                              f"agc: {model} batch {batch}")
             _write_json(os.path.join(out, "agc.runs.json"), {"runs": records})  # kept if a later stage fails
-    rows = agc_study.aggregate(runs)
+    record = summarize_agc(settings, records, out, depth=depth, num_train=num_train)
     os.remove(os.path.join(out, "agc.runs.json"))  # all of it is in agc.json
+    return record
+
+
+def summarize_agc(settings: AgcSettings, records: list[dict[str, Any]], out: str, *, depth: int,
+                  num_train: int) -> dict[str, Any]:
+    """The paper's aggregation, the tables and the figure from per-run records (those of a
+    finished run of `run_agc`, or the `agc.runs.json` an interrupted one left)."""
+    from nfnets_jax.analysis import agc_study  # pylint: disable=import-outside-toplevel
+
+    runs = []
+    for r in records:
+        point, _ = agc_study.parse_run_name(r["name"])
+        runs.append(agc_study.RunResult(r["name"], point, r["seed"], "finished", last_step=r["steps"],
+                                        total_steps=r["steps"], metrics={"top_1_acc": r["test_acc"]}))
+    rows = agc_study.aggregate(runs)
     diverged: dict[str, dict[int, float]] = {}
     for record in records:
         diverged.setdefault(record["series"], {}).setdefault(record["batch"], []).append(record["diverged"])
@@ -239,6 +249,7 @@ def run_agc(settings: AgcSettings, out: str, progress: Progress) -> dict[str, An
                f"LR {settings.base_lr:g}×batch/{settings.base_batch};\nResNet-{depth} width {settings.width:g})\n"
                "each point: mean of the best n−1 of n seeds; ▼: below the axis"))
     return {"settings": dataclasses.asdict(settings), "depth": depth, "num_train": num_train,
+            "batches_done": sorted({r["batch"] for r in records}),
             "rows": rows, "runs": records, "diverged_fraction": diverged_fraction,
             "table": agc_study.markdown_table(rows), "figures": [png]}
 
@@ -256,7 +267,6 @@ def run_nf_vs_bn(settings: NfVsBnSettings, out: str, progress: Progress) -> dict
     data = digits_training.load_digits(settings.image_size)
     num_train = len(data.train_labels)
     steps = digits_training.steps_for_epochs(settings.epochs, settings.batch, num_train)
-    progress.add(4 * 20 + settings.repeats * 2 + 2 * 40 + 2 * len(settings.seeds) * settings.epochs)
     images, labels = data.train_images[:settings.batch], data.train_labels[:settings.batch]
     compiled = []
     for norm in ("none", "batchnorm"):
@@ -327,7 +337,6 @@ def _time_variants(label: str, forward, images, labels, repeats: int, steps_per_
 def run_cost(settings: CostSettings, out: str, progress: Progress) -> dict[str, Any]:
     from nfnets_jax.analysis import digits_training  # pylint: disable=import-outside-toplevel
 
-    progress.add(2 * 4 * 10 + 5 * (settings.f0_repeats + settings.digits_repeats))
     rng = np.random.default_rng(0)
     f0_images = rng.standard_normal((settings.f0_batch, settings.f0_image_size, settings.f0_image_size, 3),
                                     dtype=np.float32)
@@ -336,11 +345,12 @@ def run_cost(settings: CostSettings, out: str, progress: Progress) -> dict[str, 
     results = {"F0": _time_variants("F0", f0, f0_images, f0_labels, settings.f0_repeats,
                                     settings.f0_steps_per_repeat, progress)}
     digits = settings.digits
-    data = digits_training.load_digits(digits.image_size)
-    model = digits_training.make_forward("nfnet_f0", _nfnet_kwargs(digits, "none"))
-    results["digits NFNet"] = _time_variants("digits", model, data.train_images[:digits.batch],
-                                             data.train_labels[:digits.batch], settings.digits_repeats,
-                                             settings.digits_steps_per_repeat, progress)
+    if digits is not None:
+        data = digits_training.load_digits(digits.image_size)
+        model = digits_training.make_forward("nfnet_f0", _nfnet_kwargs(digits, "none"))
+        results["digits NFNet"] = _time_variants("digits", model, data.train_images[:digits.batch],
+                                                 data.train_labels[:digits.batch], settings.digits_repeats,
+                                                 settings.digits_steps_per_repeat, progress)
     png = _bar_figure(os.path.join(out, "cost.png"),
                       {f"{name}: step time / plain step": result["ratio_to_plain"] for name, result in results.items()},
                       "Cost of AGC and SAM per train step (median of interleaved repeats)", reference=1.0)
@@ -354,7 +364,6 @@ def run_spp(settings: SppSettings, out: str, progress: Progress) -> dict[str, An
     from experiments import signal_propagation as spp_command  # pylint: disable=import-outside-toplevel
     from nfnets_jax.analysis import signal_propagation  # pylint: disable=import-outside-toplevel
 
-    progress.add(2 * len(settings.models))
     probes = {"gaussian": signal_propagation.gaussian_images(settings.batch, settings.resolution),
               "smooth": signal_propagation.smooth_images(settings.batch, settings.resolution,
                                                          correlation_px=settings.correlation_px)}
@@ -411,6 +420,15 @@ def _bar_figure(png_path: str, panels: dict[str, dict[str, float]], title: str,
 RUNNERS: dict[str, Callable[[Any, str, Progress], dict[str, Any]]] = {
     "agc": run_agc, "nf_vs_bn": run_nf_vs_bn, "cost": run_cost, "spp": run_spp}
 
+# The work each claim announces to the progress bar before anything runs: units of roughly
+# equal wall time on a CPU (a compile ≈ 10–40, a run-epoch ≈ 1, a timing round ≈ 2–5).
+WORK_UNITS: dict[str, Callable[[Any], float]] = {
+    "agc": lambda s: 2 * 40.0 + len(s.batches) * (len(s.clippings) + 2) * len(s.seeds) * s.epochs,
+    "nf_vs_bn": lambda s: 2 * 40.0 + s.repeats * 2 + 2 * (40 + 20 + len(s.seeds) * s.epochs),
+    "cost": lambda s: 4 * 10.0 + 5 * s.f0_repeats + (0 if s.digits is None else 4 * 10.0 + 5 * s.digits_repeats),
+    "spp": lambda s: 2.0 * len(s.models),
+}
+
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -436,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command = "python -m experiments.reproduce" + (" --quick" if args.quick else "") + \
         ("" if args.only == ",".join(CLAIMS) else f" --only {args.only}")
     progress = Progress()
+    for claim in claims:
+        progress.add(WORK_UNITS[claim](settings[claim]))
     written = {}
     for claim in claims:
         start = time.perf_counter()

@@ -47,10 +47,11 @@ def _footer(record: dict[str, Any]) -> str:
 def _agc(record: dict[str, Any], doc_dir: str) -> str:
     s = record["settings"]
     fractions = record["diverged_fraction"]
-    batches = s["batches"]
+    batches = record.get("batches_done") or s["batches"]
+    missing = [b for b in s["batches"] if b not in batches]
     series = [k for k in fractions if k.startswith("λ")] + [k for k in ("no AGC", "BN") if k in fractions]
     lines = [
-        "## 1. AGC makes large-batch, large-LR training stable (paper §4, Fig. 2)",
+        f"## {TITLES['agc']}",
         "",
         f"NF-ResNet and BN-ResNet with one bottleneck block per stage (ResNet-{record['depth']}, width "
         f"{s['width']}: {int(64 * s['width'])}…{int(512 * s['width'])} channels), digits at {s['image_size']} px, "
@@ -62,6 +63,8 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
         f"gradient of a batch is averaged over microbatches of {s['microbatch']} (exact for NF; for BN, "
         "BatchNorm statistics are per microbatch, like per-device BN in data-parallel training).",
         "",
+        (f"**Incomplete:** batch sizes {', '.join(map(str, missing))} did not finish in the session that "
+         "produced this page; the figure and tables hold the others.\n" if missing else ""),
         _figure(record, doc_dir, alt="AGC clipping threshold vs batch size on digits"),
         "",
         record["table"],
@@ -80,7 +83,7 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
 def _nf_vs_bn(record: dict[str, Any], doc_dir: str) -> str:
     s, r = record["settings"], record["results"]
     lines = [
-        "## 2. Normalizer-free matches BatchNorm and is cheaper (paper §3, §5)",
+        f"## {TITLES['nf_vs_bn']}",
         "",
         f"The NFNet block architecture (`nfnet_f0` with depths {s['depths']}, widths {s['widths']}, group "
         f"size {s['group_size']}) with its NF default and with `norm=\"batchnorm\"` (BatchNorm before every "
@@ -108,7 +111,7 @@ def _nf_vs_bn(record: dict[str, Any], doc_dir: str) -> str:
 
 def _cost(record: dict[str, Any], doc_dir: str) -> str:
     lines = [
-        "## 3. The cost of AGC and of the modified SAM (paper §4, §6.1)",
+        f"## {TITLES['cost']}",
         "",
         "The library's train step on one CPU device, f32, every variant compiled once and timed round-robin "
         "(plain, AGC, modified SAM, full SAM, then again). Targets from the issue: AGC adds ≤ 3 % to a step; "
@@ -133,7 +136,7 @@ def _cost(record: dict[str, Any], doc_dir: str) -> str:
 def _spp(record: dict[str, Any], doc_dir: str) -> str:
     s = record["settings"]
     lines = [
-        "## 4. Signal propagation with an image-like probe (NF-ResNet paper §4)",
+        f"## {TITLES['spp']}",
         "",
         f"{', '.join(s['models'])} at init (every skip gain set to 1), batch {s['batch']}, {s['resolution']} px. "
         "White noise (the paper's probe) against an image-like input: the same noise smoothed by a Gaussian of "
@@ -160,6 +163,12 @@ def _spp(record: dict[str, Any], doc_dir: str) -> str:
     return "\n".join(lines)
 
 
+TITLES = {
+    "agc": "1. AGC makes large-batch, large-LR training stable (paper §4, Fig. 2)",
+    "nf_vs_bn": "2. Normalizer-free matches BatchNorm and is cheaper (paper §3, §5)",
+    "cost": "3. The cost of AGC and of the modified SAM (paper §4, §6.1)",
+    "spp": "4. Signal propagation with an image-like probe (NF-ResNet paper §4)",
+}
 SECTIONS = {"agc": _agc, "nf_vs_bn": _nf_vs_bn, "cost": _cost, "spp": _spp}
 
 
@@ -169,13 +178,16 @@ def write(out: str, doc_path: str) -> str:
     parts = [TITLE, "", INTRO]
     for claim, render in SECTIONS.items():
         record = _read(out, claim)
-        if record is None:
-            parts.append(f"*{claim}: not run yet (`python -m experiments.reproduce --only {claim}`).*\n")
-            continue
         verdict_path = os.path.join(out, f"{claim}.verdict.md")
+        verdict = ""
         if os.path.exists(verdict_path):  # the reading of the result, written by a person
             with open(verdict_path, encoding="utf-8") as f:
-                record["verdict"] = f.read().strip()
+                verdict = f.read().strip()
+        if record is None:
+            parts.append(f"## {TITLES[claim]}\n\n*Not run yet: `python -m experiments.reproduce --only {claim}`.*\n\n"
+                         f"{verdict}\n")
+            continue
+        record["verdict"] = verdict
         # Figures sit next to their JSON; the page links them relative to itself.
         record["figures"] = [os.path.abspath(os.path.join(out, os.path.basename(p))) for p in record["figures"]]
         parts.append(render(record, doc_dir))
