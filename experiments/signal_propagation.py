@@ -28,7 +28,9 @@ to ~10% below expected_std² there; at 224 px it tracks within a few percent.
 NFNets and NF-RegNets run too, but white-noise input is a poor probe for them: their strided
 transitions average-pool the shortcut, which divides the variance of a spatially uncorrelated
 signal by 4, so their curves fall far below expected_std² after each stride (F0 at 128 px ends
-near 0.01); spatially smooth real images should lose far less of it (not measured here).
+near 0.01). `--probe=smooth` feeds spatially correlated, per-channel standardised noise instead
+(`signal_propagation.smooth_images`), an image-like input that the pooling barely attenuates;
+docs/reproduction.md compares both probes.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "ResNets: 4 = the paper's 256…2048 channels)")
     parser.add_argument("--depths", type=_int_list, default=None,
                         help="blocks per stage for every model, e.g. 1,1,1,1 (default: each variant's own)")
+    parser.add_argument("--probe", choices=sorted(signal_propagation.PROBES), default="gaussian",
+                        help="input: N(0,1) white noise (the paper's) or image-like smoothed noise")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and of the input batch")
     args = parser.parse_args(argv)
 
@@ -154,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model_kwargs["depths"] = args.depths
 
     start = time.perf_counter()
-    images = signal_propagation.gaussian_images(args.batch, args.resolution, seed=args.seed)
+    images = signal_propagation.PROBES[args.probe](args.batch, args.resolution, seed=args.seed)
     results = [signal_propagation.measure(name, images, seed=args.seed, **model_kwargs) for name in names]
 
     os.makedirs(args.out, exist_ok=True)
@@ -165,13 +169,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "width": width,
         "depths": None if args.depths is None else list(args.depths),
         "seed": args.seed,
-        "input": "N(0,1) NHWC",
+        "input": "N(0,1) NHWC" if args.probe == "gaussian" else "smoothed N(0,1), standardised per channel",
+        "probe": args.probe,
         "skip_gain": 1.0,
     }
     json_path = os.path.join(args.out, JSON_NAME)
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump({"settings": settings, "results": [r.to_json() for r in results]}, f, indent=1)
-    title = (f"Signal propagation at init: N(0,1) input, batch {args.batch}, "
+    title = (f"Signal propagation at init: {'N(0,1)' if args.probe == 'gaussian' else 'image-like (smoothed)'} input, batch {args.batch}, "
              f"{args.resolution}×{args.resolution} px, {'default widths' if width is None else f'width {width}'}"
              + ("" if args.depths is None else f", depths {list(args.depths)}"))
     png_path = plot(results, os.path.join(args.out, PNG_NAME), title)

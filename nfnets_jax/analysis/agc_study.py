@@ -240,14 +240,14 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str = "top_1_acc")
 
 
 def plot_figure(rows: Sequence[Mapping[str, Any]], png_path: str, metric: str = "top_1_acc",
-                y_span: float = 10.0, title: str | None = None) -> str:
+                y_span: float = 10.0, title: str | None = None, dataset: str = "ImageNet") -> str:
     """The paper's Figure 2 / 7 layout: top-1 (%) against batch size on a log2 axis, one line per
     λ (light to dark as λ grows), the no-AGC NF-ResNet (dashed) and the BN-ResNet (dotted), one
     panel per depth, one legend. Error bars: the standard deviation of the seeds averaged.
 
     The y axis reaches at most `y_span` points below the best mean, so one diverged point does
     not flatten the rest; a mean below that is drawn as ▼ on the lower edge, labelled with its
-    value. Returns `png_path`.
+    value. `dataset` names the data on the y axis. Returns `png_path`.
     """
     import matplotlib  # pylint: disable=import-outside-toplevel
 
@@ -297,7 +297,7 @@ def plot_figure(rows: Sequence[Mapping[str, Any]], png_path: str, metric: str = 
         axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_ylim(bottom - pad, top + pad)
         axis.set_xlabel("batch size")
-        axis.set_ylabel(f"ImageNet top-1 (%), {'EMA' if metric.startswith('ema') else 'raw'} params")
+        axis.set_ylabel(f"{dataset} top-1 (%), {'EMA' if metric.startswith('ema') else 'raw'} params")
         axis.set_title(f"ResNet-{depth}")
         axis.grid(alpha=0.3)
     labelled = {}  # one legend for all panels, outside them, in series order

@@ -108,6 +108,35 @@ def gaussian_images(batch: int, resolution: int, seed: int = 0) -> jax.Array:
     return jax.random.normal(jax.random.PRNGKey(seed), (batch, resolution, resolution, 3), jnp.float32)
 
 
+def smooth_images(batch: int, resolution: int, seed: int = 0, correlation_px: float = 4.0) -> jax.Array:
+    """An image-like SPP input: N(0, 1) noise blurred with a Gaussian of std `correlation_px`
+    pixels (periodic, in Fourier space), then normalised to mean 0 and variance 1 per channel
+    over (N, H, W), like a standardised natural image.
+
+    Why: NFNets and NF-RegNets average-pool the shortcut of their strided transitions, which
+    divides the variance of white noise by 4 (neighbouring pixels are independent) but keeps
+    most of the variance of a spatially correlated signal, as real images are. With white noise
+    their SPPs fall far below expected_std² after every stride; with this probe they should not.
+    """
+    if batch < 2 or resolution < 1 or not correlation_px > 0:
+        raise ValueError(
+            f"smooth_images needs batch >= 2, resolution >= 1 and correlation_px > 0; got batch={batch}, "
+            f"resolution={resolution}, correlation_px={correlation_px}."
+        )
+    noise = jax.random.normal(jax.random.PRNGKey(seed), (batch, resolution, resolution, 3), jnp.float32)
+    frequencies = jnp.fft.fftfreq(resolution)  # cycles per pixel
+    squared = frequencies[:, None] ** 2 + frequencies[None, :] ** 2
+    # The Fourier transform of a Gaussian of std σ px is exp(−2π²σ²f²).
+    transfer = jnp.exp(-2.0 * (jnp.pi * correlation_px) ** 2 * squared)[None, :, :, None]
+    smooth = jnp.real(jnp.fft.ifft2(jnp.fft.fft2(noise, axes=(1, 2)) * transfer, axes=(1, 2)))
+    mean = jnp.mean(smooth, axis=(0, 1, 2), keepdims=True)
+    std = jnp.std(smooth, axis=(0, 1, 2), keepdims=True)
+    return ((smooth - mean) / std).astype(jnp.float32)
+
+
+PROBES = {"gaussian": gaussian_images, "smooth": smooth_images}  # name -> f(batch, resolution, seed)
+
+
 def measure(
     name: str,
     images: jax.Array,

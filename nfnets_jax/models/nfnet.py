@@ -4,6 +4,12 @@ Recognition Without Normalization", §5, Table 1, App. C; official `nfnet.py` / 
 With default arguments the module, its parameter names and shapes, and its outputs are those of
 DeepMind's `NFNet` (docs/official_code_notes.md), so released weights load by name. The extra knobs
 `depths`, `widths`, `group_size` and `stem_channels` only exist to build tiny models for CPU runs.
+
+`norm="batchnorm"` builds the normalised counterpart of the same architecture, the "+BN"
+baseline of the paper's ablations (§3, §5): BatchNorm before every activation instead of
+Scaled Weight Standardisation, plain (unscaled) activations, no α/β variance bookkeeping
+(β = 1, α = 1). Everything else — stem, block layout, grouped convs, squeeze-excite, skip gain,
+stochastic depth, head — is shared, so the two differ only in normalisation.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from typing import Any
 import haiku as hk
 import jax
 
-from nfnets_jax.models import layers
+from nfnets_jax.models import grouped_conv, layers
 from nfnets_jax.models.grouped_conv import GroupedConvImpl
+
+NORMS = ("none", "batchnorm")  # NF (the default) or the BatchNorm baseline
 
 _STAGE_STRIDES = (1, 2, 2, 2)
 
@@ -67,6 +75,37 @@ def _make_variants() -> dict[str, NFNetVariant]:
 NFNET_VARIANTS: dict[str, NFNetVariant] = _make_variants()
 
 
+class Conv2D(hk.Module):
+    """The `norm="batchnorm"` conv: `WSConv2D` without the standardisation and the bias (the
+    BatchNorm that follows has an offset), He-normal init, computed by the same
+    `grouped_conv.conv2d_same` so that both norms run the same convolution code."""
+
+    def __init__(self, output_channels: int, kernel_shape: int, stride: int = 1, feature_group_count: int = 1,
+                 grouped_conv_impl: GroupedConvImpl = "auto", name: str | None = None):
+        super().__init__(name=name)
+        self.output_channels, self.kernel_shape, self.stride = output_channels, kernel_shape, stride
+        self.feature_group_count, self.grouped_conv_impl = feature_group_count, grouped_conv_impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_shape
+        shape = (k, k, x.shape[-1] // self.feature_group_count, self.output_channels)
+        w = hk.get_parameter("w", shape, x.dtype, init=hk.initializers.VarianceScaling(2.0, "fan_in", "normal"))
+        return grouped_conv.conv2d_same(x, w, self.stride, self.feature_group_count, self.grouped_conv_impl)
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
+
+
+def _conv_class(norm: str):
+    return layers.WSConv2D if norm == "none" else Conv2D
+
+
+def _batch_norm(name: str) -> hk.BatchNorm:
+    return hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9, eps=1e-5, name=name)
+
+
 class NFBlock(hk.Module):
     """NFNet bottleneck: 1×1 → 3×3 grouped (strided) → 3×3 grouped → 1×1, then 2·SE, stochastic
     depth, scalar skip gain and ×α, plus the shortcut (official `nfnet.py:NFBlock`).
@@ -88,9 +127,11 @@ class NFBlock(hk.Module):
         alpha: float = 0.2,
         use_two_convs: bool = True,
         grouped_conv_impl: GroupedConvImpl = "auto",
+        norm: str = "none",
         name: str | None = None,
     ):
         super().__init__(name=name)
+        _check_norm(norm)
         mid = int(out_ch * expansion)
         groups = mid // group_size
         if groups < 1:
@@ -103,31 +144,44 @@ class NFBlock(hk.Module):
         self.schedule = schedule
         self.stage = schedule.stage
         self.activation = activation
-        self.alpha = alpha
+        # BatchNorm replaces the NF variance bookkeeping: no input scaling β, no branch scaling α.
+        self.alpha = alpha if norm == "none" else 1.0
+        self.beta = schedule.beta if norm == "none" else 1.0
         self.use_two_convs = use_two_convs
         self.use_projection = schedule.stride > 1 or in_ch != out_ch
         # Submodules are built here (not in __call__) so Haiku names them `nf_block/~/conv0`, …
         mid, stride = self.mid, schedule.stride
-        self.conv0 = layers.WSConv2D(mid, 1, name="conv0")
+        conv = _conv_class(norm)
+        self.conv0 = conv(mid, 1, name="conv0")
         grouped = dict(feature_group_count=groups, grouped_conv_impl=grouped_conv_impl)
-        self.conv1 = layers.WSConv2D(mid, 3, stride=stride, **grouped, name="conv1")
+        self.conv1 = conv(mid, 3, stride=stride, **grouped, name="conv1")
         if use_two_convs:
-            self.conv1b = layers.WSConv2D(mid, 3, **grouped, name="conv1b")
-        self.conv2 = layers.WSConv2D(out_ch, 1, name="conv2")
+            self.conv1b = conv(mid, 3, **grouped, name="conv1b")
+        self.conv2 = conv(out_ch, 1, name="conv2")
         if self.use_projection:
-            self.conv_shortcut = layers.WSConv2D(out_ch, 1, name="conv_shortcut")
+            self.conv_shortcut = conv(out_ch, 1, name="conv_shortcut")
+        # With norm="batchnorm": one BatchNorm before each activation (input, conv0, conv1, conv1b).
+        self.norms = None
+        if norm == "batchnorm":
+            names = ("bn0", "bn1", "bn1b", "bn2") if use_two_convs else ("bn0", "bn1", "bn2")
+            self.norms = [_batch_norm(name) for name in names]
         self.squeeze_excite = layers.SqueezeExcite(out_ch, out_ch, se_ratio, name="squeeze_excite")
 
     def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
         """Returns (block output, average channel variance of the residual branch)."""
-        out = self.activation(x) * self.schedule.beta
+        norms = iter(self.norms or ())
+
+        def pre_activation(h: jax.Array) -> jax.Array:  # act(h), or act(BN(h)) with norm="batchnorm"
+            return self.activation(next(norms)(h, is_training) if self.norms else h)
+
+        out = pre_activation(x) * self.beta
         conv_shortcut = self.conv_shortcut if self.use_projection else None
         shortcut = layers.pooled_shortcut(x, out, self.schedule.stride, conv_shortcut)
         out = self.conv0(out)
-        out = self.conv1(self.activation(out))
+        out = self.conv1(pre_activation(out))
         if self.use_two_convs:
-            out = self.conv1b(self.activation(out))
-        out = self.conv2(self.activation(out))
+            out = self.conv1b(pre_activation(out))
+        out = self.conv2(pre_activation(out))
         out = 2.0 * self.squeeze_excite(out) * out
         branch_variance = layers.channel_variance(out)
         out = layers.stochastic_depth(out, self.schedule.stochdepth_rate, is_training)
@@ -150,6 +204,9 @@ class NFNet(hk.Module):
     `grouped_conv_impl` only chooses how the 3×3 grouped convs are computed (`"auto"`: per-group
     dense convs on CPU, several times faster to train there; XLA's grouped conv elsewhere); the
     parameters and the results do not depend on it (`models/grouped_conv.py`).
+    `norm="batchnorm"` builds the BatchNorm baseline of the same architecture (module doc);
+    it has Haiku state (`hk.transform_with_state`) and, like `BNResNet`, `init` always takes
+    the training path.
     """
 
     def __init__(
@@ -171,9 +228,12 @@ class NFNet(hk.Module):
         group_size: int = 128,
         stem_channels: Sequence[int] | None = None,
         grouped_conv_impl: GroupedConvImpl = "auto",
+        norm: str = "none",
         name: str = "NFNet",
     ):
         super().__init__(name=name)
+        _check_norm(norm)
+        self.norm = norm
         if variant not in NFNET_VARIANTS:
             raise ValueError(f"Unknown NFNet variant {variant!r}; choose one of {list(NFNET_VARIANTS)}.")
         spec = NFNET_VARIANTS[variant]
@@ -197,15 +257,23 @@ class NFNet(hk.Module):
             self.final_conv_ch = int(final_conv_mult * self.widths[-1])
         self.drop_rate = spec.drop_rate if drop_rate is None else drop_rate
         self.activation_name = activation
-        self.activation = layers.scaled_activation(activation)
+        # The γ gains are part of the NF scaling; with BatchNorm the activations are plain.
+        self.activation = (layers.scaled_activation(activation) if norm == "none"
+                           else layers.raw_activation(activation))
         self.schedule = layers.block_schedule(self.depths, _STAGE_STRIDES, alpha, stochdepth_rate)
 
         # Submodules are built here, in DeepMind's order, so Haiku names them `NFNet/~/stem_conv0`,
         # `NFNet/~/nf_block`, `NFNet/~/nf_block_1`, …, `NFNet/~/final_conv`, `NFNet/~/linear`.
+        conv = _conv_class(norm)
         self.stem = [
-            layers.WSConv2D(channels, 3, stride=stride, name=f"stem_conv{i}")
+            conv(channels, 3, stride=stride, name=f"stem_conv{i}")
             for i, (channels, stride) in enumerate(zip(self.stem_channels, (2, 1, 1, 2)))
         ]
+        # norm="batchnorm": BN before each stem activation and before the final activation.
+        self.stem_norms = self.final_norm = None
+        if norm == "batchnorm":
+            self.stem_norms = [_batch_norm(f"stem_bn{i}") for i in range(len(self.stem) - 1)]
+            self.final_norm = _batch_norm("final_bn")
         self.blocks = []
         in_ch = self.stem_channels[-1]
         for block_schedule, out_ch in zip(self.schedule, layers.block_widths(self.depths, self.widths)):
@@ -220,11 +288,12 @@ class NFNet(hk.Module):
                     alpha=alpha,
                     use_two_convs=use_two_convs,
                     grouped_conv_impl=grouped_conv_impl,
+                    norm=norm,
                     name="nf_block",
                 )
             )
             in_ch = out_ch
-        self.final_conv = layers.WSConv2D(self.final_conv_ch, 1, name="final_conv")
+        self.final_conv = conv(self.final_conv_ch, 1, name="final_conv")
         fc_init = fc_init if fc_init is not None else hk.initializers.RandomNormal(stddev=0.01)
         self.fc = hk.Linear(num_classes, w_init=fc_init, name="linear")
 
@@ -232,11 +301,16 @@ class NFNet(hk.Module):
         self, x: jax.Array, is_training: bool, return_features: bool = False
     ) -> jax.Array | dict[str, Any]:
         layers.check_image_batch(x, "NFNet")
+        if self.norm == "batchnorm":
+            is_training = is_training or hk.running_init()  # BN creates its averages in training mode
+        normalize = lambda h, bn: bn(h, is_training) if bn is not None else h
+        stem_norms = self.stem_norms or [None] * (len(self.stem) - 1)
         out = x
         for i, conv in enumerate(self.stem):
             out = conv(out)
             if i < len(self.stem) - 1:  # No activation after the last stem conv: blocks start with one.
-                out = self.activation(out)
+                out = self.activation(normalize(out, stem_norms[i]))
         return layers.run_body_and_head(
-            self, out, is_training, return_features, lambda h: self.activation(self.final_conv(h))
+            self, out, is_training, return_features,
+            lambda h: self.activation(normalize(self.final_conv(h), self.final_norm)),
         )

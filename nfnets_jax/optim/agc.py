@@ -106,12 +106,14 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTran
     Args:
       clipping: λ, the largest allowed ratio ‖G_i‖/max(‖W_i‖, eps). The paper uses 0.01 at
         batch 4096 and notes that larger batches need smaller λ.
+        A JAX scalar (e.g. traced, to train several λ in one `jax.vmap`) is accepted as is
+        and not validated; `inf` then means no clipping.
       eps: floor on the weight norm, so zero-initialised parameters can still move (1e-3).
 
     Returns:
       A transformation whose `update` requires `params` and whose state is an `AGCState`.
     """
-    if not clipping > 0:
+    if not isinstance(clipping, jax.Array) and not clipping > 0:
         raise ValueError(
             f"adaptive_grad_clip: clipping must be > 0, got {clipping}; to turn AGC off, leave it "
             "out of the chain (optimizer.agc.clipping = None)."
