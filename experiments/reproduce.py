@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -124,20 +122,17 @@ QUICK = {
 # ---------------------------------------------------------------- provenance and progress
 
 def versions() -> dict[str, str]:
-    """Python and package versions, the machine and the git commit (one place, to be swapped
-    for the package's shared provenance helper)."""
-    found = {"python": platform.python_version()}
-    for package in ("jax", "jaxlib", "dm-haiku", "optax", "numpy"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    found["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
-    try:
-        found["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                             text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        found["git_commit"] = "unknown"
+    """Python and package versions, the machine and the git commit, flattened for the page from
+    the project's provenance record (nfnets_jax/provenance.py), plus the load at start."""
+    from nfnets_jax import provenance  # pylint: disable=import-outside-toplevel
+
+    record = provenance.collect(devices=False)
+    found = {"python": record["machine"]["python"]}
+    found.update({name: version or "not installed" for name, version in record["versions"].items()})
+    machine = record["machine"]
+    found["machine"] = f"{machine['machine']}, {machine['cpu_count']} CPUs, {platform.system()}"
+    git = record["git"] or {}
+    found["git_commit"] = (git.get("commit") or "unknown")[:7] + ("+changes" if git.get("dirty") else "")
     try:
         found["load_average_at_start"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:

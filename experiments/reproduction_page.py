@@ -37,7 +37,7 @@ def _figure(record: dict[str, Any], doc_dir: str, index: int = 0, alt: str = "fi
 
 def _footer(record: dict[str, Any]) -> str:
     v = record["versions"]
-    packages = ", ".join(f"{k} {v[k]}" for k in ("python", "jax", "jaxlib", "dm-haiku", "optax") if k in v)
+    packages = ", ".join(f"{k} {v[k]}" for k in ("python", "jax", "jaxlib", "dm-haiku", "optax", "orbax-checkpoint", "tensorflow", "tensorflow-datasets") if k in v)
     quick = " **(--quick: tiny sizes, not the committed setting)**" if record.get("quick") else ""
     return (f"*Command:* `{record['command']}`{quick} · *runtime of this claim:* {record['seconds'] / 60:.1f} min · "
             f"*machine:* {v.get('machine', '?')}, load average at start {v.get('load_average_at_start', '?')} · "
