@@ -32,8 +32,7 @@ def _setup(compute_dtype="float32", ema_decay=0.99, backend_name="pmap"):
     init = functools.partial(init_train_state, experiment.forward, experiment.optimizer, seed=0,
                              sample_images=jnp.zeros((1, *IMAGE_SHAPE)), use_ema=ema_decay is not None)
     state = jax.jit(init, out_shardings=backend.replicated)()
-    train_fn = backend.wrap_train(make_train_step(experiment.forward, experiment.optimizer,
-                                                  experiment.lr_schedule, experiment.step_settings))
+    train_fn = backend.wrap_train(make_train_step(experiment.forward, experiment.optimizer, experiment.step_settings))
     return experiment, data, backend, state, train_fn
 
 

@@ -80,20 +80,33 @@ class MetricWriter:
             self._tensorboard = None
 
 
+def _in_jupyter_kernel() -> bool:
+    """True inside an IPython kernel (a notebook), where stdout is not a terminal."""
+    return "ipykernel" in sys.modules
+
+
 class Progress:
     """Step, loss, images/s and ETA: a tqdm bar on a terminal, plain lines otherwise.
 
     Plain lines (one per log interval) keep CI logs and `nohup` files readable, where a bar's
-    carriage returns would not be.
+    carriage returns would not be. `bar`: True for a bar, False for lines, None (default) for a
+    bar on a terminal or in a Jupyter kernel (tqdm.auto: a widget when ipywidgets is installed).
     """
 
-    def __init__(self, total_steps: int, start_step: int, *, is_main: bool, stream: IO[str] | None = None):
+    def __init__(self, total_steps: int, start_step: int, *, is_main: bool, stream: IO[str] | None = None,
+                 bar: bool | None = None):
         self.total_steps = total_steps
         self.is_main = is_main
         self.stream = stream or sys.stdout
         self._bar = None
-        if is_main and self.stream.isatty():
-            from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+        if bar is None:
+            bar = self.stream.isatty() or _in_jupyter_kernel()
+        if is_main and bar:
+            import warnings  # pylint: disable=import-outside-toplevel
+
+            with warnings.catch_warnings():  # tqdm.auto warns when it falls back to a text bar
+                warnings.simplefilter("ignore")
+                from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream,
                              dynamic_ncols=True)
