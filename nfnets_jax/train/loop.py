@@ -104,6 +104,19 @@ def _abstract(state: TrainState, sharding: jax.sharding.Sharding) -> TrainState:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 
 
+def _run_once(fn: Callable, *args: Any, out_shardings: Any) -> Any:
+    """`jax.jit(fn)(*args)` for a function that runs once per run (the init).
+
+    On CPU it is compiled without LLVM's optimisations: they spend most of the init's compile
+    time on its unrolled random-number generators (one per parameter) and gain nothing for a
+    single call. The integer bits are the same; a float may differ by one ulp (no fused
+    multiply-adds), and every run, fresh or resumed, takes this same path.
+    """
+    lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return lowered.compile(compiler_options=options)(*args)
+
+
 def _prefetch(batches: Iterator[HostBatch], put_batch: Callable, size: int) -> Iterator[Any]:
     """Places the next `size` batches on device while the current step runs."""
     from nfnets_jax.data import feeding  # pylint: disable=import-outside-toplevel
@@ -152,10 +165,11 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
     abstract_state = _abstract(jax.eval_shape(init_fn), backend.replicated)
     restored = checkpointer.restore_latest(abstract_state)
     if restored is None:
-        state = jax.jit(init_fn, out_shardings=backend.replicated)()
+        state = _run_once(init_fn, out_shardings=backend.replicated)
         if experiment.initial_params is not None:  # fine-tuning: loaded body, the fresh head
             initial_params = experiment.initial_params(parallel.first_replica(state.params))
-            state = jax.jit(lambda p: init_fn(initial_params=p), out_shardings=backend.replicated)(initial_params)
+            state = _run_once(lambda p: init_fn(initial_params=p), initial_params,
+                              out_shardings=backend.replicated)
         data_position = 0
     else:
         state, meta = restored
