@@ -58,3 +58,20 @@ def test_stored_notebooks_have_outputs_and_plots():
         assert not errors, f"{name}: stored outputs contain an error"
         images = [out for cell in code_cells for out in cell.outputs if "image/png" in out.get("data", {})]
         assert images, f"{name}: no plot in the stored outputs"
+
+
+def test_writing_the_curves_png_leaves_the_notebook_plot_backend_alone(tmp_path):
+    """Regression: each run's curves PNG switched pyplot to Agg, so a notebook that trained
+    showed no inline plot afterwards."""
+    import json  # pylint: disable=import-outside-toplevel
+
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    from nfnets_jax.train import metrics_logging  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("svg")  # stands for the inline backend a notebook uses
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in (1, 2, 3)))
+    png = metrics_logging.plot_training_curves(str(path), str(tmp_path / "curves.png"))
+    assert matplotlib.get_backend() == "svg"
+    assert pathlib.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -148,12 +148,12 @@ def read_metrics(jsonl_path: str) -> list[dict]:
 def plot_training_curves(jsonl_path: str, png_path: str) -> str:
     """Draws train loss, train/eval top-1, learning rate and AGC clip fraction against step.
 
-    Returns the path written. Uses the non-interactive Agg backend (no display needed).
+    Returns the path written. Draws on a standalone `Figure` (no display needed, and pyplot's
+    backend is left as the caller set it).
     """
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    # A Figure of its own, not pyplot: switching pyplot's backend to Agg here would leave a
+    # notebook that ran training without inline plots.
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
     records = read_metrics(jsonl_path)
 
@@ -168,7 +168,8 @@ def plot_training_curves(jsonl_path: str, png_path: str) -> str:
         ("learning rate", [("train", "learning_rate", "lr")]),
         ("AGC clip fraction", [("train", "agc/clip_fraction", "global")]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
+    fig = Figure(figsize=(4.5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels))
     for axis, (title, lines) in zip(axes, panels):
         for split, name, label in lines:
             steps, values = series(split, name)
@@ -180,7 +181,6 @@ def plot_training_curves(jsonl_path: str, png_path: str) -> str:
             axis.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
     return png_path
 
 
