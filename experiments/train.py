@@ -22,9 +22,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-# Config -> experiment lives in the library, shared with notebooks (nfnets_jax.train.run).
-from nfnets_jax.train.experiment import build_experiment  # pylint: disable=wrong-import-position,unused-import
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "digits.py"
 
@@ -41,6 +38,14 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "Multi-host: seconds before a silent (dead) peer stops the whole job (JAX default: 100).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host with the cluster found by JAX itself (TPU pods).")
+
+
+def build_experiment(config):
+    """`nfnets_jax.train.build_experiment`: config -> experiment lives in the library, shared with
+    notebooks; imported here only once main() has started the processes (multi-host)."""
+    from nfnets_jax.train import experiment  # pylint: disable=import-outside-toplevel
+
+    return experiment.build_experiment(config)
 
 
 def main(argv: list[str]) -> None:
