@@ -41,55 +41,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def build_experiment(config):
-    """The loop's inputs from the config: data iterators, model, optimizer, step settings."""
-    # pylint: disable=import-outside-toplevel
-    from nfnets_jax import data, models, optim
-    from nfnets_jax.train import config_schema, pretrained
-    from nfnets_jax.train import step as step_lib
-    from nfnets_jax.train.forward import abstract_init, make_forward
-    from nfnets_jax.train.loop import Experiment
+    """`nfnets_jax.train.build_experiment`: config -> experiment lives in the library, shared with
+    notebooks; imported here only once main() has started the processes (multi-host)."""
+    from nfnets_jax.train import experiment  # pylint: disable=import-outside-toplevel
 
-    # ---- Input: per-process shards, per-device batches (nfnets_jax/data) ----
-    info = data.dataset_info(config.data)
-    batch_size = config.train.batch_size
-    steps_per_epoch = info.num_train_examples / batch_size
-    total_steps = config_schema.total_train_steps(config, info.num_train_examples)
-    train_batches = lambda start_step: data.make_train_iterator(
-        config.data, global_batch_size=batch_size, seed=config.train.seed, start_step=start_step)
-    eval_batches = lambda: data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size)
-
-    # ---- Model: registry name + kwargs from the config (nfnets_jax/models) ----
-    model_kwargs = config.model.kwargs.to_dict()
-    forward = make_forward(config.model.name, info.num_classes, model_kwargs)
-
-    # ---- Optimizer: AGC -> weight decay -> SGD with schedule; SAM and EMA in the step ----
-    opt_config = optim.validate_optimizer_config(config.optimizer)
-    if config.train.warmup_steps is not None:
-        opt_config.warmup_epochs = config.train.warmup_steps / steps_per_epoch
-    schedule_args = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch_size=batch_size)
-    optimizer = optim.make_optimizer(opt_config, **schedule_args)
-    settings = step_lib.settings_from_config(
-        config, opt_config, num_classes=info.num_classes,
-        agc_groups=models.stage_regexes(config.model.name, **model_kwargs))
-
-    # ---- Fine-tuning: pretrained weights with a fresh head (config.checkpoint.init_from) ----
-    initial_params = None
-    if config.checkpoint.init_from:
-        loaded = pretrained.read_params(config.checkpoint.init_from)
-        exclude = list(config.checkpoint.init_exclude)
-        # Names and shapes are checked now, against the abstract model, not after the init.
-        abstract_params, _ = abstract_init(forward, config.data.image_size)
-        pretrained.check_pretrained_fits(loaded, abstract_params, exclude=exclude)
-        initial_params = lambda fresh: pretrained.merge_pretrained(loaded, fresh, exclude=exclude)
-
-    return Experiment(
-        forward=forward, optimizer=optimizer, lr_schedule=optim.make_lr_schedule(opt_config, **schedule_args),
-        step_settings=settings, train_batches=train_batches, eval_batches=eval_batches,
-        image_shape=(config.data.image_size, config.data.image_size, 3), total_steps=total_steps,
-        global_batch_size=batch_size,
-        describe_param_groups=lambda params: optim.describe_param_groups(opt_config, params),
-        initial_params=initial_params,
-    )
+    return experiment.build_experiment(config)
 
 
 def main(argv: list[str]) -> None:

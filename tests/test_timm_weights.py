@@ -17,7 +17,6 @@ import subprocess
 import sys
 import zipfile
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_dtypes

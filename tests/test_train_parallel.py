@@ -24,8 +24,7 @@ def _train(backend_name: str, config):
     init = functools.partial(init_train_state, experiment.forward, experiment.optimizer, seed=0,
                              sample_images=jnp.zeros((1, *data.image_shape)), use_ema=True)
     state = jax.jit(init, out_shardings=backend.replicated)()
-    train_fn = backend.wrap_train(make_train_step(experiment.forward, experiment.optimizer,
-                                                  experiment.lr_schedule, experiment.step_settings))
+    train_fn = backend.wrap_train(make_train_step(experiment.forward, experiment.optimizer, experiment.step_settings))
     batches = data.train_batches(0, global_batch_size=BATCH)
     history = []
     for _ in range(STEPS):
@@ -86,8 +85,7 @@ def test_every_device_and_every_step_draws_its_own_dropout_key(backend_name):
     state = jax.jit(init, out_shardings=backend.replicated)()
     jax.effects_barrier()
     keys.clear()  # the init's own key
-    train_fn = backend.wrap_train(make_train_step(forward, experiment.optimizer,
-                                                  experiment.lr_schedule, experiment.step_settings))
+    train_fn = backend.wrap_train(make_train_step(forward, experiment.optimizer, experiment.step_settings))
     batches = data.train_batches(0, global_batch_size=8)
     for _ in range(2):
         state, metrics = train_fn(state, backend.put_batch(next(batches)))

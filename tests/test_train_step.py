@@ -15,7 +15,7 @@ import pytest
 
 from nfnets_jax.train import evaluation, fakes, parallel
 from nfnets_jax.train.state import init_train_state
-from nfnets_jax.train.step import StepSettings, make_eval_step, make_train_step
+from nfnets_jax.train.step import make_eval_step, make_train_step
 
 NUM_CLASSES = 7  # > 5, so that top-5 is not trivially 1
 IMAGE_SHAPE = (4, 4, 3)
@@ -32,8 +32,7 @@ def _setup(compute_dtype="float32", ema_decay=0.99, backend_name="pmap"):
     init = functools.partial(init_train_state, experiment.forward, experiment.optimizer, seed=0,
                              sample_images=jnp.zeros((1, *IMAGE_SHAPE)), use_ema=ema_decay is not None)
     state = jax.jit(init, out_shardings=backend.replicated)()
-    train_fn = backend.wrap_train(make_train_step(experiment.forward, experiment.optimizer,
-                                                  experiment.lr_schedule, experiment.step_settings))
+    train_fn = backend.wrap_train(make_train_step(experiment.forward, experiment.optimizer, experiment.step_settings))
     return experiment, data, backend, state, train_fn
 
 

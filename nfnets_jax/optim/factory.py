@@ -14,6 +14,11 @@ both masks. If that optimizer takes its own `weight_decay` and `mask` arguments 
 lion, ...), the config's weight decay and exclusion mask are handed to it, so it decays the
 way it defines (decoupled for adamw); otherwise decay is coupled through the gradient as in
 the NFNet recipe. SAM is not part of this chain; wrap the result with `sam.with_sam`.
+
+The base optimizer is built through `optax.inject_hyperparams`, so its learning rate (the
+schedule's value at the last update) and its numeric settings (momentum, b1, b2, ...) live in
+the optimizer state: the runner logs them from there (`hyperparams.current_hyperparams`), not
+from a second copy of the schedule.
 """
 
 from __future__ import annotations
@@ -58,18 +63,22 @@ def _base_optimizer(
             )
         momentum = opt_config.momentum or None
         nesterov = opt_config.nesterov and momentum is not None
-        return optax.sgd(schedule, momentum=momentum, nesterov=nesterov, **kwargs), False
+        sgd = optax.inject_hyperparams(optax.sgd)
+        return sgd(learning_rate=schedule, momentum=momentum, nesterov=nesterov, **kwargs), False
     factory_fn = getattr(optax, opt_config.name)
     if "learning_rate" not in inspect.signature(factory_fn).parameters:
         raise ValueError(
             f"optax.{opt_config.name} takes no learning_rate, so it is not an optimizer we can "
             "schedule; pick another optimizer.name."
         )
+    # Callable arguments other than the learning rate (masks) are not schedules.
+    static = [name for name, value in kwargs.items() if callable(value)]
     if _takes_decoupled_weight_decay(factory_fn):
         kwargs["weight_decay"] = opt_config.weight_decay or 0.0
         kwargs["mask"] = groups_lib.exclusion_mask(opt_config.wd_exclude, "optimizer.wd_exclude")
-        return factory_fn(learning_rate=schedule, **kwargs), True
-    return factory_fn(learning_rate=schedule, **kwargs), False
+        static.append("mask")
+        return optax.inject_hyperparams(factory_fn, static_args=static)(learning_rate=schedule, **kwargs), True
+    return optax.inject_hyperparams(factory_fn, static_args=static)(learning_rate=schedule, **kwargs), False
 
 
 def make_optimizer(
@@ -85,7 +94,8 @@ def make_optimizer(
 
     Returns:
       An `optax.GradientTransformationExtraArgs`. Its `update` needs `params` (AGC and weight
-      decay read them). It does not include SAM or EMA.
+      decay read them). It does not include SAM or EMA. Its state holds the base optimizer's
+      hyperparameters (`optax.inject_hyperparams`), learning rate included.
     """
     opt_config = config_lib.validate_optimizer_config(opt_config)
     schedule = schedules.make_lr_schedule(

@@ -12,9 +12,11 @@ The descent gradient is then taken at the perturbed params on the full per-devic
 averaged across devices and fed to the normal optimizer (AGC → weight decay → SGD). The
 params themselves are never left perturbed: the optimizer's update is applied to w.
 
-The logic exists once, in `sam_gradients` (the functional core the training step calls).
-`with_sam` wraps it as an optax transformation for notebooks; see its docstring for the
-calling convention.
+The logic exists once, in `sam_gradients`. `with_sam` wraps it as an optax transformation,
+and that transformation is the only SAM the runner's train step knows: the step hands every
+optimizer `grad_fn`, `batch` and its device `axis_name` as extra arguments, so a SAM built from
+the config and one built in a notebook take the same path. See `with_sam` for the calling
+convention.
 
 Which examples form the ascent slice: the **first** floor(ascent_fraction · n) examples along
 the leading axis of every batch leaf (at least 1), where n is the per-device batch size.
@@ -142,9 +144,12 @@ def with_sam(
     accept and ignore the extra `grad_fn`/`batch` arguments; there the incoming `grads` are
     used as they are, so under pmap pass grads already averaged over devices.
 
-    With `axis_name` set (inside pmap / shard_map), the descent gradient is averaged over it
+    With an axis name (inside pmap / shard_map), the descent gradient is averaged over it
     before `inner`, so every replica applies the same update; the ascent gradient is averaged
-    only if `sync_ascent`.
+    only if `sync_ascent`. The axis is either fixed here (`axis_name=`) or, when left None,
+    taken from an `axis_name=` extra argument of `update`: the runner's train step passes its
+    device axis that way, so an optimizer built in a notebook without knowing the runner's
+    axis still averages correctly there.
 
     Args:
       inner: the optimizer that consumes the descent gradient (e.g. AGC → WD → SGD).
@@ -167,6 +172,8 @@ def with_sam(
         batch: Any = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
+        # The runner passes its device axis as an extra argument; one fixed at build time wins.
+        device_axis = axis_name if axis_name is not None else extra_args.get("axis_name")
         del updates  # SAM computes its own gradients; see the docstring.
         if params is None or grad_fn is None or batch is None:
             raise ValueError(
@@ -180,11 +187,11 @@ def with_sam(
             rho=rho,
             ascent_fraction=ascent_fraction,
             sync_ascent=sync_ascent,
-            axis_name=axis_name,
+            axis_name=device_axis,
             eps=eps,
         )
-        if axis_name is not None:
-            descent_grads = jax.lax.pmean(descent_grads, axis_name)
+        if device_axis is not None:
+            descent_grads = jax.lax.pmean(descent_grads, device_axis)
         new_updates, inner_state = inner.update(descent_grads, state.inner_state, params, **extra_args)
         return new_updates, SAMState(inner_state=inner_state)
 

@@ -15,6 +15,7 @@ import haiku as hk
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from nfnets_jax import optim
 from nfnets_jax.train import config_schema
@@ -131,21 +132,24 @@ def fake_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def fake_experiment(config: ml_collections.ConfigDict, data: FakeData, *, drop_rate: float = 0.0) -> Experiment:
-    """The loop's inputs for a fake model on `data`, built from `config` like the real ones."""
+def fake_experiment(config: ml_collections.ConfigDict, data: FakeData, *, drop_rate: float = 0.0,
+                    optimizer: optax.GradientTransformation | None = None) -> Experiment:
+    """The loop's inputs for a fake model on `data`, built from `config` like the real ones.
+
+    `optimizer` replaces the config's (AGC -> weight decay -> SGD, in `with_sam` when
+    `optimizer.sam.rho` is set), as `build_experiment(config, optimizer=...)` does.
+    """
     opt_config = optim.validate_optimizer_config(config.optimizer)
     total_steps = config.train.steps
     batch_size = config.train.batch_size
-    optimizer = optim.make_optimizer(opt_config, steps_per_epoch=10.0, total_steps=total_steps,
-                                     batch_size=batch_size)
-    schedule = optim.make_lr_schedule(opt_config, steps_per_epoch=10.0, total_steps=total_steps,
-                                      batch_size=batch_size)
+    if optimizer is None:
+        chain = optim.make_optimizer(opt_config, **fake_schedule_args(config))
+        optimizer = optim.with_sam_from_config(chain, opt_config.sam)
     settings = settings_from_config(config, opt_config, num_classes=data.num_classes,
                                     agc_groups={"head": r"^fake_net/~/linear/"})
     return Experiment(
         forward=fake_forward(data.num_classes, drop_rate),
         optimizer=optimizer,
-        lr_schedule=schedule,
         step_settings=settings,
         train_batches=lambda start: data.train_batches(start, global_batch_size=batch_size),
         eval_batches=lambda: data.eval_batches(global_batch_size=config.eval.batch_size),
@@ -153,4 +157,10 @@ def fake_experiment(config: ml_collections.ConfigDict, data: FakeData, *, drop_r
         total_steps=total_steps,
         global_batch_size=batch_size,
         describe_param_groups=lambda params: optim.describe_param_groups(opt_config, params),
+        config=config,
     )
+
+
+def fake_schedule_args(config: ml_collections.ConfigDict) -> dict:
+    """What `make_optimizer` takes for a fake run: 10 steps per epoch, `config.train.steps`."""
+    return dict(steps_per_epoch=10.0, total_steps=config.train.steps, batch_size=config.train.batch_size)

@@ -45,9 +45,10 @@ class Experiment:
 
     Attributes:
       forward: `hk.transform_with_state` of `(images, is_training) -> logits`.
-      optimizer: the optax chain (AGC -> weight decay -> SGD), SAM excluded.
-      lr_schedule: the schedule inside `optimizer`, for logging.
-      step_settings: loss, precision, EMA and SAM settings of the train step.
+      optimizer: any optax transformation: the config's chain (AGC -> weight decay -> SGD, in
+        `optim.with_sam` when SAM is on) or one built in Python. Its learning rate is logged
+        from its state (`optim.current_hyperparams`).
+      step_settings: loss, precision, EMA and AGC-telemetry settings of the train step.
       train_batches: `start_step -> iterator` of host batches `[local_devices, B, ...]`; the
         stream must be deterministic so that resuming at `start_step` continues it exactly.
       eval_batches: `() -> iterable` over one pass of the eval split (with `mask`), or None.
@@ -58,11 +59,12 @@ class Experiment:
       initial_params: `random-init host params -> host params` for runs that start from trained
         weights (fine-tuning: keep the fresh head, load the rest); None keeps the seed's random
         init. Ignored when resuming.
+      config: the experiment config it was built from (`nfnets_jax.train.run` reads the seed,
+        backend and logging intervals there), or None.
     """
 
     forward: hk.TransformedWithState
     optimizer: optax.GradientTransformation
-    lr_schedule: optax.Schedule
     step_settings: StepSettings
     train_batches: Callable[[int], Iterator[HostBatch]]
     eval_batches: Callable[[], Any] | None
@@ -71,23 +73,51 @@ class Experiment:
     global_batch_size: int
     describe_param_groups: Callable[[hk.Params], str] | None = None
     initial_params: Callable[[Any], hk.Params] | None = None
+    config: ml_collections.ConfigDict | None = None
 
 
 @dataclasses.dataclass
 class RunSummary:
-    """Where a run ended and what it left in the workdir."""
+    """Where a run ended, what it left in the workdir, and its metrics as data.
+
+    Attributes:
+      history: every record this call wrote to `metrics_file`, in order, as dicts
+        `{"step": 100, "split": "train" | "eval", "loss": ..., ...}` of Python floats.
+      state: the final `TrainState` (replicated device arrays; `parallel.first_replica` gives a
+        host copy).
+    """
 
     step: int
-    stopped_by: str  # 'completed' | 'preempted'
+    stopped_by: str  # 'completed' | 'preempted' | 'num_steps'
     eval_metrics: dict[str, float]
     checkpoint_dir: str
     metrics_file: str
     plot_file: str | None
     skipped_steps: int
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    state: TrainState | None = None
+
+    def series(self, name: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one metric of `history`, e.g. `summary.series("loss")`."""
+        points = [(r["step"], r[name]) for r in self.history if r["split"] == split and name in r]
+        return np.asarray([p[0] for p in points], np.int64), np.asarray([p[1] for p in points], np.float64)
 
 
 def _abstract(state: TrainState, sharding: jax.sharding.Sharding) -> TrainState:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def _run_once(fn: Callable, *args: Any, out_shardings: Any) -> Any:
+    """`jax.jit(fn)(*args)` for a function that runs once per run (the init).
+
+    On CPU it is compiled without LLVM's optimisations: they spend most of the init's compile
+    time on its unrolled random-number generators (one per parameter) and gain nothing for a
+    single call. The integer bits are the same; a float may differ by one ulp (no fused
+    multiply-adds), and every run, fresh or resumed, takes this same path.
+    """
+    lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return lowered.compile(compiler_options=options)(*args)
 
 
 def _prefetch(batches: Iterator[HostBatch], put_batch: Callable, size: int) -> Iterator[Any]:
@@ -98,26 +128,37 @@ def _prefetch(batches: Iterator[HostBatch], put_batch: Callable, size: int) -> I
 
 
 def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
-        *, prefetch: int = 2) -> RunSummary:
+        *, prefetch: int = 2, num_steps: int | None = None, progress_bar: bool | None = None,
+        verbose: bool = True) -> RunSummary:
     """Trains `experiment` as `config` says, in `workdir`, resuming from its latest checkpoint.
 
     Reads `config.train.seed`, `config.parallel.backend`, `config.checkpoint.every_steps/keep`,
     `config.eval.every_steps`, `config.log.every_steps` and `config.nonfinite`.
+
+    `num_steps` stops this call after that many steps (at most to the end of the schedule,
+    `experiment.total_steps`), with a checkpoint and an evaluation, so a notebook can train in
+    pieces; the next call resumes there. `progress_bar`: a tqdm bar (True), plain lines (False)
+    or a bar on terminals and notebooks only (None). `verbose=False` leaves out the parameter
+    group table and the per-eval lines.
     """
     if config.nonfinite not in NONFINITE_MODES:
         raise ValueError(f"config.nonfinite={config.nonfinite!r}; choose one of {NONFINITE_MODES}.")
+    if num_steps is not None and not num_steps > 0:
+        raise ValueError(f"num_steps must be a positive number of steps (or None: to the end), got {num_steps}.")
     is_main = jax.process_index() == 0
     # Nothing in the workdir is read or written before this run holds its lock.
     lock = workdir_lock.acquire_for_run(workdir)
     try:
-        return _run_locked(experiment, config, workdir_lib.as_path(workdir), is_main, prefetch)
+        return _run_locked(experiment, config, workdir_lib.as_path(workdir), is_main, prefetch=prefetch,
+                           num_steps=num_steps, progress_bar=progress_bar, verbose=verbose)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workdir: workdir_lib.Path,
-                is_main: bool, prefetch: int) -> RunSummary:
+                is_main: bool, *, prefetch: int, num_steps: int | None, progress_bar: bool | None,
+                verbose: bool) -> RunSummary:
     backend = parallel.make_backend(config.parallel.backend)
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints",
@@ -141,10 +182,11 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
         checkpointer.close()
         raise
     if restored is None:
-        state = jax.jit(init_fn, out_shardings=backend.replicated)()
+        state = _run_once(init_fn, out_shardings=backend.replicated)
         if experiment.initial_params is not None:  # fine-tuning: loaded body, the fresh head
             initial_params = experiment.initial_params(parallel.first_replica(state.params))
-            state = jax.jit(lambda p: init_fn(initial_params=p), out_shardings=backend.replicated)(initial_params)
+            state = _run_once(lambda p: init_fn(initial_params=p), initial_params,
+                              out_shardings=backend.replicated)
         data_position = 0
     else:
         state, meta = restored
@@ -158,17 +200,16 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
     writer = metrics_logging.MetricWriter(workdir, is_main=is_main,
                                           resumed_at=None if restored is None else resumed_at)
     step = start_step = int(parallel.first_replica(state.step))
-    progress = metrics_logging.Progress(experiment.total_steps, step, is_main=is_main)
+    end_step = experiment.total_steps if num_steps is None else min(experiment.total_steps, step + num_steps)
+    progress = metrics_logging.Progress(experiment.total_steps, step, is_main=is_main, bar=progress_bar)
     if restored is not None:
         progress.message(f"Resumed from {checkpointer.directory} at step {step}.")
-    if experiment.describe_param_groups is not None and step == 0:
+    if experiment.describe_param_groups is not None and step == 0 and verbose:
         progress.message(experiment.describe_param_groups(parallel.first_replica(state.params)))
 
     # ---- Compiled steps ----
     train_fn = backend.wrap_train(
-        make_train_step(experiment.forward, experiment.optimizer, experiment.lr_schedule,
-                        experiment.step_settings)
-    )
+        make_train_step(experiment.forward, experiment.optimizer, experiment.step_settings))
     eval_fn = backend.wrap_eval(make_eval_step(experiment.forward))
 
     def run_eval(at_step: int) -> dict[str, float]:
@@ -176,10 +217,19 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
             return {}
         results = evaluation.evaluate_raw_and_ema(
             eval_fn, state, experiment.eval_batches, backend.put_batch)
-        writer.write(at_step, "eval", results)
+        record(at_step, "eval", results)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_examples")
-        progress.message(f"eval @ step {at_step}: {shown}")
+        if verbose:
+            progress.message(f"eval @ step {at_step}: {shown}")
         return results
+
+    history: list[dict[str, Any]] = []
+
+    def record(at_step: int, split: str, scalars: Mapping[str, Any]) -> None:
+        """Writes a record (JSONL, TensorBoard) and keeps it for the returned history."""
+        writer.write(at_step, split, scalars)
+        history.append({"step": int(at_step), "split": split,
+                        **{name: float(np.asarray(value)) for name, value in scalars.items()}})
 
     def check_finite(at_step: int, metrics: Mapping[str, jax.Array]) -> bool:
         """Host check of one step's on-device flag; the state never took a non-finite update."""
@@ -212,7 +262,7 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
     pending: tuple[int, Any] | None = None  # the previous step's metrics, checked one step late
     try:
         with checkpointing.PreemptionWatcher() as watcher:
-            while step < experiment.total_steps:
+            while step < end_step:
                 state, metrics = train_fn(state, next(batches))
                 step += 1
                 timer.tick()
@@ -225,9 +275,9 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
                 if pending is not None and not check_finite(*pending):
                     skipped += 1
                 pending = (step, metrics)
-                at_log = step % config.log.every_steps == 0 or step == experiment.total_steps
+                at_log = step % config.log.every_steps == 0 or step == end_step
                 at_eval = config.eval.every_steps > 0 and step % config.eval.every_steps == 0
-                at_ckpt = step % checkpointer.every_steps == 0 or step == experiment.total_steps
+                at_ckpt = step % checkpointer.every_steps == 0 or step == end_step
                 preempted = watcher.should_stop(step)
                 if at_log or at_eval or at_ckpt or preempted:
                     if not check_finite(*pending):
@@ -236,9 +286,9 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
                 if at_log:
                     seconds_per_step, images_per_second = timer.read_and_reset()
                     host = parallel.first_replica(metrics)
-                    writer.write(step, "train", {**host, "step_time": seconds_per_step,
-                                                 "images_per_second": images_per_second,
-                                                 "skipped_steps": skipped})
+                    record(step, "train", {**host, "step_time": seconds_per_step,
+                                           "images_per_second": images_per_second,
+                                           "skipped_steps": skipped})
                     progress.update(step, loss=float(host["loss"]), images_per_second=images_per_second,
                                     seconds_per_step=seconds_per_step)
                 if at_ckpt or preempted:
@@ -248,12 +298,14 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
                     stopped_by = "preempted"
                     progress.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
                     break
-                if at_eval and step != experiment.total_steps:
+                if at_eval and step != end_step:
                     with timer.paused():  # the next step time and ETA leave the eval out
                         eval_metrics = run_eval(step)
             if pending is not None and not check_finite(*pending):
                 skipped += 1
         if stopped_by == "completed":
+            if step < experiment.total_steps:
+                stopped_by = "num_steps"
             eval_metrics = run_eval(step)
     except NonFiniteError:
         draw_curves()  # the curves up to the bad step are what the user looks at next
@@ -266,4 +318,4 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
     plot_file = draw_curves()
     return RunSummary(step=step, stopped_by=stopped_by, eval_metrics=eval_metrics,
                       checkpoint_dir=checkpointer.directory, metrics_file=writer.jsonl_path,
-                      plot_file=plot_file, skipped_steps=skipped)
+                      plot_file=plot_file, skipped_steps=skipped, history=history, state=state)

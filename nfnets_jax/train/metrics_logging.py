@@ -124,20 +124,33 @@ class MetricWriter:
             self._tensorboard = None
 
 
+def _in_jupyter_kernel() -> bool:
+    """True inside an IPython kernel (a notebook), where stdout is not a terminal."""
+    return "ipykernel" in sys.modules
+
+
 class Progress:
     """Step, loss, images/s and ETA: a tqdm bar on a terminal, plain lines otherwise.
 
     Plain lines (one per log interval) keep CI logs and `nohup` files readable, where a bar's
-    carriage returns would not be.
+    carriage returns would not be. `bar`: True for a bar, False for lines, None (default) for a
+    bar on a terminal or in a Jupyter kernel (tqdm.auto: a widget when ipywidgets is installed).
     """
 
-    def __init__(self, total_steps: int, start_step: int, *, is_main: bool, stream: IO[str] | None = None):
+    def __init__(self, total_steps: int, start_step: int, *, is_main: bool, stream: IO[str] | None = None,
+                 bar: bool | None = None):
         self.total_steps = total_steps
         self.is_main = is_main
         self.stream = stream or sys.stdout
         self._bar = None
-        if is_main and self.stream.isatty():
-            from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+        if bar is None:
+            bar = self.stream.isatty() or _in_jupyter_kernel()
+        if is_main and bar:
+            import warnings  # pylint: disable=import-outside-toplevel
+
+            with warnings.catch_warnings():  # tqdm.auto warns when it falls back to a text bar
+                warnings.simplefilter("ignore")
+                from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream,
                              dynamic_ncols=True)
@@ -179,12 +192,12 @@ def read_metrics(jsonl_path: str | epath.Path) -> list[dict]:
 def plot_training_curves(jsonl_path: str | epath.Path, png_path: str | epath.Path) -> str:
     """Draws train loss, train/eval top-1, learning rate and AGC clip fraction against step.
 
-    Returns the path written. Uses the non-interactive Agg backend (no display needed).
+    Returns the path written. Draws on a standalone `Figure` (no display needed, and pyplot's
+    backend is left as the caller set it).
     """
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    # A Figure of its own, not pyplot: switching pyplot's backend to Agg here would leave a
+    # notebook that ran training without inline plots.
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
     records = read_metrics(jsonl_path)
 
@@ -199,7 +212,8 @@ def plot_training_curves(jsonl_path: str | epath.Path, png_path: str | epath.Pat
         ("learning rate", [("train", "learning_rate", "lr")]),
         ("AGC clip fraction", [("train", "agc/clip_fraction", "global")]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
+    fig = Figure(figsize=(4.5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels))
     for axis, (title, lines) in zip(axes, panels):
         for split, name, label in lines:
             steps, values = series(split, name)
@@ -212,7 +226,6 @@ def plot_training_curves(jsonl_path: str | epath.Path, png_path: str | epath.Pat
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=100)
-    plt.close(fig)
     workdir_lib.as_path(png_path).write_bytes(image.getvalue())
     return str(png_path)
 

@@ -5,10 +5,11 @@ official `experiment.py:Experiment._train_fn`; docs/recipe.md):
 
     forward in compute_dtype (f32 master params cast, images cast, logits back to f32)
       -> label-smoothed loss on MixUp/CutMix targets
-      -> per-device gradients in f32 [-> SAM ascent on a slice of this device's batch, unsynced]
-      -> pmean over devices (f32)
-      -> AGC -> masked weight decay -> SGD-Nesterov with schedule (the optax chain)
-      -> EMA -> metrics (averaged over devices)
+      -> per-device gradients in f32 -> pmean over devices (f32)
+      -> the optimizer: AGC -> masked weight decay -> SGD-Nesterov with schedule (one optax
+         chain), or any optax transformation; `optim.with_sam` around it takes its own
+         gradients instead (ascent on a slice of this device's batch, unsynced; descent pmeaned)
+      -> EMA -> metrics (averaged over devices; learning rate read from the optimizer state)
 
 The same function runs under `jax.pmap` and under `jax.jit(jax.shard_map(...))`
 (`nfnets_jax.train.parallel`). It sees one device's batch with its own leading example axis and
@@ -40,15 +41,6 @@ AXIS_NAME = "batch"
 
 
 @dataclasses.dataclass(frozen=True)
-class SamSettings:
-    """The paper's cost-reduced SAM (paper App. A.4): ascent on a slice of the same batch."""
-
-    rho: float
-    ascent_fraction: float
-    sync_ascent: bool
-
-
-@dataclasses.dataclass(frozen=True)
 class StepSettings:
     """What the train step needs to know besides the model and the optimizer.
 
@@ -57,37 +49,35 @@ class StepSettings:
       label_smoothing: 0.1 in the paper (App. A.1).
       compute_dtype: dtype of the forward/backward pass (bfloat16 in the paper); params stay f32.
       ema_decay: the EMA decay (0.99999 in the paper, with the TF1 warmup), or None.
-      sam: SAM settings, or None to train without SAM.
-      agc_groups: label -> regex for the per-stage AGC clip fraction, or None when AGC is off.
+      agc_groups: label -> regex for the per-stage AGC clip fraction (logged whenever the
+        optimizer state holds an AGC, whatever wraps it), or None for the global fraction only.
 
-    A step whose loss or gradients are not finite never changes the state; whether the run then
-    stops or carries on (config.nonfinite 'stop' | 'skip') is the loop's decision.
+    SAM is not a setting of the step: it is part of the optimizer (`optim.with_sam`), which the
+    step calls with the extra arguments SAM needs. A step whose loss or gradients are not
+    finite never changes the state; whether the run then stops or carries on
+    (config.nonfinite 'stop' | 'skip') is the loop's decision.
     """
 
     num_classes: int
     label_smoothing: float = 0.0
     compute_dtype: Any = jnp.float32
     ema_decay: float | None = None
-    sam: SamSettings | None = None
     agc_groups: Mapping[str, str] | None = None
 
 
 def settings_from_config(config: Any, opt_config: Any, *, num_classes: int,
-                         agc_groups: Mapping[str, str]) -> StepSettings:
+                         agc_groups: Mapping[str, str] | None) -> StepSettings:
     """StepSettings from the experiment config and its validated `config.optimizer`.
 
-    `agc_groups` (label -> regex, e.g. `models.stage_regexes`) are kept only when AGC is on.
+    `agc_groups` (label -> regex, e.g. `models.stage_regexes`) name the per-stage clip
+    fractions; they are only reported when the optimizer has an AGC.
     """
-    sam = None
-    if optim_config.sam_enabled(opt_config):
-        sam = SamSettings(opt_config.sam.rho, opt_config.sam.ascent_fraction, opt_config.sam.sync_ascent)
     return StepSettings(
         num_classes=num_classes,
         label_smoothing=config.loss.label_smoothing,
         compute_dtype=jnp.dtype(config.precision.compute_dtype),
         ema_decay=opt_config.ema_decay if optim_config.ema_enabled(opt_config) else None,
-        sam=sam,
-        agc_groups=dict(agc_groups) if optim_config.agc_enabled(opt_config) else None,
+        agc_groups=None if agc_groups is None else dict(agc_groups),
     )
 
 
@@ -117,10 +107,13 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def _leading_sizes(tree: Any) -> tuple[int, ...]:
+    return tuple(jnp.shape(leaf)[0] for leaf in jax.tree.leaves(tree))
+
+
 def make_train_step(
     forward: hk.TransformedWithState,
     optimizer: optax.GradientTransformation,
-    lr_schedule: optax.Schedule,
     settings: StepSettings,
     axis_name: str = AXIS_NAME,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -129,7 +122,22 @@ def make_train_step(
     `batch` holds this device's `images` [B, H, W, 3], `labels`, `mix_labels` [B] and `ratio` [B]
     (the data contract in docs/CONTRACTS.md). The returned state and metrics are identical on
     every device (everything device-dependent is averaged), so backends return them replicated.
+
+    `optimizer` is any optax transformation (plain, `GradientTransformationExtraArgs`, or
+    wrapped in `optim.with_sam`). The step calls it as
+
+        optimizer.update(grads, opt_state, params, grad_fn=grad_fn, batch=batch, axis_name=axis_name)
+
+    with `grads` this step's gradients averaged over devices, `grad_fn(params, batch) -> grads`
+    this device's (unaveraged) gradient of the loss on `batch`, and `batch` this device's
+    examples. Transformations that take no extra arguments ignore them; `with_sam` uses them
+    (its unsynced ascent per device, then the descent gradient averaged over `axis_name`), so
+    it is the one SAM of the runner. When the optimizer evaluates `grad_fn` on the full batch
+    (SAM's descent pass), the loss, accuracy, gradient norm and BatchNorm statistics reported
+    are that pass's, and the pass at the unperturbed params is never computed (its outputs are
+    unused, so XLA drops it).
     """
+    optimizer = optax.with_extra_args_support(optimizer)
 
     def loss_fn(params, model_state, rng, batch):
         compute_params = _cast_floating(params, settings.compute_dtype)
@@ -151,41 +159,44 @@ def make_train_step(
             batch["labels"], batch["mix_labels"], batch["ratio"], settings.num_classes
         )
         example_batch = {"images": batch["images"], "targets": targets}
+        full_batch = _leading_sizes(example_batch)
 
-        def grad_fn(params, sub_batch):
+        def grad_with_aux(params, sub_batch):
             grads, aux = jax.grad(loss_fn, has_aux=True)(params, state.model_state, rng, sub_batch)
             return _cast_floating(grads, jnp.float32), aux
 
-        # ---- Gradients on this device (SAM ascent stays local unless sync_ascent) ----
-        if settings.sam is not None:
-            grads, (loss, logits, new_model_state) = optim.sam_gradients(
-                grad_fn,
-                state.params,
-                example_batch,
-                rho=settings.sam.rho,
-                ascent_fraction=settings.sam.ascent_fraction,
-                sync_ascent=settings.sam.sync_ascent,
-                axis_name=axis_name,
-            )
-        else:
-            grads, (loss, logits, new_model_state) = grad_fn(state.params, example_batch)
+        full_batch_passes = []  # (grads, aux) of each pass the optimizer makes on the full batch
 
-        # ---- Average over devices in f32, before AGC (official `optim.py:SGD_AGC`) ----
-        grads = lax.pmean(grads, axis_name)
+        def grad_fn(params, sub_batch):
+            grads, aux = grad_with_aux(params, sub_batch)
+            if _leading_sizes(sub_batch) == full_batch:
+                full_batch_passes.append((grads, aux))
+            return grads
+
+        # ---- Gradients on this device, averaged over devices in f32, before AGC (official `optim.py:SGD_AGC`) ----
+        local_grads, aux = grad_with_aux(state.params, example_batch)
+        grads = lax.pmean(local_grads, axis_name)
+
+        # ---- The optimizer: AGC -> weight decay -> SGD (one optax chain), maybe inside SAM ----
+        updates, new_opt_state = optimizer.update(
+            grads, state.opt_state, state.params, grad_fn=grad_fn, batch=example_batch, axis_name=axis_name)
+        if full_batch_passes:  # it took its own gradients (SAM's descent): report that pass
+            local_grads, aux = full_batch_passes[-1]
+            grads = lax.pmean(local_grads, axis_name)
+        loss, logits, new_model_state = aux
         loss = lax.pmean(loss, axis_name)
         new_model_state = _pmean_floating(new_model_state, axis_name)
 
-        # ---- AGC -> weight decay -> SGD (one optax chain), then EMA ----
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # ---- Apply, then EMA ----
         new_params = optax.apply_updates(state.params, updates)
         new_ema = state.ema_params
         if settings.ema_decay is not None and state.ema_params is not None:
             new_ema = ema_lib.ema_update(state.ema_params, new_params, state.step, settings.ema_decay)
 
         # ---- A non-finite step never changes the values (the loop stops or skips) ----
-        # Floating leaves (params, momentum, EMA, BN statistics) keep their old values; integer
-        # leaves (optax's step counts) advance with `state.step`, so that after a skipped step
-        # the schedule, the logged learning rate and the EMA warmup all still read the same step.
+        # Floating leaves (params, momentum, EMA, BN statistics, injected hyperparameters) keep
+        # their old values; integer leaves (optax's step counts) advance with `state.step`, so
+        # that after a skipped step the schedule and the EMA warmup still read the same step.
         finite = jnp.isfinite(loss) & _all_finite(grads)
         keep = lambda new, old: jax.tree.map(
             lambda n, o: jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n,
@@ -203,13 +214,13 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "top_1_acc": lax.pmean(jnp.mean(topk_correct(logits, batch["labels"], 1)), axis_name),
-            "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(state.params),
             "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
-        if settings.agc_groups is not None:
-            metrics.update(optim.clip_fraction_metrics(new_opt_state, settings.agc_groups))
+        # The learning rate (and momentum, ...) this step applied, read from the optimizer state.
+        metrics.update(optim.current_hyperparams(new_opt_state))
+        metrics.update(optim.clip_fraction_metrics(new_opt_state, settings.agc_groups))
         return new_state, metrics
 
     return train_step

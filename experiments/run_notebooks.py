@@ -1,0 +1,78 @@
+"""Executes the notebooks in notebooks/ top to bottom and stores their outputs in place.
+
+    python -m experiments.run_notebooks                   # all three, full size; rewrites the .ipynb files
+    python -m experiments.run_notebooks optimizers        # one of them
+    python -m experiments.run_notebooks --smoke           # tiny sizes (NFNETS_NOTEBOOK_SMOKE=1), nothing saved
+
+The kernel runs in `notebooks/` with this checkout on its PYTHONPATH, on the default JAX devices
+(a forced fake-device count in XLA_FLAGS, as the test suite sets, is dropped: the notebooks are
+single-device). Any error in any cell fails the command with the cell's traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS = ("quickstart", "optimizers", "finetune")
+SMOKE_VARIABLE = "NFNETS_NOTEBOOK_SMOKE"
+
+
+def kernel_environment(smoke: bool) -> dict[str, str]:
+    """The environment of the notebook kernel: this checkout importable, single device, smoke flag."""
+    env = dict(os.environ)
+    flags = [flag for flag in env.get("XLA_FLAGS", "").split()
+             if not flag.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    if smoke:
+        env[SMOKE_VARIABLE] = "1"
+    else:
+        env.pop(SMOKE_VARIABLE, None)
+    return env
+
+
+def execute(name: str, *, smoke: bool, save: bool, timeout_s: int = 1800) -> float:
+    """Runs notebooks/<name>.ipynb in a fresh kernel; returns the wall time in seconds."""
+    # pylint: disable=import-outside-toplevel
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(notebook, timeout=timeout_s, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    start = time.perf_counter()
+    client.execute(env=kernel_environment(smoke))
+    seconds = time.perf_counter() - start
+    if save:
+        for cell in notebook.cells:  # no per-run execution timestamps in the stored file
+            cell.get("metadata", {}).pop("execution", None)
+        nbformat.write(notebook, path)
+    return seconds
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"notebooks to run, of {NOTEBOOKS} (default: all)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny sizes ({SMOKE_VARIABLE}=1); outputs are not saved")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(NOTEBOOKS))
+    if unknown:
+        parser.error(f"no notebook named {unknown}; choose from {NOTEBOOKS}")
+    for name in args.names or NOTEBOOKS:
+        seconds = execute(name, smoke=args.smoke, save=not args.smoke)
+        print(f"{name}: {seconds:.0f}s{'' if args.smoke else ', outputs saved'}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
