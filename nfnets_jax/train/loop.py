@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from nfnets_jax.train import checkpointing
+from nfnets_jax.train import compile_cache
 from nfnets_jax.train import config_schema
 from nfnets_jax.train import evaluation
 from nfnets_jax.train import metrics_logging
@@ -106,6 +107,7 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    compile_cache.enable_for_workdir(workdir)  # a resumed run reads its compiled step from disk
     backend = parallel.make_backend(config.parallel.backend)
     writer = metrics_logging.MetricWriter(workdir, is_main=is_main)
     checkpointer = checkpointing.Checkpointer(
