@@ -36,8 +36,12 @@ def test_a_recompile_after_a_restart_reads_the_cache(monkeypatch, tmp_path, rest
     monkeypatch.setattr(compile_cache, "MIN_COMPILE_SECONDS", 0.0)  # cache even this tiny program
     cache_dir = compile_cache.enable_for_workdir(str(tmp_path))
     hits = []
-    jax.monitoring.register_event_listener(
-        lambda event, **kwargs: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+
+    def listener(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
 
     def program(x):
         return jnp.sin(x) @ x.T + 41.0
@@ -47,5 +51,8 @@ def test_a_recompile_after_a_restart_reads_the_cache(monkeypatch, tmp_path, rest
     assert os.listdir(cache_dir), "the first compile wrote nothing to the cache"
     assert not hits
     jax.clear_caches()  # what a new process starts with: nothing compiled in memory
-    assert jnp.array_equal(jax.jit(program)(x), expected)
+    try:
+        assert jnp.array_equal(jax.jit(program)(x), expected)
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
     assert hits, "the recompile did not read the persistent cache"

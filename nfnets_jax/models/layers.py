@@ -287,14 +287,20 @@ def run_body_and_head(
     `pre_pool` maps the last block's output to the activations that are pooled (NFNet:
     act(final_conv(x)); NF-ResNet: act(x); BN-ResNet: relu(final_bn(x))). `model` provides
     `blocks` (each returns (out, branch_variance) and knows its 1-based `stage`), `drop_rate`
-    and `fc`. Returns logits, or with `return_features` the dict documented on `NFNet`:
-    `logits`, `pool` (pre-dropout), `stem`, `stage_1`…`stage_4`, `block_outputs`,
+    and `fc`, and optionally `remat` (True: `hk.remat` around every block, the same numbers for
+    less activation memory). Returns logits, or with `return_features` the dict documented on
+    `NFNet`: `logits`, `pool` (pre-dropout), `stem`, `stage_1`…`stage_4`, `block_outputs`,
     `branch_variances`.
     """
     features: dict[str, Any] = {"stem": stem_out, "block_outputs": [], "branch_variances": []}
     out = stem_out
     for block in model.blocks:
-        out, branch_variance = block(out, is_training)
+        call = lambda h, block=block: block(h, is_training)
+        if getattr(model, "remat", False):
+            # Keep only each block's input for the backward pass and recompute the rest: activation
+            # memory of one block instead of all of them, for about one more forward pass.
+            call = hk.remat(call)
+        out, branch_variance = call(out)
         features["block_outputs"].append(out)
         features["branch_variances"].append(branch_variance)
         features[f"stage_{block.stage}"] = out

@@ -149,7 +149,9 @@ class NFNet(hk.Module):
     Training (`is_training=True`) needs an RNG for dropout and stochastic depth.
     `grouped_conv_impl` only chooses how the 3×3 grouped convs are computed (`"auto"`: per-group
     dense convs on CPU, several times faster to train there; XLA's grouped conv elsewhere); the
-    parameters and the results do not depend on it (`models/grouped_conv.py`).
+    parameters and the results do not depend on it (`models/grouped_conv.py`). `remat=True`
+    recomputes each block's activations in the backward pass instead of storing them (`hk.remat`):
+    less memory, about one extra forward pass of time, the same parameters and numbers.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class NFNet(hk.Module):
         group_size: int = 128,
         stem_channels: Sequence[int] | None = None,
         grouped_conv_impl: GroupedConvImpl = "auto",
+        remat: bool = False,
         name: str = "NFNet",
     ):
         super().__init__(name=name)
@@ -196,6 +199,7 @@ class NFNet(hk.Module):
         else:
             self.final_conv_ch = int(final_conv_mult * self.widths[-1])
         self.drop_rate = spec.drop_rate if drop_rate is None else drop_rate
+        self.remat = remat  # recompute each block in the backward pass (layers.run_body_and_head)
         self.activation_name = activation
         self.activation = layers.scaled_activation(activation)
         self.schedule = layers.block_schedule(self.depths, _STAGE_STRIDES, alpha, stochdepth_rate)
