@@ -18,8 +18,9 @@ handle grouped convolutions natively and well, so there we keep XLA's op.
   and higher derivatives all just work.
   On this path a 1×1 convolution (dense or grouped) is also written as the matrix product it is
   (`_pointwise_as_matmul`): XLA:CPU turns a 1×1 conv's weight gradient into a convolution over
-  the whole activation map that takes ~20× its forward (F0 stage 2: 5.9 s against 0.3 s on a
-  loaded box), while as a `dot_general` it is one more matrix product (0.2–0.4 s).
+  the whole activation map that takes 13–20× its forward (F0 stage 2, 512→128 channels: dW 1.96 s
+  against 0.14 s as a matrix product, `python -m benchmarks.grouped_conv_grads --shape
+  8,24,512,1,1,1,128`).
 - `"auto"` (default): `"split"` when JAX's default backend is the CPU and the conv has at most
   `AUTO_SPLIT_MAX_GROUPS` groups, `"xla"` otherwise. The cap is there because the split graph
   holds one dense conv per group: NFNets have 1–8 groups of 128 channels and split cheaply, but
@@ -109,8 +110,8 @@ def _pointwise_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, feature_g
     """A 1×1 convolution written as the matrix product it is (per group), for the `"split"` path.
 
     XLA:CPU differentiates a 1×1 `conv_general_dilated` into a weight-gradient convolution whose
-    window is the whole activation map, which runs ~20× slower than its forward; as a `dot_general`
-    the weight gradient is one more matrix product (`python -m benchmarks.profile_train_step`).
+    window is the whole activation map, which runs 13–20× slower than its forward; as a `dot_general`
+    the weight gradient is one more matrix product (`python -m benchmarks.grouped_conv_grads`).
     A 1×1 kernel with TensorFlow `SAME` padding never pads, so a stride only subsamples the input.
     """
     if stride > 1:

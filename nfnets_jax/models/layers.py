@@ -98,7 +98,7 @@ class WSConv2D(hk.Module):
     never what: `"auto"` splits it into per-group dense convs on the CPU backend (up to 16
     groups), where XLA's native grouped-conv weight gradient is 10–1000× slower, and keeps XLA's
     grouped conv on GPU/TPU (see `grouped_conv`); on the CPU it also computes 1×1 convs as matrix
-    products, whose weight gradient XLA:CPU runs ~20× faster. Parameters and their names do not
+    products, whose weight gradient XLA:CPU runs 13–20× faster. Parameters and their names do not
     depend on it.
     """
 
