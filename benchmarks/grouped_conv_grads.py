@@ -1,4 +1,4 @@
-"""Forward, dX and dW of one grouped 3×3 conv, XLA's native op against the per-group split.
+"""Forward, dX and dW of one conv, XLA's native op against the CPU path (per-group split; 1×1 as a matmul).
 
 The micro-benchmark of docs/official_code_notes.md, which found XLA:CPU's grouped-conv weight
 gradient to be the bottleneck of an NFNet training step. Each shape is (batch, size, channels,
@@ -22,7 +22,8 @@ from benchmarks.train_step_latency import loadavg
 from nfnets_jax import provenance
 from nfnets_jax.models import grouped_conv
 
-DEFAULT_SHAPES = ["8,12,768,6,1", "8,24,256,2,1"]
+# F0 at 192 px: its two grouped 3×3 shapes, and a stage-2 1×1 conv (24×24, 512 → 128 channels).
+DEFAULT_SHAPES = ["8,12,768,6,1", "8,24,256,2,1", "8,24,512,1,1,1,128"]
 
 
 def _median_ms(fn, args, repeats: int) -> float:
@@ -37,16 +38,20 @@ def _median_ms(fn, args, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", action="append", help="batch,size,channels,groups,stride (repeatable)")
+    parser.add_argument("--shape", action="append",
+                        help="batch,size,channels,groups,stride[,kernel[,out_channels]] (repeatable; kernel 3, "
+                             "out_channels = channels by default)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     for spec in args.shape or DEFAULT_SHAPES:
-        batch, size, channels, groups, stride = (int(v) for v in spec.split(","))
+        batch, size, channels, groups, stride, *rest = (int(v) for v in spec.split(","))
+        kernel_size = rest[0] if rest else 3
+        out_channels = rest[1] if len(rest) > 1 else channels
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         x = jax.random.normal(keys[0], (batch, size, size, channels))
-        kernel = jax.random.normal(keys[1], (3, 3, channels // groups, channels))
+        kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, channels // groups, out_channels))
         out_size = -(-size // stride)
-        cotangent = jax.random.normal(keys[2], (batch, out_size, out_size, channels))
+        cotangent = jax.random.normal(keys[2], (batch, out_size, out_size, out_channels))
         for impl in ("xla", "split"):
 
             def conv(a, w, impl=impl):

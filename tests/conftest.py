@@ -16,6 +16,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow is used for input pipelines only; keep it quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# No persistent compilation cache in tmp workdirs (tests/test_compile_cache.py turns it on itself).
+os.environ.setdefault("NFNETS_COMPILE_CACHE", "off")
 
 # Subprocess tests (demo, SIGTERM, multi-host) start fresh interpreters: let them import this
 # checkout's packages whether or not it was pip-installed, and whatever their working directory.

@@ -37,7 +37,7 @@ def value_and_vjp(fn, x, kernel, cotangent):
 
 
 # Group counts 1 (dense path), 2, 3, 4, 8; strides 1/2; SAME padding on odd and even sizes
-# (stride 2 on an even size pads only at the end, on an odd size on both sides); a 1×1 kernel.
+# (stride 2 on an even size pads only at the end, on an odd size on both sides); 1×1 kernels.
 CASES = [
     (1, 1, 6, 3),
     (2, 1, 6, 3),
@@ -48,6 +48,8 @@ CASES = [
     (8, 2, 9, 3),
     (4, 1, 6, 1),
     (2, 2, 7, 1),
+    (1, 1, 6, 1),  # dense 1×1 convs: a matrix product on the "split" path
+    (1, 2, 7, 1),
 ]
 
 

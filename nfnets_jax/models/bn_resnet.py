@@ -94,6 +94,7 @@ class BNResNet(hk.Module):
         drop_rate: float = 0.0,
         bn_decay: float = 0.9,
         depths: Sequence[int] | None = None,
+        remat: bool = False,
         name: str = "ResNet",
     ):
         super().__init__(name=name)
@@ -103,6 +104,7 @@ class BNResNet(hk.Module):
         if len(self.depths) != 4:
             raise ValueError(f"depths needs 4 entries (one per stage); got {self.depths}.")
         self.drop_rate = drop_rate
+        self.remat = remat  # recompute each block in the backward pass (layers.run_body_and_head)
         in_ch = int(16 * width)
         self.initial_conv = _conv(in_ch, 7, 2, "initial_conv")
         self.blocks = []

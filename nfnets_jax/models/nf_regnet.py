@@ -133,6 +133,7 @@ class NFRegNet(hk.Module):
         activation: str = "silu",
         fc_init: Callable[[Sequence[int], Any], jax.Array] | None = None,
         grouped_conv_impl: GroupedConvImpl = "auto",
+        remat: bool = False,
         name: str = "NF_RegNet",
     ):
         super().__init__(name=name)
@@ -142,6 +143,7 @@ class NFRegNet(hk.Module):
         self.depths = spec.depths
         self.widths = tuple(int(w * width) for w in spec.widths)
         self.drop_rate = spec.drop_rate if drop_rate is None else drop_rate
+        self.remat = remat  # recompute each block in the backward pass (layers.run_body_and_head)
         self.activation = layers.scaled_activation(activation)
         self.schedule = layers.block_schedule(self.depths, _STAGE_STRIDES, alpha, stochdepth_rate)
 

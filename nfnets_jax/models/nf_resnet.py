@@ -118,6 +118,7 @@ class NFResNet(hk.Module):
         skipinit_gain: Callable = jnp.zeros,
         use_se: bool = False,
         depths: Sequence[int] | None = None,
+        remat: bool = False,
         name: str = "NF_ResNet",
     ):
         super().__init__(name=name)
@@ -128,6 +129,7 @@ class NFResNet(hk.Module):
             raise ValueError(f"depths needs 4 entries (one per stage); got {self.depths}.")
         self.widths = tuple(int(w * width) for w in _BASE_WIDTHS)
         self.drop_rate = drop_rate
+        self.remat = remat  # recompute each block in the backward pass (layers.run_body_and_head)
         self.activation = layers.scaled_activation(activation)
         self.schedule = layers.block_schedule(self.depths, _STAGE_STRIDES, alpha, stochdepth_rate)
 

@@ -206,7 +206,9 @@ class NFNet(hk.Module):
     parameters and the results do not depend on it (`models/grouped_conv.py`).
     `norm="batchnorm"` builds the BatchNorm baseline of the same architecture (module doc);
     it has Haiku state (`hk.transform_with_state`) and, like `BNResNet`, `init` always takes
-    the training path.
+    the training path. `remat=True` recomputes each block's activations in the backward pass
+    instead of storing them (`hk.remat`): less memory, about one extra forward pass of time, the
+    same parameters and numbers.
     """
 
     def __init__(
@@ -229,6 +231,7 @@ class NFNet(hk.Module):
         stem_channels: Sequence[int] | None = None,
         grouped_conv_impl: GroupedConvImpl = "auto",
         norm: str = "none",
+        remat: bool = False,
         name: str = "NFNet",
     ):
         super().__init__(name=name)
@@ -256,6 +259,7 @@ class NFNet(hk.Module):
         else:
             self.final_conv_ch = int(final_conv_mult * self.widths[-1])
         self.drop_rate = spec.drop_rate if drop_rate is None else drop_rate
+        self.remat = remat  # recompute each block in the backward pass (layers.run_body_and_head)
         self.activation_name = activation
         # The γ gains are part of the NF scaling; with BatchNorm the activations are plain.
         self.activation = (layers.scaled_activation(activation) if norm == "none"

@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.seed = 0
     # Set to count the LR warmup in steps (fine-tuning recipes); overrides optimizer.warmup_epochs.
     config.train.warmup_steps = None
+    config.train.remat = False  # True: hk.remat per block, less activation memory (experiments.memory_plan)
 
     config.optimizer = optim_config_lib.default_optimizer_config()
     config.loss = ml_collections.ConfigDict()

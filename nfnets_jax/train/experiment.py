@@ -104,7 +104,7 @@ def build_experiment(config: ml_collections.ConfigDict, *,
     eval_batches = lambda: data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size)
 
     # ---- Model: registry name + kwargs from the config (nfnets_jax/models) ----
-    model_kwargs = config.model.kwargs.to_dict()
+    model_kwargs = {**config.model.kwargs.to_dict(), **({"remat": True} if config.train.get("remat") else {})}
     forward = make_forward(config.model.name, info.num_classes, model_kwargs)
 
     # ---- Optimizer: the config's (AGC -> weight decay -> SGD with schedule [in SAM]) or yours ----

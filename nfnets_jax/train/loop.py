@@ -21,6 +21,7 @@ import optax
 
 from nfnets_jax import provenance
 from nfnets_jax.train import checkpointing
+from nfnets_jax.train import compile_cache
 from nfnets_jax.train import config_schema
 from nfnets_jax.train import evaluation
 from nfnets_jax.train import metrics_logging
@@ -159,6 +160,7 @@ def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
 def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workdir: workdir_lib.Path,
                 is_main: bool, *, prefetch: int, num_steps: int | None, progress_bar: bool | None,
                 verbose: bool) -> RunSummary:
+    compile_cache.enable_for_workdir(workdir)  # a resumed run reads its compiled step from disk
     backend = parallel.make_backend(config.parallel.backend)
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints",

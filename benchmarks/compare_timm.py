@@ -1,0 +1,267 @@
+"""Our NFNet-F0 against timm's `dm_nfnet_f0` (PyTorch) on this machine's CPU, alternately.
+
+Both sides run the same work, one after the other, round by round, in one command, so that both
+see the same machine (a shared box's load changes from minute to minute):
+
+- **ours**: the runner's real train step (`nfnets_jax.train.one_device_step` on
+  `configs/nfnet.py:F0`): forward, label-smoothed cross-entropy, backward, AGC, coupled weight
+  decay, SGD-Nesterov update, float32, the recipe's dropout 0.2 and stochastic depth 0.25; EMA
+  off, because timm's step has none. Inference: the eval forward.
+- **timm**: `benchmarks/timm_runner.py` under another venv's interpreter (`--timm-python`):
+  forward, cross-entropy, backward, timm's AGC, SGD-Nesterov with weight decay, the same dropout
+  and drop-path rates. Inference: `model.eval()` under `torch.inference_mode()`.
+
+It also reports our step's compile time twice: cold (an empty persistent compilation cache) and
+as a resumed run sees it (the cache filled by the first compile; `nfnets_jax.train.compile_cache`).
+Prints one JSON line: medians, images/s, the ratios ours/timm, versions, and for every phase the
+CPU time that *other* processes took during it (`others_cores`: a value near 0 means an idle box).
+
+    python -m benchmarks.compare_timm --timm-python=/path/to/timm_venv/bin/python
+    python -m benchmarks.compare_timm --rounds 3 --steps 2 --res 192 --batch 8
+
+torch and timm are never dependencies of this package; set up their venv as README, Speed says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUNNER = pathlib.Path(__file__).with_name("timm_runner.py")
+TIMM_PYTHON_ENV = "NFNETS_TIMM_PYTHON"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds all processes of the machine have been busy since boot (from /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLOCK_TICKS
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg", encoding="ascii") as f:
+        return [float(v) for v in f.read().split()[:3]]
+
+
+class Contention:
+    """Measures how many cores *other* processes used while a phase ran (0: undisturbed)."""
+
+    def __init__(self, own_pids: list[int]):
+        self.own_pids = own_pids
+
+    def __enter__(self) -> Contention:
+        self.start = (time.perf_counter(), _busy_cpu_seconds(), sum(map(_process_cpu_seconds, self.own_pids)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        wall, busy, own = time.perf_counter(), _busy_cpu_seconds(), sum(map(_process_cpu_seconds, self.own_pids))
+        others = max(0.0, (busy - self.start[1]) - (own - self.start[2]))
+        self.others_cores = others / max(wall - self.start[0], 1e-9)
+
+
+class TimmProcess:
+    """The timm runner as a child process that waits (idle) between commands."""
+
+    def __init__(self, python: str):
+        self.proc = subprocess.Popen([python, str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONPATH": ""})
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"timm runner exited (code {self.proc.wait()}) on {command!r}; see its stderr above.")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"timm runner: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+            self.proc.wait(timeout=60)
+
+
+def check_timm_python(python: str | None) -> str:
+    """The interpreter to run timm with; a clear error before any work when it is unusable."""
+    if not python:
+        raise SystemExit(f"error: pass --timm-python=/path/to/venv/bin/python (or set {TIMM_PYTHON_ENV}): a "
+                         "Python with torch and timm (README, Speed, says how to make that venv).")
+    probe = subprocess.run([python, "-c", "import torch, timm"], capture_output=True, text=True, check=False,
+                           env={**os.environ, "PYTHONPATH": ""})
+    if probe.returncode != 0 and "torchvision" not in probe.stderr:
+        raise SystemExit(f"error: {python} cannot import torch and timm:\n{probe.stderr.strip()[-600:]}")
+    return python
+
+
+def _progress(message: str) -> None:
+    print(f"[compare_timm {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _summary(times: list[float], batch: int) -> dict[str, Any]:
+    median = statistics.median(times)
+    return {"median_s": round(median, 4), "images_per_s": round(batch / median, 3),
+            "step_times_s": [round(t, 4) for t in times]}
+
+
+def _versions() -> dict[str, str]:
+    import haiku  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    import jaxlib  # pylint: disable=import-outside-toplevel
+    import numpy  # pylint: disable=import-outside-toplevel
+    import optax  # pylint: disable=import-outside-toplevel
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, check=False).stdout.strip()
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "dm-haiku": haiku.__version__, "optax": optax.__version__, "numpy": numpy.__version__,
+            "git_commit": commit or "unknown"}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--timm-python", default=os.environ.get(TIMM_PYTHON_ENV),
+                        help=f"Python of a venv with torch + timm (default: ${TIMM_PYTHON_ENV})")
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "nfnet.py") + ":F0")
+    parser.add_argument("--timm-model", default="dm_nfnet_f0")
+    parser.add_argument("--res", type=int, default=192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of ours / timm")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
+    parser.add_argument("--skip-compile-cache", action="store_true",
+                        help="do not measure the cold vs cached compile time")
+    args = parser.parse_args(argv)
+    if min(args.res, args.batch, args.rounds, args.steps) < 1:
+        parser.error("--res, --batch, --rounds and --steps must be >= 1")
+    timm_python = check_timm_python(args.timm_python)
+
+    # One fresh persistent cache for this command: the first compile is cold, the second is what a
+    # resumed run (same program, filled cache) pays.
+    from nfnets_jax.train import compile_cache  # pylint: disable=import-outside-toplevel
+
+    cache_dir = tempfile.mkdtemp(prefix="nfnets_compile_cache_")
+    compile_cache.enable(cache_dir)
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+
+    config = one_device_step.config_from_spec(args.config)
+    config.precision.compute_dtype = "float32"
+    config.optimizer.ema_decay = 0.0  # timm's step keeps no EMA
+    config.data.image_size = args.res
+    config.model.kwargs.grouped_conv_impl = args.grouped_conv_impl
+
+    def build_and_compile():
+        step = one_device_step.build(config, args.batch)
+        state_shapes = step.abstract_state()
+        start = time.perf_counter()
+        compiled = step.train.lower(state_shapes, step.batch_shapes).compile()
+        return step, compiled, time.perf_counter() - start
+
+    _progress("compiling our train step (empty compilation cache)")
+    step, train, compile_cold_s = build_and_compile()
+    compile_cached_s = None
+    if not args.skip_compile_cache:
+        jax.clear_caches()  # forget the in-memory executable: only the persistent cache is left
+        _progress(f"cold compile {compile_cold_s:.1f}s; compiling again as a resumed run would (cache filled)")
+        _, train, compile_cached_s = build_and_compile()
+    state = jax.jit(step.init_state)()
+    batch = step.random_batch()
+    evaluate = step.evaluate.lower(state.params, state.model_state, batch["images"]).compile()
+
+    _progress("compiling the eval forward, starting the timm runner")
+    timm = TimmProcess(timm_python)
+    try:
+        timm_info = timm.ask(f"setup {args.timm_model} {args.res} {args.batch} {args.threads} "
+                             f"{config.model.kwargs.drop_rate} {config.model.kwargs.stochdepth_rate}")
+        timm.ask("train 1")  # warm-up
+        timm.ask("infer 1")
+        state, _ = jax.block_until_ready(train(state, batch))  # warm-up
+        jax.block_until_ready(evaluate(state.params, state.model_state, batch["images"]))
+
+        def ours(phase: str) -> list[float]:
+            nonlocal state
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                if phase == "train":
+                    state, _ = jax.block_until_ready(train(state, batch))
+                else:
+                    jax.block_until_ready(evaluate(state.params, state.model_state, batch["images"]))
+                times.append(time.perf_counter() - start)
+            return times
+
+        results: dict[str, dict[str, list[float]]] = {
+            side: {"train": [], "infer": []} for side in ("ours", "timm")}
+        others: dict[str, list[float]] = {f"{side}_{phase}": [] for side in ("ours", "timm")
+                                          for phase in ("train", "infer")}
+        pids = [os.getpid(), timm.proc.pid]
+        for round_index in range(args.rounds):
+            _progress(f"round {round_index + 1}/{args.rounds}")
+            for phase in ("train", "infer"):
+                for side in ("ours", "timm"):
+                    time.sleep(0.3)  # let the other side's worker threads stop spinning
+                    with Contention(pids) as contention:
+                        times = ours(phase) if side == "ours" else timm.ask(f"{phase} {args.steps}")["times_s"]
+                    results[side][phase] += times
+                    others[f"{side}_{phase}"].append(round(contention.others_cores, 2))
+    finally:
+        timm.close()
+
+    record: dict[str, Any] = {
+        "benchmark": "compare_timm",
+        "setup": {"config": pathlib.Path(args.config).name, "timm_model": args.timm_model, "res": args.res,
+                  "batch": args.batch, "dtype": "float32", "rounds": args.rounds, "steps_per_round": args.steps,
+                  "grouped_conv_impl": args.grouped_conv_impl, "torch_threads": args.threads},
+        "ours": {phase: _summary(results["ours"][phase], args.batch) for phase in ("train", "infer")},
+        "timm": {phase: _summary(results["timm"][phase], args.batch) for phase in ("train", "infer")},
+    }
+    record["ratio_ours_over_timm"] = {
+        phase: round(record["ours"][phase]["images_per_s"] / record["timm"][phase]["images_per_s"], 3)
+        for phase in ("train", "infer")}
+    record["compile_s"] = {"cold": round(compile_cold_s, 2),
+                           "resumed_with_cache": None if compile_cached_s is None else round(compile_cached_s, 2)}
+    record["others_cores_per_phase"] = others
+    record["loadavg_end"] = loadavg()
+    record["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "backend": jax.default_backend()}
+    record["versions"] = {**_versions(), **{f"timm_side_{k}": v for k, v in timm_info["versions"].items()}}
+    record["timm_num_params"] = timm_info["num_params"]
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

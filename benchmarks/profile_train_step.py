@@ -1,0 +1,149 @@
+"""Where the time of one train step goes, per kind of XLA operation (made for the CPU backend).
+
+Compiles the runner's real train step (`nfnets_jax.train.one_device_step`, default
+`configs/nfnet.py:F0` in float32, batch 8 at 192 px, EMA off: the `benchmarks.compare_timm`
+setup), runs `--steps` steps under `jax.profiler.trace`, and sums the time XLA spent in each
+instruction of the compiled program. Every instruction is put in one bucket:
+
+- `conv forward`, `conv dX` (input gradient), `conv dW` (weight gradient): XLA writes a weight
+  gradient as a convolution whose window is the whole activation map, which is how it is told
+  apart from an input gradient (a kernel-sized window);
+- `dot forward` / `dot backward` (the classifier and the squeeze-excite);
+- `elementwise forward` / `elementwise backward` (fusions: activations, weight standardisation,
+  scaling, the optimizer), and `other` (copies, transposes, reductions outside fusions).
+
+Prints one JSON line: ms per step and share of each bucket, the 15 most expensive instructions
+with their shapes and op names, and the load average. Needs nothing but jax (the trace is read
+from the Perfetto JSON that `jax.profiler` writes itself).
+
+    python -m benchmarks.profile_train_step
+    python -m benchmarks.profile_train_step --grouped-conv-impl xla --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import pathlib
+import re
+import tempfile
+from typing import Any
+
+# XLA:CPU only records per-instruction trace events with this flag; it must be set before jax starts.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+
+from nfnets_jax.train import one_device_step  # noqa: E402  pylint: disable=wrong-import-position
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? (\w[\w-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_WINDOW = re.compile(r"window=\{size=([\dx]+)")
+
+
+def classify(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+    """instruction name -> (bucket, shape, op_name) for every instruction of the compiled HLO."""
+    buckets = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, opcode = match.groups()
+        op_name_match = _OP_NAME.search(line)
+        op_name = op_name_match.group(1) if op_name_match else ""
+        backward = "transpose(" in op_name
+        if opcode == "convolution":
+            window = _WINDOW.search(line)
+            window_size = 1
+            for size in (window.group(1).split("x") if window else []):
+                window_size *= int(size)
+            if window_size > 9:  # a window over the whole activation map: the weight gradient
+                bucket = "conv dW"
+            else:
+                bucket = "conv dX" if backward else "conv forward"
+        elif opcode == "dot":
+            bucket = "dot backward" if backward else "dot forward"
+        elif opcode == "fusion":
+            bucket = "elementwise backward" if backward else "elementwise forward"
+        else:
+            bucket = "other"
+        buckets[name] = (bucket, shape, op_name)
+    return buckets
+
+
+def trace_durations(trace_dir: str) -> dict[str, float]:
+    """Sum of the durations (µs) of every event in the Perfetto trace, by event name."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[0], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    totals: dict[str, float] = collections.defaultdict(float)
+    for event in events:
+        if event.get("ph") == "X":
+            totals[event["name"]] += float(event.get("dur", 0.0))
+    return totals
+
+
+def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype: str) -> dict[str, Any]:
+    config = one_device_step.config_from_spec(config_spec)
+    config.precision.compute_dtype = dtype
+    config.optimizer.ema_decay = 0.0
+    config.data.image_size = res
+    config.model.kwargs.grouped_conv_impl = impl
+    step = one_device_step.build(config, batch)
+    compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
+    instructions = classify(compiled.as_text())
+    state, data = jax.jit(step.init_state)(), step.random_batch()
+    state, _ = jax.block_until_ready(compiled(state, data))  # warm-up
+    trace_dir = tempfile.mkdtemp(prefix="nfnets_profile_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, _ = jax.block_until_ready(compiled(state, data))
+    durations = trace_durations(trace_dir)
+    per_bucket: dict[str, float] = collections.defaultdict(float)
+    known = []
+    for name, micros in durations.items():
+        if name in instructions:
+            bucket, shape, op_name = instructions[name]
+            per_bucket[bucket] += micros
+            known.append((micros, name, bucket, shape, op_name))
+    total = sum(per_bucket.values()) or 1.0
+    known.sort(reverse=True)
+    with open("/proc/loadavg", encoding="ascii") as f:
+        load = [float(v) for v in f.read().split()[:3]]
+    return {
+        "config": pathlib.Path(config_spec).name, "batch": batch, "res": res, "dtype": dtype,
+        "grouped_conv_impl": impl, "steps": steps,
+        "instruction_ms_per_step": round(total / 1e3 / steps, 1),
+        "buckets": {k: {"ms_per_step": round(v / 1e3 / steps, 1), "share": round(v / total, 3)}
+                    for k, v in sorted(per_bucket.items(), key=lambda kv: -kv[1])},
+        "top_instructions": [{"name": n, "bucket": b, "shape": s, "op": o[-80:], "ms_per_step": round(m / 1e3 / steps, 1)}
+                             for m, n, b, s, o in known[:15]],
+        "loadavg": load, "jax": jax.__version__, "backend": jax.default_backend(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "nfnet.py") + ":F0")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--res", type=int, default=192)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
+    args = parser.parse_args(argv)
+    if min(args.batch, args.res, args.steps) < 1:
+        parser.error("--batch, --res and --steps must be >= 1")
+    print(json.dumps(profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype)),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

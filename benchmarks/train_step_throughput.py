@@ -1,0 +1,114 @@
+"""Throughput and MFU of the runner's real train step on one device (made for GPUs and TPUs).
+
+Compiles `nfnets_jax.train.one_device_step` for a config (default `configs/nfnet.py:F0`, in the
+recipe's bfloat16) at a per-device batch, times `--steps` steps after a warm-up, and reports
+images/s, ms/step and the model FLOP utilisation: XLA's own FLOP count of the compiled step
+(`compiled.cost_analysis()`, which counts a multiply-add as 2 FLOPs and includes the backward and
+the optimizer) divided by the step time and by the device's peak (`--peak_tflops`, the card's dense
+bf16 figure, e.g. 989 for an H100/H200 SXM, 312 for an A100, 61.5 for one TPUv3 core, which is one
+JAX device).
+`--batch 0` searches for the largest batch that compiles and runs (doubling, then bisecting).
+
+    python -m benchmarks.train_step_throughput --batch 32 --peak_tflops 989
+    python -m benchmarks.train_step_throughput --batch 0 --peak_tflops 989      # largest that fits
+    python -m benchmarks.train_step_throughput --dtype float32 --batch 8 --steps 3   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+from typing import Any
+
+import jax
+
+from nfnets_jax.train import one_device_step
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: float | None,
+            remat: bool = False) -> dict[str, Any]:
+    """Compiles, warms up and times the train step; returns the JSON record."""
+    config = one_device_step.config_from_spec(config_spec)
+    config.precision.compute_dtype = dtype
+    config.train.remat = remat
+    step = one_device_step.build(config, batch)
+    start = time.perf_counter()
+    compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    memory = compiled.memory_analysis()
+    state, data = jax.jit(step.init_state)(), step.random_batch()
+    state, _ = jax.block_until_ready(compiled(state, data))  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, data))
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    achieved = None if flops is None else flops / median / 1e12
+    return {
+        "config": pathlib.Path(config_spec).name, "model": config.model.name, "res": config.data.image_size,
+        "per_device_batch": batch, "dtype": dtype, "remat": remat, "steps": steps,
+        "ms_per_step": round(1e3 * median, 2), "images_per_s": round(batch / median, 2),
+        "step_times_ms": [round(1e3 * t, 2) for t in times],
+        "xla_tflop_per_step": None if flops is None else round(flops / 1e12, 4),
+        "achieved_tflops": None if achieved is None else round(achieved, 2),
+        "peak_tflops": peak_tflops,
+        "mfu": None if achieved is None or not peak_tflops else round(achieved / peak_tflops, 4),
+        "peak_memory_gib": round((memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**30, 2),
+        "compile_s": round(compile_s, 1), "loss_finite": bool(metrics["nonfinite"] == 0),
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
+    }
+
+
+def _fits(config_spec: str, batch: int, dtype: str, remat: bool) -> bool:
+    try:
+        measure(config_spec, batch, dtype, 1, None, remat)
+        return True
+    except Exception as error:  # pylint: disable=broad-except  # XLA reports OOM as several types
+        if "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower():
+            return False
+        raise
+
+
+def largest_batch(config_spec: str, dtype: str, remat: bool, start: int = 32, limit: int = 4096) -> int:
+    """The largest per-device batch whose step compiles and runs: doubling from `start`, then bisecting."""
+    if not _fits(config_spec, start, dtype, remat):
+        low, high = 0, start
+    else:
+        low, high = start, start * 2
+        while high <= limit and _fits(config_spec, high, dtype, remat):
+            low, high = high, high * 2
+    while high - low > max(1, low // 16):  # stop within ~6%
+        middle = (low + high) // 2
+        low, high = (middle, high) if _fits(config_spec, middle, dtype, remat) else (low, middle)
+    if low == 0:
+        raise SystemExit(f"error: {config_spec} does not fit even at batch 1 per device; try --remat.")
+    return low
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "nfnet.py") + ":F0")
+    parser.add_argument("--batch", type=int, default=32, help="per-device batch; 0 = the largest that fits")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak for --dtype (dense)")
+    parser.add_argument("--remat", action="store_true", help="hk.remat around every block")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch < 0:
+        parser.error("--steps must be >= 1 and --batch >= 0")
+    batch = args.batch or largest_batch(args.config, args.dtype, args.remat)
+    print(json.dumps(measure(args.config, batch, args.dtype, args.steps, args.peak_tflops, args.remat)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

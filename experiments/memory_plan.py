@@ -1,0 +1,187 @@
+"""Memory of every config's train step per device, before launching: does it fit, with or without remat?
+
+For each config (NFNet F0–F7 and F0+–F7+, NF-ResNets, NF-RegNets) it compiles the runner's real
+train step (`nfnets_jax.train.one_device_step`: model, loss, gradients, AGC, weight decay, SGD, EMA,
+in the recipe's compute dtype) for ONE device at the recipe's per-device batch, from shapes only —
+no array is allocated — and prints XLA's memory analysis of the compiled program: arguments (the
+train state and the batch), outputs, temporaries (activations kept for the backward pass and
+scratch), and their peak sum, then which accelerators it fits. With `--remat both` (the default)
+every config is compiled a second time with `hk.remat` around every block (`config.train.remat`)
+and the table shows what that saves, and what it costs: XLA's FLOP count of the step, whose growth
+is the recomputed forward (on an accelerator, `--time_steps N` also times both versions).
+
+    python -m experiments.memory_plan                                  # every config (slow on a CPU)
+    python -m experiments.memory_plan --only nfnet.py:F0,nfnet.py:F6   # some configs
+    python -m experiments.memory_plan --only nfnet.py:F6 --per_device_batch 16 --remat on
+
+How to read it: the figures are those of the backend that compiles (here usually the CPU). A
+TPU or GPU compiler fuses and lays out differently (TPU pads channels to multiples of 128), so
+treat them as an estimate within tens of percent, and keep the 10% headroom the "fits" column
+asks for. Per-device batch: the global `config.train.batch_size` over `RECIPE_DEVICES` devices
+(NFNets: 4096 over the 128 TPUv3 cores of the paper, 32 each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+
+# Accelerator memory per device (GiB) that a step may use.
+ACCELERATORS: dict[str, float] = {
+    "TPUv3 16G": 16.0,
+    "TPUv4 32G": 32.0,
+    "A100 40G": 40.0,
+    "A100 80G": 80.0,
+    "H100 80G": 80.0,
+    "H200 141G": 131.3,  # 141 GB = 131.3 GiB
+}
+HEADROOM = 0.9  # "fits" = the step's peak is at most 90% of the device (runtime, fragmentation)
+
+# Devices the recipe's global batch is spread over (config file -> devices), giving the per-device
+# batch: NFNets and the NF-ResNet study use 4096 over 128 TPUv3 cores (32 each, the paper's
+# setting); the NF-RegNet recipe's 1024 over 8 devices ("8 GPUs or a TPU v3-8", its config).
+RECIPE_DEVICES = {"nfnet.py": 128, "nf_resnet.py": 128, "nf_regnet.py": 8}
+
+
+def all_config_specs() -> list[str]:
+    """Every config the plan covers, as `file.py:arg`; `file.py:Fk+` is Fk's recipe with the F+ model."""
+    specs = [f"nfnet.py:F{k}" for k in range(8)] + [f"nfnet.py:F{k}+" for k in range(8)]
+    specs += [f"nf_resnet.py:{depth}" for depth in ("50", "101", "152", "200", "288", "600")]
+    specs += [f"nf_regnet.py:B{k}" for k in range(9)]
+    return specs
+
+
+def load_config(spec: str):
+    """The config of `file.py:arg` from configs/ (a trailing `+` swaps NFNet-Fk for Fk+)."""
+    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+
+    file_name, _, arg = spec.partition(":")
+    plus = arg.endswith("+")
+    config = one_device_step.config_from_spec(f"{CONFIGS / file_name}:{arg.rstrip('+')}")
+    if plus:
+        if file_name != "nfnet.py":
+            raise ValueError(f"{spec}: only NFNet configs have '+' (wide) variants.")
+        config.model.name += "plus"
+    return config
+
+
+@dataclasses.dataclass
+class Row:
+    config: str
+    model: str
+    image_size: int
+    per_device_batch: int
+    compute_dtype: str
+    remat: bool
+    argument_gib: float
+    output_gib: float
+    temp_gib: float
+    peak_gib: float
+    gflops: float | None
+    compile_s: float
+    step_s: float | None = None
+
+    def fits(self) -> dict[str, bool]:
+        return {name: self.peak_gib <= HEADROOM * size for name, size in ACCELERATORS.items()}
+
+
+def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: int) -> Row:
+    """Compiles `spec`'s train step for one device from abstract inputs and reads its memory."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+
+    config = load_config(spec)
+    file_name = spec.partition(":")[0]
+    batch = per_device_batch or max(1, config.train.batch_size // RECIPE_DEVICES.get(file_name, 1))
+    if config.model.name.startswith(("nfnet", "nf_regnet")):
+        config.model.kwargs.grouped_conv_impl = "xla"  # the accelerators' op, whatever compiles here
+    config.train.remat = remat
+    step = one_device_step.build(config, batch)
+    start = time.perf_counter()
+    compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    gib = 1024.0**3
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = cost.get("flops") if cost else None
+    step_s = None
+    if time_steps > 0:
+        state, data = jax.jit(step.init_state)(), step.random_batch()
+        state, _ = jax.block_until_ready(compiled(state, data))
+        start = time.perf_counter()
+        for _ in range(time_steps):
+            state, _ = compiled(state, data)
+        jax.block_until_ready(state)
+        step_s = (time.perf_counter() - start) / time_steps
+    return Row(config=spec, model=config.model.name, image_size=config.data.image_size, per_device_batch=batch,
+               compute_dtype=config.precision.compute_dtype, remat=remat,
+               argument_gib=memory.argument_size_in_bytes / gib, output_gib=memory.output_size_in_bytes / gib,
+               temp_gib=memory.temp_size_in_bytes / gib, peak_gib=peak / gib,
+               gflops=None if flops is None else flops / 1e9, compile_s=compile_s, step_s=step_s)
+
+
+def markdown_header() -> str:
+    names = list(ACCELERATORS)
+    head = ("| config | model | px | batch/device | remat | state+batch GiB | temporaries GiB | peak GiB | "
+            "step TFLOP | " + " | ".join(names) + " |")
+    return head + "\n|" + "---|" * (9 + len(names))
+
+
+def markdown_row(row: Row) -> str:
+    fits = row.fits()
+    tflop = "?" if row.gflops is None else f"{row.gflops / 1e3:.2f}"
+    return (f"| {row.config} | {row.model} | {row.image_size} | {row.per_device_batch} | "
+            f"{'on' if row.remat else 'off'} | {row.argument_gib:.2f} | {row.temp_gib:.2f} | {row.peak_gib:.2f} | "
+            f"{tflop} | " + " | ".join("yes" if fits[name] else "no" for name in ACCELERATORS) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated specs (e.g. nfnet.py:F0,nf_regnet.py:B0); "
+                        "default: all of " + ", ".join(all_config_specs()))
+    parser.add_argument("--per_device_batch", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--remat", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--time_steps", type=int, default=0,
+                        help="also time this many real steps per row (on an accelerator; slow on a CPU)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per row instead of a table")
+    args = parser.parse_args(argv)
+    specs = [s.strip() for s in args.only.split(",") if s.strip()] or all_config_specs()
+    missing = [s for s in specs if not (CONFIGS / s.partition(":")[0]).is_file()]
+    if missing:
+        parser.error(f"no config file for {missing} in {CONFIGS}; e.g. " + ", ".join(all_config_specs()[:3]))
+    if args.per_device_batch is not None and args.per_device_batch < 1:
+        parser.error("--per_device_batch must be >= 1")
+    remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+
+    import jax  # pylint: disable=import-outside-toplevel
+
+    print(f"# Train-step memory per device, compiled by XLA:{jax.default_backend()} (jax {jax.__version__}); "
+          f"'fits' = peak <= {HEADROOM:.0%} of the device", flush=True)
+    if not args.json:
+        print(markdown_header(), flush=True)
+    for spec in specs:
+        for remat in remats:
+            row = measure(spec, args.per_device_batch, remat, args.time_steps)
+            if args.json:
+                print(json.dumps({**dataclasses.asdict(row), "fits": row.fits()}), flush=True)
+            else:
+                extra = f" (compile {row.compile_s:.0f}s" + (f", step {row.step_s:.3f}s)" if row.step_s else ")")
+                print(markdown_row(row) + extra, flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

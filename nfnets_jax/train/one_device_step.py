@@ -1,0 +1,134 @@
+"""The runner's real train step for one config on ONE device, without the loop or any data.
+
+Benchmarks (`benchmarks.compare_timm`, `benchmarks.train_step_throughput`) and the memory plan
+(`experiments.memory_plan`) need exactly what `experiments.train` compiles — the model of
+`config.model`, `make_train_step` with AGC → weight decay → SGD from `config.optimizer`, label
+smoothing, compute dtype, EMA — but for one device's batch, and for the memory plan from shapes
+only. This module builds that from the config, so none of them re-implements the step.
+
+The step runs as `jit(shard_map(...))` over a one-device mesh: the per-device function is the one
+every multi-device run executes (its `pmean`s are then identities), and its memory is the memory of
+one device of a data-parallel run at the same per-device batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from nfnets_jax import models, optim
+from nfnets_jax.train import step as step_lib
+from nfnets_jax.train.forward import make_forward
+from nfnets_jax.train.state import TrainState, init_train_state
+
+# The optimizer schedule needs a run length; its value does not change the step's cost.
+_NOMINAL_STEPS = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class OneDeviceStep:
+    """The compiled-on-demand train and eval functions of one config, and how to make inputs.
+
+    Attributes:
+      train: jitted `(state, batch) -> (state, metrics)`; the state is donated, as in the runner.
+      evaluate: jitted `(params, model_state, images) -> logits`, inference (`is_training=False`)
+        in the compute dtype.
+      init_state: `() -> TrainState` (pure; jit it, or `jax.eval_shape` it for shapes only).
+      batch_shapes: the batch as `jax.ShapeDtypeStruct`s (per-device batch × image size).
+      forward: the Haiku forward the step uses.
+      num_classes: classes of the model's head.
+    """
+
+    train: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+    evaluate: Callable[[hk.Params, hk.State, jax.Array], jax.Array]
+    init_state: Callable[[], TrainState]
+    batch_shapes: dict[str, jax.ShapeDtypeStruct]
+    forward: hk.TransformedWithState
+    num_classes: int
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes and dtypes; nothing is computed or allocated."""
+        return jax.eval_shape(self.init_state)
+
+    def random_batch(self, seed: int = 0) -> dict[str, jax.Array]:
+        """A batch of the right shapes: Gaussian images, random labels, no mixing (ratio 1)."""
+        images, labels = (self.batch_shapes[k] for k in ("images", "labels"))
+        num_classes = self.num_classes
+        keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+        labels = jax.random.randint(keys[1], labels.shape, 0, num_classes)
+        return {
+            "images": jax.random.normal(keys[0], images.shape, images.dtype),
+            "labels": labels,
+            "mix_labels": labels,
+            "ratio": jnp.ones(labels.shape, jnp.float32),
+        }
+
+
+def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_classes: int = 1000,
+          image_size: int | None = None, device: jax.Device | None = None) -> OneDeviceStep:
+    """The train/eval step of `config` for `per_device_batch` images on `device` (default: the first).
+
+    Reads `config.model` (name, kwargs), `config.train.remat` when present, `config.optimizer`,
+    `config.loss.label_smoothing`, `config.precision.compute_dtype`, `config.data.image_size`
+    (unless `image_size` is given) and `config.train.seed`.
+    """
+    if per_device_batch < 1:
+        raise ValueError(f"per_device_batch must be >= 1, got {per_device_batch}.")
+    model_kwargs = dict(config.model.kwargs.to_dict())
+    if config.train.get("remat", False):
+        model_kwargs["remat"] = True
+    forward = make_forward(config.model.name, num_classes, model_kwargs)
+    opt_config = optim.validate_optimizer_config(config.optimizer)
+    schedule_args = dict(steps_per_epoch=1000.0, total_steps=_NOMINAL_STEPS, batch_size=config.train.batch_size)
+    optimizer = optim.make_optimizer(opt_config, **schedule_args)
+    settings = step_lib.settings_from_config(
+        config, opt_config, num_classes=num_classes,
+        agc_groups=models.stage_regexes(config.model.name, **config.model.kwargs.to_dict()))
+    size = image_size or config.data.image_size
+    train_step = step_lib.make_train_step(forward, optimizer, optim.make_lr_schedule(opt_config, **schedule_args),
+                                          settings)
+    mesh = Mesh(np.asarray([device or jax.devices()[0]]), (step_lib.AXIS_NAME,))
+    train = jax.jit(
+        jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(step_lib.AXIS_NAME)), out_specs=(P(), P()),
+                      check_vma=False),
+        donate_argnums=(0,))
+    compute_dtype = settings.compute_dtype
+
+    def evaluate(params: hk.Params, model_state: hk.State, images: jax.Array) -> jax.Array:
+        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        return forward.apply(params, model_state, None, images.astype(compute_dtype), is_training=False)[0]
+
+    def init_state() -> TrainState:
+        return init_train_state(forward, optimizer, seed=config.train.seed,
+                                sample_images=jnp.zeros((1, size, size, 3), jnp.float32),
+                                use_ema=settings.ema_decay is not None)
+
+    batch_shapes = {
+        "images": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), jnp.float32),
+        "labels": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32),
+        "mix_labels": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32),
+        "ratio": jax.ShapeDtypeStruct((per_device_batch,), jnp.float32),
+    }
+    return OneDeviceStep(train=train, evaluate=jax.jit(evaluate), init_state=init_state,
+                         batch_shapes=batch_shapes, forward=forward, num_classes=num_classes)
+
+
+def config_from_spec(spec: str) -> ml_collections.ConfigDict:
+    """The config of `spec`, a `--config` value such as `configs/nfnet.py:F0` (file[:argument])."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(f"nfnets_config_{pathlib.Path(path).stem}", path)
+    if module_spec is None or not pathlib.Path(path).is_file():
+        raise ValueError(f"No config file {path!r}; pass e.g. configs/nfnet.py:F0.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
