@@ -30,7 +30,6 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"

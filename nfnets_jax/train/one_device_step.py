@@ -17,7 +17,6 @@ import dataclasses
 import importlib.util
 import pathlib
 from collections.abc import Callable
-from typing import Any
 
 import haiku as hk
 import jax
