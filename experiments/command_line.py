@@ -31,10 +31,10 @@ class UserError(Exception):
 
 
 def fail(message: object) -> None:
-    """Exits with `error: <message>` on stderr (first lines only) and status 1."""
+    """Exits with `error: <message>` on stderr and status 1 (a message that lists every
+    mismatch, e.g. of loaded weights, is shown whole: the list is the point)."""
     lines = str(message).strip().splitlines() or ["unknown error"]
-    shown = lines[:12] + ([f"... ({len(lines) - 12} more lines)"] if len(lines) > 12 else [])
-    sys.stderr.write("error: " + "\n  ".join(shown) + "\n")
+    sys.stderr.write("error: " + "\n  ".join(lines) + "\n")
     sys.stderr.flush()
     raise SystemExit(1)
 
