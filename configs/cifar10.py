@@ -14,11 +14,11 @@ smoothing 0.1, EMA, MixUp + CutMix, float32 (bfloat16 on GPU/TPU works too).
 
 import ml_collections
 
-from nfnets_jax.train.config_schema import base_config
+from nfnets_jax.train.config_schema import base_config, no_variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    no_variants("configs/cifar10.py", arg)
     config = base_config()
     config.model.name = "nfnet_f0"
     config.model.kwargs = ml_collections.ConfigDict(dict(

@@ -17,11 +17,11 @@ as the batch shrinks, and 0.01 is its choice for batches of 1024-4096.
 import ml_collections
 
 from nfnets_jax.data import digits_data_config
-from nfnets_jax.train.config_schema import base_config, make_optional_fields_overridable
+from nfnets_jax.train.config_schema import base_config, make_optional_fields_overridable, no_variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    no_variants("configs/digits.py", arg)
     config = base_config()
     config.model.name = "nfnet_f0"
     config.model.kwargs = ml_collections.ConfigDict(dict(

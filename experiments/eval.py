@@ -9,6 +9,10 @@ From a workdir it evaluates the latest checkpoint's raw and EMA params; from a w
 that one tree. `--variant=F0` means `--config=configs/nfnet.py:F0`: ImageNet's validation split
 at the variant's test resolution (256 px for F0, resize to S+32 squashed then centre crop).
 Parameter names and shapes are checked against the model before anything runs.
+
+On a pod, run it on every host with the same multi-host flags as training (`--distributed`, or
+`--coordinator_address/--num_processes/--process_id`, experiments/command_line.py): each process
+reads its own slice of the eval split and the one result, over all of them, is printed once.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import importlib.util
 import json
 import os
 import pathlib
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input pipeline only.
 
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from experiments import command_line  # pylint: disable=wrong-import-position  # multi-host flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -36,9 +41,6 @@ _VARIANT = flags.DEFINE_string("variant", None, "NFNet variant of --weights (F0 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (overrides config.data.data_dir).")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Global eval batch, a multiple of the device count (overrides config.eval.batch_size).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 def _load_config_file(name: str, arg: str | None):
@@ -49,10 +51,18 @@ def _load_config_file(name: str, arg: str | None):
     return module.get_config(arg)
 
 
+def _checked_config():
+    """`resolve_config()` with a wrong --variant or --config/--variant pair as a UserError."""
+    try:
+        return resolve_config()
+    except (ValueError, app.UsageError) as error:
+        raise command_line.UserError(str(error)) from error
+
+
 def resolve_config():
     """--config if given, else configs/nfnet.py:<variant> for --variant, else the digits demo."""
     if _VARIANT.value and _CONFIG.value is not None:
-        raise app.UsageError("Pass --variant or --config, not both (--variant=F0 means "
+        raise ValueError("Pass --variant or --config, not both (--variant=F0 means "
                              "--config=configs/nfnet.py:F0).")
     if _CONFIG.value is not None:
         config = _CONFIG.value
@@ -75,38 +85,51 @@ def resolve_config():
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
+        command_line.fail(f"unexpected arguments {argv[1:]}.")
     logging.set_verbosity(logging.WARNING)
-    from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
-
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import config_schema
+
+    try:
+        config, config_name = _checked_config()
+        if _WEIGHTS.value and _WORKDIR.value:
+            raise command_line.UserError("Pass --weights or --workdir, not both.")
+        source = _WEIGHTS.value or _WORKDIR.value or config_schema.default_workdir(config_name)
+        if not _WEIGHTS.value and "://" not in source and not os.path.isdir(source):
+            raise command_line.UserError(
+                f"--workdir={source} is not a folder{'' if _WORKDIR.value else ' (the default for ' + config_name + ')'}: "
+                "pass the workdir of a training run, or --weights=FILE.")
+        if _WEIGHTS.value and not os.path.isfile(source):
+            raise command_line.UserError(f"--weights={source}: no such file.")
+    except command_line.UserError as error:
+        command_line.fail(error)
+
+    command_line.initialize_processes()
     import jax
     import jax.numpy as jnp
 
     from nfnets_jax import checkpoints, data
-    from nfnets_jax.train import config_schema, evaluation, parallel, pretrained
+    from nfnets_jax.train import checkpointing, distributed, evaluation, parallel, pretrained
     from nfnets_jax.train.forward import abstract_init, make_forward
     from nfnets_jax.train.step import make_eval_step
 
-    config, config_name = resolve_config()
     is_main = jax.process_index() == 0
 
     # ---- Checks at the door: config, weights present and matching the model ----
     try:
-        if _WEIGHTS.value and _WORKDIR.value:
-            raise ValueError("Pass --weights or --workdir, not both.")
         config_schema.validate_config(config, device_count=jax.device_count(), training=False)
         info = data.dataset_info(config.data)
         forward = make_forward(config.model.name, info.num_classes, config.model.kwargs.to_dict())
         size = config.data.eval_image_size
-        abstract_params, abstract_state = abstract_init(forward, size)
+        try:
+            abstract_params, abstract_state = abstract_init(forward, size)
+        except (ValueError, TypeError, IndexError, KeyError) as error:
+            raise ValueError(f"config.model ({config.model.name} with kwargs "
+                             f"{config.model.kwargs.to_dict()}) does not build: {error}") from error
         if _WEIGHTS.value:
-            source = _WEIGHTS.value
             trees = {"": pretrained.read_params(source)}
             model_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state)
         else:
-            source = _WORKDIR.value or config_schema.default_workdir(config_name)
             saved = pretrained.read_workdir_state(source)
             trees = {"": saved["params"]}
             if saved["ema_params"]:
@@ -114,17 +137,23 @@ def main(argv: list[str]) -> None:
             model_state = saved["model_state"]
         for tree in trees.values():
             checkpoints.check_params_match(tree, abstract_params)
-    except (ValueError, FileNotFoundError, data.DatasetUnavailableError) as error:
-        sys.exit(f"error: {error}")
+    except (ValueError, OSError, data.DatasetUnavailableError, checkpoints.UnsafeCheckpointError,
+            checkpointing.CorruptCheckpointError, MemoryError) as error:
+        command_line.fail(error)
 
     # ---- Evaluate on every device, at the config's eval resolution ----
     backend = parallel.make_backend(config.parallel.backend)
     eval_fn = backend.wrap_eval(make_eval_step(forward))
-    state = backend.replicate(model_state)
-    by_tree = evaluation.evaluate_trees(  # one pass over the split serves every tree
-        eval_fn, {prefix: (backend.replicate(params), state) for prefix, params in trees.items()},
-        data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size),
-        backend.put_batch)
+    try:
+        state = backend.replicate(model_state)
+        by_tree = evaluation.evaluate_trees(  # one pass over the split serves every tree
+            eval_fn, {prefix: (backend.replicate(params), state) for prefix, params in trees.items()},
+            data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size),
+            backend.put_batch)
+    except Exception as error:  # pylint: disable=broad-except
+        if jax.process_count() > 1:  # most likely a peer died: say so, skip the shutdown barrier
+            distributed.leave_after_failure(error, source)
+        raise
     results = {f"{prefix}{name}": value for prefix, metrics in by_tree.items()
                for name, value in metrics.items()}
 
@@ -142,4 +171,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: command_line.parse_flags(argv, lambda: _CONFIG.value))

@@ -5,7 +5,8 @@
 With no flags it trains the offline demo: configs/digits.py (a tiny NFNet on scikit-learn's
 digits, CPU, a few minutes) in ./workdirs/digits. Re-running with the same workdir resumes from
 its latest checkpoint. Multi-host: pass --coordinator_address/--num_processes/--process_id, or
---distributed on a TPU pod (SLURM jobs are detected from the environment).
+--distributed on a TPU pod (SLURM jobs are detected from the environment); the flags are shared
+with experiments.eval (experiments/command_line.py).
 
 Read top to bottom: flags -> distributed start-up -> config checks -> input -> model and optimizer
 -> the loop (nfnets_jax/train/loop.py: init or resume, steps, eval, checkpoints) -> summary.
@@ -22,6 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
+from experiments import command_line  # pylint: disable=wrong-import-position  # multi-host flags
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "digits.py"
 
@@ -30,14 +33,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints, metrics and plots go here (default: ./workdirs/<config>).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_seconds", None,
-    "Multi-host: seconds before a silent (dead) peer stops the whole job (JAX default: 100).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host with the cluster found by JAX itself (TPU pods).")
 
 
 def build_experiment(config):
@@ -50,23 +45,28 @@ def build_experiment(config):
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; settings go in --config.* flags.")
+        command_line.fail(f"unexpected arguments {argv[1:]}; settings go in --config.* flags.")
     logging.set_verbosity(logging.WARNING)
-    # ---- Processes and devices (before anything touches a device) ----
-    from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import config_schema  # pylint: disable=import-outside-toplevel
 
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           auto_detect=_DISTRIBUTED.value,
-                           heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    config = _CONFIG.value  # loaded (and checked) by command_line.parse_flags
+    config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = _WORKDIR.value or config_schema.default_workdir(config_spec)
+    try:
+        command_line.check_workdir_writable(workdir)
+    except command_line.UserError as error:
+        command_line.fail(error)
+
+    # ---- Processes and devices (before anything touches a device) ----
+    command_line.initialize_processes()
     # pylint: disable=import-outside-toplevel
     import jax
 
+    from nfnets_jax import checkpoints
     from nfnets_jax.data import DatasetUnavailableError
-    from nfnets_jax.train import config_schema, loop
+    from nfnets_jax.train import checkpointing, distributed, loop, resume_check, workdir_lock
+    from nfnets_jax.train.forward import abstract_init
 
-    config = _CONFIG.value
-    config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
-    workdir = _WORKDIR.value or config_schema.default_workdir(config_spec)
     is_main = jax.process_index() == 0
     if is_main:
         print(f"Config: {config_spec}"
@@ -74,19 +74,31 @@ def main(argv: list[str]) -> None:
               f"{'' if _WORKDIR.value else ' (default)'}; {jax.process_count()} process(es), "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
 
-    # ---- Checks at the door: config, model name, batch divisibility, dataset presence ----
+    # ---- Checks at the door, before anything is written: config, model, weights, workdir ----
     try:
         config_schema.validate_config(config, device_count=jax.device_count())
         experiment = build_experiment(config)
-    except (ValueError, FileNotFoundError, DatasetUnavailableError) as error:
-        sys.exit(f"error: {error}")
+        try:  # the model builds with these kwargs (shapes only, nothing computed)
+            abstract_params, _ = abstract_init(experiment.forward, experiment.image_shape[0])
+        except (ValueError, TypeError, IndexError, KeyError) as error:
+            raise ValueError(f"config.model ({config.model.name} with kwargs "
+                             f"{config.model.kwargs.to_dict()}) does not build: {error}") from error
+        resume_check.check_resumable(workdir, abstract_params)
+    except (ValueError, OSError, DatasetUnavailableError, checkpoints.UnsafeCheckpointError,
+            checkpointing.CorruptCheckpointError, MemoryError) as error:
+        command_line.fail(error)
     # (config.json is written by loop.run, once it holds the workdir lock and the resume checks passed.)
 
     # ---- Train (resumes from the workdir's latest checkpoint), evaluate, plot ----
     try:
         summary = loop.run(experiment, config, workdir)
-    except loop.NonFiniteError as error:
-        sys.exit(f"error: {error}")
+    except (loop.NonFiniteError, checkpointing.CorruptCheckpointError,
+            checkpointing.IncompatibleCheckpointError, workdir_lock.WorkdirBusyError) as error:
+        command_line.fail(error)
+    except Exception as error:  # pylint: disable=broad-except
+        if jax.process_count() > 1:  # most likely a peer died: say so, skip the shutdown barrier
+            distributed.leave_after_failure(error, workdir)
+        raise
 
     if is_main:
         results = summary.eval_metrics
@@ -98,12 +110,18 @@ def main(argv: list[str]) -> None:
             print(f"Done: {summary.step} steps. Test top-1 ({which} params): {100 * accuracy:.2f}% "
                   f"(raw {100 * results['top_1_acc']:.2f}%) on {int(results['num_examples'])} examples.")
         print(f"Checkpoints: {summary.checkpoint_dir}")
-        print(f"Metrics: {summary.metrics_file}  (TensorBoard: tensorboard --logdir "
-              f"{os.path.abspath(workdir)})")
+        logdir = workdir if "://" in workdir else os.path.abspath(workdir)
+        print(f"Metrics: {summary.metrics_file}  (TensorBoard: tensorboard --logdir {logdir})")
         if summary.plot_file:
             print(f"Training curves: {summary.plot_file}")
     distributed.shutdown()
+    if summary.stopped_by == "preempted":
+        # Everything is on disk. Exit now: the input pipeline's threads may be in the middle of
+        # a slow batch, and tearing them down can take longer than the preemption notice.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: command_line.parse_flags(argv, lambda: _CONFIG.value))

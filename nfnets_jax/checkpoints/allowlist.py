@@ -127,7 +127,9 @@ def _reconstruct_array(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
         _refuse(f"an array of type {subtype!r} (only numpy.ndarray is allowed)")
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
         _refuse(f"an array placeholder with shape {shape!r}")
-    return np.empty(shape, dtype=np.int8)
+    # numpy writes shape (0,); BUILD then sets the real shape from data it holds. Allocating
+    # the placeholder's declared shape would let a crafted file ask for terabytes up front.
+    return np.empty((0,), dtype=np.int8)
 
 
 def _array_from_buffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:

@@ -86,6 +86,35 @@ def _restore_dtype(key: str, bits: np.ndarray, name: str, path: str) -> np.ndarr
     return bits.view(np.dtype(dtype))
 
 
+def _check_declared_sizes(path: str) -> None:
+    """Refuses members whose `.npy` header declares more data than the member holds.
+
+    A crafted header can declare terabytes; numpy would try to allocate them before reading a
+    byte (a MemoryError that names no file). The header is read first and compared with the
+    member's uncompressed size in the zip directory, so nothing large is ever allocated.
+    """
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if not member.filename.endswith(".npy"):
+                continue
+            with archive.open(member) as stream:
+                try:
+                    major, _ = np.lib.format.read_magic(stream)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(stream)
+                except ValueError as error:
+                    raise ValueError(f"{path}: member {member.filename} has an unreadable .npy header "
+                                     f"({error}); the file is corrupt or not ours") from None
+                header_size = stream.tell()
+            declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if declared > member.file_size - header_size:
+                raise ValueError(
+                    f"{path}: member {member.filename} declares {dtype}{list(shape)} ({declared:,} "
+                    f"bytes) but holds {member.file_size - header_size:,} bytes of data; refusing to "
+                    "load a corrupt or crafted file")
+
+
 def load_npz(path: str | os.PathLike) -> Params:
     """Reads a file written by `save_npz` back into `{module: {leaf: np.ndarray}}` (no pickle)."""
     path = os.fspath(path)
@@ -94,6 +123,7 @@ def load_npz(path: str | os.PathLike) -> Params:
             f"{path} is not an .npz archive; if it is one of DeepMind's released F*_haiku.npz files"
             " (a pickle), load it with nfnets_jax.checkpoints.load_deepmind_params"
         )
+    _check_declared_sizes(path)
     with np.load(path, allow_pickle=False) as archive:
         flat = {key: archive[key] for key in archive.files}
     dtype_record = json.loads(str(flat.pop(DTYPES_KEY))) if DTYPES_KEY in flat else {}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+import queue
+import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -75,3 +77,67 @@ def prefetch_to_device(iterator: Iterable[Any], size: int,
         yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+class BackgroundBatches:
+    """Host batches produced on a daemon thread, placed on device `size` batches ahead.
+
+    Why a thread: the loop must be able to stop between steps whatever the input pipeline is
+    doing. A tf.data generator can sit for tens of seconds in one `next()` (a slow decode, a
+    reshuffle), and a stop request (SIGTERM on a preemptible VM, ~30 s of notice) must not wait
+    for it. `get(should_stop)` waits for the next batch but returns None as soon as
+    `should_stop()` is true; `close()` asks the producer to stop and never joins it: a daemon
+    thread blocked inside the pipeline cannot delay the process's exit.
+    """
+
+    _POLL_S = 0.05
+
+    def __init__(self, iterator: Iterable[Any], size: int, put_fn: Callable[[Any], Any]):
+        if size < 0:
+            raise ValueError(f"prefetch size must be >= 0, got {size}.")
+        self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(iter(iterator), put_fn),
+                                        name="input-producer", daemon=True)
+        self._thread.start()
+
+    def _offer(self, item: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=self._POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, iterator: Iterator[Any], put_fn: Callable[[Any], Any]) -> None:
+        try:
+            for batch in iterator:
+                if self._stop.is_set() or not self._offer(("batch", put_fn(batch))):
+                    return
+            self._offer(("end", None))
+        except BaseException as error:  # pylint: disable=broad-except  # re-raised by get()
+            self._offer(("error", error))
+
+    def get(self, should_stop: Callable[[], bool] | None = None) -> Any:
+        """The next placed batch; None once `should_stop()` holds while waiting for it.
+
+        Raises StopIteration at the end of a finite stream, and the producer's exception if the
+        pipeline failed.
+        """
+        while True:
+            if should_stop is not None and should_stop():
+                return None
+            try:
+                kind, value = self._queue.get(timeout=self._POLL_S)
+            except queue.Empty:
+                continue
+            if kind == "batch":
+                return value
+            if kind == "end":
+                raise StopIteration
+            raise value
+
+    def close(self) -> None:
+        """Asks the producer to stop; returns at once (the thread is a daemon, never joined)."""
+        self._stop.set()

@@ -1,18 +1,29 @@
 """Train and eval input pipelines: per-process sharding, per-device batching, exact resume.
 
-Layout (official `dataset.py:_shard`): every process reads its own contiguous slice of the split
-(np.array_split of the example range, the rule of `tfds.even_splits`), and yields numpy
-batches `[local_devices, per_device_batch, H, W, 3]` with global_batch =
-process_count × local_devices × per_device_batch.
+Layout (official `dataset.py:_shard`): every process yields numpy batches
+`[local_devices, per_device_batch, H, W, 3]` with global_batch =
+process_count × local_devices × per_device_batch. Evaluation: every process reads its own
+contiguous slice of the split (np.array_split of the example range).
 
-Determinism and resume: the train stream is a pure function of (seed, process, step).
-Epoch e of a process is read in an order seeded by (seed, process, e); the element at stream
-position g is augmented with stateless ops seeded by (seed, process, g); the mixing of step s
-and the RandAugment of its outputs are seeded by (seed, process, s). `start_step=k` therefore
-skips k steps' worth of elements before any decoding and yields exactly the batches k, k+1, ...
-of a fresh stream. (One exception: an undecodable image is dropped and logged, which shifts the
-rest of the stream by one element; `start_step=k` assumes no drops before step k, so a resume
-after a drop is offset from the fresh stream by the number of earlier drops.)
+Determinism and resume. Random-access sources (digits, synthetic: `Source.lookup`) give one
+GLOBAL stream, independent of the process layout: epoch e of the whole split is read in an
+order seeded by (seed, e); step s consumes global stream positions [s·G·k, (s+1)·G·k) (G the
+global batch, k inputs per output: 2 when mixing), and process p takes the contiguous part of
+them that feeds its devices (global devices p·L ... p·L+L−1). The element at global position g is
+augmented with stateless ops seeded by (seed, g); the mixing of global device group (s, d) and
+the RandAugment of its outputs are seeded by (seed, s·D + d) with D global devices. So the
+global batch at step s is the same for any split of the same D devices into processes (and,
+without mixing, for any D), and a run resumes exactly on another number of processes.
+TFDS sources are read from files: each process reads its own contiguous slice of the split
+(np.array_split of the example range, the rule of `tfds.even_splits`) in an order seeded by
+(seed, process, epoch), with seeds keyed by (seed, process, position); their stream therefore
+depends on the process count, and resuming one needs the same count.
+
+`start_step=k` skips k steps' worth of elements before any decoding and yields exactly the
+batches k, k+1, ... of a fresh stream. (One exception: an undecodable image is dropped and
+logged, which shifts the rest of the stream by one element; `start_step=k` assumes no drops
+before step k, so a resume after a drop is offset from the fresh stream by the number of
+earlier drops.)
 
 Per device, one step takes 2B examples when mixing (B otherwise), mixes them to B
 (`mixing.py`), then applies RandAugment after mixing (NFNets) or before (`augment_before_mix`).
@@ -158,37 +169,57 @@ def _finish_image(image: tf.Tensor, seed: tf.Tensor, source: Source,
 
 def _train_positions(source: Source, split: str, start: int, end: int, first_position: int,
                      seed: int, process_index: int, shuffle_buffer: int) -> tf.data.Dataset:
-    """The endless (position, example) stream of one process, from `first_position` on.
+    """The endless (position, example) stream of one process of a file-backed (TFDS) source,
+    from `first_position` on.
 
-    Epoch e holds positions [e·n, (e+1)·n) of the process's n examples. In-memory sources
-    read each epoch as an exact permutation seeded by (seed, process, e). TFDS reads its files
+    Epoch e holds positions [e·n, (e+1)·n) of the process's n examples. TFDS reads its files
     in one order seeded by (seed, process) and shuffles records with a buffer seeded by
     (seed, process, e). `.skip` drops the consumed records before anything is decoded.
+    (Random-access sources use `_global_train_positions` instead.)
     """
     epoch_size = end - start
     first_epoch = first_position // epoch_size
-    if source.lookup is not None:
-        lookup = source.lookup(split)
-        shuffle_seed = _seeder(seed, process_index, _SHUFFLE_STREAM)
+    records = source.read(split, start, end, _python_seed(seed, process_index))
+    stream_seed = _python_seed(seed, process_index, _SHUFFLE_STREAM)
 
-        def epoch_examples(epoch):
-            scores = tf.random.stateless_uniform([epoch_size], shuffle_seed(epoch))
-            indices = start + tf.argsort(scores)
-            return tf.data.Dataset.from_tensor_slices(indices).map(lookup)
-    else:
-        records = source.read(split, start, end, _python_seed(seed, process_index))
-        stream_seed = _python_seed(seed, process_index, _SHUFFLE_STREAM)
-
-        def epoch_examples(epoch):
-            if shuffle_buffer <= 1:
-                return records
-            epoch_seed = epoch * 1_000_003 + stream_seed  # distinct for every epoch
-            return records.shuffle(min(shuffle_buffer, epoch_size), seed=epoch_seed,
-                                   reshuffle_each_iteration=False)
+    def epoch_examples(epoch):
+        if shuffle_buffer <= 1:
+            return records
+        epoch_seed = epoch * 1_000_003 + stream_seed  # distinct for every epoch
+        return records.shuffle(min(shuffle_buffer, epoch_size), seed=epoch_seed,
+                               reshuffle_each_iteration=False)
 
     examples = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_examples)
     examples = examples.skip(first_position - first_epoch * epoch_size)
     return tf.data.Dataset.zip(tf.data.Dataset.range(first_position, 2**62), examples)
+
+
+def _global_train_positions(source: Source, split: str, num_examples: int, first_step: int,
+                            seed: int, layout: BatchLayout, group_inputs: int) -> tf.data.Dataset:
+    """This process's (global position, example) stream of a random-access source, from step
+    `first_step` on; the same global stream whatever the process layout (module docstring).
+
+    Epoch e holds global positions [e·N, (e+1)·N) of the N examples, in the order of one exact
+    permutation seeded by (seed, e). Step s takes positions [s·T, (s+1)·T) with T the inputs of
+    all devices; process p keeps the chunk [s·T + p·C, s·T + (p+1)·C) with C its devices' inputs.
+    """
+    lookup = source.lookup(split)
+    shuffle_seed = _seeder(seed, 0, _SHUFFLE_STREAM)
+    chunk = group_inputs * layout.local_device_count
+    step_inputs = chunk * layout.process_count
+    first_position = first_step * step_inputs
+    first_epoch = first_position // num_examples
+
+    def epoch_examples(epoch):
+        positions = epoch * num_examples + tf.range(num_examples, dtype=tf.int64)
+        order = tf.argsort(tf.random.stateless_uniform([num_examples], shuffle_seed(epoch)))
+        mine = (((positions // chunk) % layout.process_count == layout.process_index)
+                & (positions >= first_position))
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.boolean_mask(positions, mine), tf.boolean_mask(tf.cast(order, tf.int64), mine)))
+
+    examples = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_examples)
+    return examples.map(lambda position, index: (position, lookup(index)))
 
 
 def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -218,19 +249,30 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
 
     source = make_source(data_config)
     train_size, _ = _image_sizes(data_config, source)
-    start, end = process_range(source.split_size(data_config.train_split),
-                               layout.process_index, layout.process_count)
-    if end <= start:
+    num_examples = source.split_size(data_config.train_split)
+    start, end = process_range(num_examples, layout.process_index, layout.process_count)
+    layout_free = source.lookup is not None  # one global stream (module docstring)
+    if not layout_free and end <= start:
         raise ValueError(f"Process {layout.process_index} has no training examples: the split "
                          f"{data_config.train_split!r} is smaller than the process count.")
     per_device = layout.per_device_batch_size
     group_inputs = per_device * inputs_per_output
     step_inputs = group_inputs * layout.local_device_count
     proc = layout.process_index
+    global_devices = layout.process_count * layout.local_device_count
     parallel = _parallel(data_config)
+    # Random-access sources: randomness keyed by global positions and device groups only.
+    seed_owner = 0 if layout_free else proc
     preprocess_seed, augment_seed, mix_seed, post_mix_augment_seed = (
-        _seeder(seed, proc, stream) for stream in
+        _seeder(seed, seed_owner, stream) for stream in
         (_PREPROCESS_STREAM, _AUGMENT_STREAM, _MIX_STREAM, _POST_MIX_AUGMENT_STREAM))
+
+    def global_group(local_group):
+        """Local device group index (step·L + d) -> global (step·D + p·L + d) when layout-free."""
+        if not layout_free:
+            return local_group
+        step, device = local_group // layout.local_device_count, local_group % layout.local_device_count
+        return step * global_devices + proc * layout.local_device_count + device
 
     def preprocess_example(position, example):
         element_seed = preprocess_seed(position)
@@ -246,6 +288,7 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
         return {"image": image, "label": example["label"], "position": position}
 
     def mix_group(group_index, group):
+        group_index = global_group(group_index)
         mixed = mixing.mix_batch({"image": group["image"], "label": group["label"]},
                                  mix_seed(group_index), augment.mix,
                                  augment.mixup_alpha)
@@ -275,14 +318,21 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
 
     def batches() -> Iterator[dict]:
         step = start_step
-        last_position = start_step * step_inputs - 1
+        if layout_free:  # this process's chunk of each step's global positions
+            stride = step_inputs * layout.process_count
+            last_position = start_step * stride + proc * step_inputs - 1
+            positions = _global_train_positions(source, data_config.train_split, num_examples,
+                                                start_step, seed, layout, group_inputs)
+        else:
+            stride = step_inputs
+            last_position = start_step * step_inputs - 1
+            positions = _train_positions(source, data_config.train_split, start, end,
+                                         start_step * step_inputs, seed, proc,
+                                         int(data_config.shuffle_buffer))
         skipped = 0
-        positions = _train_positions(source, data_config.train_split, start, end,
-                                     start_step * step_inputs, seed, proc,
-                                     int(data_config.shuffle_buffer))
         for batch in pipeline(positions, step).as_numpy_iterator():
             batch_last = int(batch.pop("last_position").max())
-            newly_skipped = batch_last - last_position - step_inputs
+            newly_skipped = batch_last - last_position - stride
             if newly_skipped:
                 skipped += newly_skipped
                 logging.warning("Input pipeline: skipped %d undecodable image(s) so far "

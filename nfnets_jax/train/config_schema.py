@@ -79,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     return make_optional_fields_overridable(config)
 
 
+def no_variants(config_file: str, arg: str | None) -> None:
+    """For configs without variants: `--config=<file>:<arg>` is a mistake, not something to ignore."""
+    if arg not in (None, ""):
+        raise ValueError(f"{config_file} has no variants: drop ':{arg}' (settings go in "
+                         "--config.<field>=<value> flags).")
+
+
 def make_optional_fields_overridable(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Holds each `OPTIONAL_FIELDS` entry as a FieldReference of its type (value unchanged).
 

@@ -10,8 +10,14 @@ collectives need an implementation (gloo), which is selected here.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
+
+# How long a peer may stay silent before the job counts it as dead. Spot and preemptible VMs
+# (GCE, TPU VMs, AWS spot) give about 30 s of notice: a host that vanishes within it is detected
+# before the platform would replace it anyway. JAX's own default is 100 s.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 
 
 def _looks_multi_process() -> bool:
@@ -27,9 +33,9 @@ def _looks_multi_process() -> bool:
 
 
 def _timeouts(heartbeat_timeout_seconds: int | None) -> dict[str, int]:
-    """`jax.distributed.initialize` keywords for the heartbeat (and shutdown) timeout, if set."""
+    """`jax.distributed.initialize` keywords for the heartbeat (and shutdown) timeout."""
     if heartbeat_timeout_seconds is None:
-        return {}
+        heartbeat_timeout_seconds = DEFAULT_HEARTBEAT_TIMEOUT_S
     if heartbeat_timeout_seconds <= 0:
         raise ValueError(f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds} must be positive.")
     return {"heartbeat_timeout_seconds": heartbeat_timeout_seconds,
@@ -52,9 +58,10 @@ def initialize(
       process_id: this process's index in [0, num_processes).
       auto_detect: ask JAX to find the cluster itself (TPU pods: `--distributed`).
       heartbeat_timeout_seconds: how long a silent peer may go before the coordination service
-        stops every process (JAX's default, 100 s, when None). A dead worker's collectives fail,
-        but the survivors exit only when this runs out (tests/test_fault_injection.py), so it
-        bounds how long a job with a dead host lingers; it is also the shutdown timeout.
+        stops every process (DEFAULT_HEARTBEAT_TIMEOUT_S, 30 s, when None). A dead worker's
+        collectives fail at once and the survivors leave through `leave_after_failure`; this
+        bounds how long a survivor that is not in a collective waits. It is also the shutdown
+        timeout.
 
     Give all three, or none to let JAX detect the job: always for SLURM and JAX_COORDINATOR_ADDRESS,
     and for TPU pods with `auto_detect`. Otherwise this is a single-process run and nothing happens.
@@ -85,3 +92,26 @@ def shutdown() -> None:
     """Leaves the job cleanly (a no-op for a single-process run)."""
     if jax.process_count() > 1:
         jax.distributed.shutdown()
+
+
+def leave_after_failure(error: BaseException, workdir: str) -> None:
+    """Ends a multi-process run whose step failed, with one line saying what to do; never returns.
+
+    A collective fails when a peer died (killed, preempted, out of memory). Raising would run
+    JAX's shutdown barrier, which waits for the dead peer until the heartbeat timeout and then
+    aborts with a C++ stack dump; a clean `os._exit(1)` after one clear line is what the user
+    needs. The checkpoints in `workdir` are complete or absent (orbax commits atomically), so
+    restarting every process resumes exactly.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    peers = [p for p in range(count) if p != index]
+    suspect = f"process {peers[0]}" if len(peers) == 1 else f"one of processes {peers}"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    sys.stdout.flush()
+    sys.stderr.write(
+        f"error: process {index} of {count} stopped: a collective with the other processes failed "
+        f"({type(error).__name__}: {first_line}); {suspect} most likely died. Restart all {count} "
+        f"processes with the same command: training resumes exactly from the last checkpoint in "
+        f"{workdir}.\n")
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access

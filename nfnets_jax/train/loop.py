@@ -121,11 +121,12 @@ def _run_once(fn: Callable, *args: Any, out_shardings: Any) -> Any:
     return lowered.compile(compiler_options=options)(*args)
 
 
-def _prefetch(batches: Iterator[HostBatch], put_batch: Callable, size: int) -> Iterator[Any]:
-    """Places the next `size` batches on device while the current step runs."""
+def _prefetch(batches: Iterator[HostBatch], put_batch: Callable, size: int):
+    """Places the next `size` batches on device while the current step runs, from a daemon
+    thread, so that a stop request never waits for the input pipeline (feeding.BackgroundBatches)."""
     from nfnets_jax.data import feeding  # pylint: disable=import-outside-toplevel
 
-    return feeding.prefetch_to_device(batches, size, put_batch)
+    return feeding.BackgroundBatches(batches, size, put_batch)
 
 
 def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
@@ -264,8 +265,23 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
     pending: tuple[int, Any] | None = None  # the previous step's metrics, checked one step late
     try:
         with checkpointing.PreemptionWatcher() as watcher:
+            # Single process: a SIGTERM also ends the wait for a slow batch (the save is then of
+            # the last completed step). Multi-process runs agree on a step boundary instead.
+            stop_while_waiting = ((lambda: watcher.should_stop(step)) if jax.process_count() == 1
+                                  else None)
             while step < end_step:
-                state, metrics = train_fn(state, next(batches))
+                batch = batches.get(stop_while_waiting)
+                if batch is None:
+                    if pending is not None and not check_finite(*pending):
+                        skipped += 1
+                    pending = None
+                    if checkpointer.latest_step() != step:
+                        with timer.paused():
+                            checkpointer.save(step, backend.to_global(state), data_position=step)
+                    stopped_by = "preempted"
+                    progress.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
+                    break
+                state, metrics = train_fn(state, batch)
                 step += 1
                 timer.tick()
                 if step == start_step + 1:
@@ -313,11 +329,13 @@ def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workd
         draw_curves()  # the curves up to the bad step are what the user looks at next
         raise
     finally:
+        batches.close()
         checkpointer.close()
         progress.close()
         writer.close()
 
-    plot_file = draw_curves()
+    # After a SIGTERM every second of the notice counts: the next run draws the curves.
+    plot_file = draw_curves() if stopped_by == "completed" else None
     return RunSummary(step=step, stopped_by=stopped_by, eval_metrics=eval_metrics,
                       checkpoint_dir=checkpointer.directory, metrics_file=writer.jsonl_path,
                       plot_file=plot_file, skipped_steps=skipped, history=history, state=state)

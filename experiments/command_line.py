@@ -1,0 +1,173 @@
+"""What `experiments.train` and `experiments.eval` share at the door: the multi-host flags, and
+flag parsing that turns every mistake a user can type into one line on stderr and exit code 1.
+
+The multi-host flags are defined here once; both commands import this module. Everything here
+runs before a workdir is created, a device is touched or a dataset is opened, so that a typo costs
+a second and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import flags
+
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0's coordinator.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", None,
+    "Multi-host: seconds without a heartbeat after which a peer counts as dead and the job stops "
+    "(default 30: within the ~30 s preemption notice of spot/preemptible VMs).")
+DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host with the cluster found by JAX itself (TPU pods, SLURM).")
+
+
+class UserError(Exception):
+    """A mistake in the command line, a config file or the workdir: shown as one line, exit 1."""
+
+
+def fail(message: object) -> None:
+    """Exits with `error: <message>` on stderr and status 1 (a message that lists every
+    mismatch, e.g. of loaded weights, is shown whole: the list is the point)."""
+    lines = str(message).strip().splitlines() or ["unknown error"]
+    sys.stderr.write("error: " + "\n  ".join(lines) + "\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def _innermost_message(error: BaseException) -> str:
+    """The most specific text of a chain of exceptions (ml_collections wraps its own errors).
+
+    ml_collections re-raises a misspelt override as KeyError -> KeyError -> AttributeError, each
+    quoting the last; the deepest one that suggests a fix ("Did you mean") is the one to show.
+    """
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for candidate in chain:
+        text = str(candidate.args[0]) if candidate.args else str(candidate)
+        if "did you mean" in text.lower():
+            return text.strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+    # A config file that fails to load: the root cause (SyntaxError, missing get_config, ...).
+    root = chain[-1]
+    return f"{type(root).__name__}: {root}".replace("\n", " ")
+
+
+def _config_flag_spec(argv: Sequence[str]) -> str | None:
+    """The value of `--config=X` or `--config X` in `argv`, if given."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
+def _check_config_file(spec: str) -> None:
+    """A missing or non-Python `--config` file, named before ml_collections tries to import it."""
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise UserError(f"--config={spec}: no such config file {path!r} (the configs are in configs/, "
+                        "e.g. --config=configs/digits.py).")
+    if not path.endswith(".py"):
+        raise UserError(f"--config={spec}: a config is a Python file with get_config(arg=None).")
+
+
+def parse_flags(argv: Sequence[str], load_config: Callable[[], object]) -> list[str]:
+    """absl's flag parsing, plus loading the config, with every error as one line (exit 1).
+
+    Used as `app.run(main, flags_parser=...)`. `load_config` touches the config flag's value, so a
+    config file with a syntax error, without `get_config`, refusing its `:arg`, or an override of
+    a field that does not exist (`--config.train.batch_sise=64`, with ml_collections' own "did
+    you mean") all fail here, before `main` runs.
+    """
+    spec = _config_flag_spec(argv[1:])
+    try:
+        if spec is not None:
+            _check_config_file(spec)
+        remaining = flags.FLAGS(list(argv))
+        load_config()
+        check_multihost_flags()
+    except UserError as error:
+        fail(error)
+    except flags.Error as error:
+        cause = error.__cause__ or error.__context__
+        if cause is None:
+            fail(f"{error}")
+        # A config file's get_config raised (e.g. a variant it does not take): its own message.
+        fail(f"bad config ({spec or 'the default'}): {_innermost_message(cause)}")
+    except (AttributeError, KeyError, OSError, SyntaxError, TypeError, ValueError, ImportError,
+            NameError) as error:
+        if spec is None and not any(a.startswith("--config") for a in argv[1:]):
+            raise  # not the user's config: a bug, keep the traceback
+        fail(f"bad config ({spec or 'an override'}): {_innermost_message(error)}")
+    return remaining
+
+
+def check_multihost_flags() -> None:
+    """The multi-host flags are all given or all absent, in range; the heartbeat is positive."""
+    explicit = {"--coordinator_address": COORDINATOR.value, "--num_processes": NUM_PROCESSES.value,
+                "--process_id": PROCESS_ID.value}
+    given = [name for name, value in explicit.items() if value is not None]
+    if given and len(given) < 3:
+        missing = [name for name in explicit if name not in given]
+        raise UserError(f"{', '.join(given)} given without {', '.join(missing)}: a multi-process run "
+                        "needs all three (or none, with --distributed, to let JAX find a TPU pod or "
+                        "SLURM job).")
+    if given:
+        if NUM_PROCESSES.value < 1:
+            raise UserError(f"--num_processes={NUM_PROCESSES.value} must be >= 1.")
+        if not 0 <= PROCESS_ID.value < NUM_PROCESSES.value:
+            raise UserError(f"--process_id={PROCESS_ID.value} must be in [0, --num_processes="
+                            f"{NUM_PROCESSES.value}).")
+        if DISTRIBUTED.value:
+            raise UserError("--distributed lets JAX find the cluster: pass it or --coordinator_address/"
+                            "--num_processes/--process_id, not both.")
+    if HEARTBEAT_TIMEOUT.value is not None and HEARTBEAT_TIMEOUT.value <= 0:
+        raise UserError(f"--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT.value} must be a positive "
+                        "number of seconds.")
+
+
+def initialize_processes() -> None:
+    """Connects this process to the others as the multi-host flags say (no-op without them)."""
+    from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
+
+    distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
+                           auto_detect=DISTRIBUTED.value,
+                           heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT.value)
+
+
+def check_workdir_writable(workdir: str, *, flag: str = "--workdir") -> None:
+    """Fails unless `workdir` is a folder we can write, or could create; creates nothing.
+
+    Object-store URLs (`gs://...`) are checked by their first write instead.
+    """
+    if "://" in workdir:
+        return
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag}={workdir} is a file, not a folder: pass a folder (it is created if "
+                        "missing).")
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag}={workdir}: {existing} is a file, so the folder cannot be created.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}={workdir}: {existing} is not writable by this user (or is on a "
+                        "read-only filesystem); pick a folder you can write.")
+    try:
+        stats = os.statvfs(existing)
+    except OSError:
+        return
+    if stats.f_flag & os.ST_RDONLY:
+        raise UserError(f"{flag}={workdir}: {existing} is on a read-only filesystem; pick a folder "
+                        "you can write.")
