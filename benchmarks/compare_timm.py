@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from nfnets_jax import provenance
 import os
 import pathlib
 import platform
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     record["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "backend": jax.default_backend()}
     record["versions"] = {**_versions(), **{f"timm_side_{k}": v for k, v in timm_info["versions"].items()}}
     record["timm_num_params"] = timm_info["num_params"]
+    record["provenance"] = provenance.collect()
     print(json.dumps(record), flush=True)
 
 

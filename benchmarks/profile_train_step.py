@@ -38,6 +38,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
+from nfnets_jax import provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.train import one_device_step  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.batch, args.res, args.steps) < 1:
         parser.error("--batch, --res and --steps must be >= 1")
-    print(json.dumps(profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype)),
+    print(json.dumps({**profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype),
+                      "provenance": provenance.collect()}),
           flush=True)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 
+from nfnets_jax import provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.train import one_device_step
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 1 or args.batch < 0:
         parser.error("--steps must be >= 1 and --batch >= 0")
     batch = args.batch or largest_batch(args.config, args.dtype, args.remat)
-    print(json.dumps(measure(args.config, batch, args.dtype, args.steps, args.peak_tflops, args.remat)), flush=True)
+    print(json.dumps({**measure(args.config, batch, args.dtype, args.steps, args.peak_tflops, args.remat),
+                      "provenance": provenance.collect()}), flush=True)
 
 
 if __name__ == "__main__":

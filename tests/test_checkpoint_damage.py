@@ -188,7 +188,9 @@ def test_eval_and_fine_tuning_read_the_same_checkpoint_resume_falls_back_to(stop
     assert len(_warnings(caplog)) == 2  # one per read, each naming the skipped checkpoint
     # Resume falls back to the same step (and moves the damaged one aside).
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: True)
+        # A stop request from step 5 on (one asked for at step 4 would now end the wait for the
+        # first batch, before any step).
+        patch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: step > 4)
         assert _run(workdir).step == 5  # resumed at 4, one step, stopped
     assert os.path.isdir(workdir / "corrupt_checkpoints" / "8")
 

@@ -151,7 +151,7 @@ def test_train_preempt_resume_and_evaluate_on_an_object_store_url(store, tmp_pat
     on_store = pretrained.read_workdir_state(url)
     chex.assert_trees_all_equal(on_store, pretrained.read_workdir_state(str(tmp_path / "local")))
     backing = store / "bucket" / "runs" / "one"
-    assert sorted(os.listdir(backing)) == ["checkpoints", "config.json", "metrics.jsonl", "tb",
+    assert sorted(os.listdir(backing)) == ["checkpoints", "config.json", "metrics.jsonl", "provenance.json", "tb",
                                            "training_curves.png"]
     assert sorted(os.listdir(backing / "checkpoints")) == ["12", "8"]
     assert os.listdir(backing / "tb")

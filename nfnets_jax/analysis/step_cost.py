@@ -72,13 +72,11 @@ def compile_step(forward: hk.TransformedWithState, variant: StepVariant, *, imag
     opt_config.agc.clipping = variant.clipping
     batch_size = int(images.shape[0])
     optimizer = optim.make_optimizer(opt_config, steps_per_epoch=100.0, total_steps=10_000, batch_size=batch_size)
-    schedule = optim.make_lr_schedule(opt_config, steps_per_epoch=100.0, total_steps=10_000, batch_size=batch_size)
-    sam = None
-    if variant.sam_ascent_fraction is not None:
-        sam = step_lib.SamSettings(rho=variant.sam_rho, ascent_fraction=variant.sam_ascent_fraction,
+    if variant.sam_ascent_fraction is not None:  # the paper's SAM: unsynced ascent on a slice
+        optimizer = optim.with_sam(optimizer, rho=variant.sam_rho, ascent_fraction=variant.sam_ascent_fraction,
                                    sync_ascent=False)
-    settings = step_lib.StepSettings(num_classes=num_classes, sam=sam)
-    train_step = step_lib.make_train_step(forward, optimizer, schedule, settings)
+    settings = step_lib.StepSettings(num_classes=num_classes)
+    train_step = step_lib.make_train_step(forward, optimizer, settings)
     mesh = Mesh(np.asarray(jax.devices()[:1]), (step_lib.AXIS_NAME,))
     mapped = jax.jit(jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(step_lib.AXIS_NAME)),
                                    out_specs=(P(), P()), check_vma=False), donate_argnums=(0,))

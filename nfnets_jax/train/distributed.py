@@ -9,6 +9,7 @@ collectives need an implementation (gloo), which is selected here.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -80,12 +81,34 @@ def initialize(
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id,
                                    **_timeouts(heartbeat_timeout_seconds))
+        _one_line_orbax_errors()
         return num_processes > 1
     if auto_detect or _looks_multi_process():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**_timeouts(heartbeat_timeout_seconds))
+        _one_line_orbax_errors()
         return jax.process_count() > 1
     return False
+
+
+class _OrbaxErrorsWithoutTraceback(logging.Filter):
+    """Keeps orbax's error records to their one-line message.
+
+    When a peer dies during an asynchronous save, orbax's background thread logs the failed
+    commit barrier with a full traceback just before `leave_after_failure` says, in one line,
+    what happened and what to do; the traceback adds nothing a user can act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _one_line_orbax_errors() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxErrorsWithoutTraceback) for f in logger.filters):
+        logger.addFilter(_OrbaxErrorsWithoutTraceback())
 
 
 def shutdown() -> None:

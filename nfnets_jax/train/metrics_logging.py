@@ -125,8 +125,19 @@ class MetricWriter:
 
 
 def _in_jupyter_kernel() -> bool:
-    """True inside an IPython kernel (a notebook), where stdout is not a terminal."""
-    return "ipykernel" in sys.modules
+    """True inside a running IPython kernel (a notebook), where stdout is not a terminal.
+
+    Merely importing ipykernel (as a test runner that executes notebooks does) is not enough: the
+    process must be the kernel itself.
+    """
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 class Progress:

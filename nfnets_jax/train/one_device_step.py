@@ -89,13 +89,13 @@ def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_class
     forward = make_forward(config.model.name, num_classes, model_kwargs)
     opt_config = optim.validate_optimizer_config(config.optimizer)
     schedule_args = dict(steps_per_epoch=1000.0, total_steps=_NOMINAL_STEPS, batch_size=config.train.batch_size)
-    optimizer = optim.make_optimizer(opt_config, **schedule_args)
+    # SAM (config.optimizer.sam.rho) wraps the chain, as in the runner's build_experiment.
+    optimizer = optim.with_sam_from_config(optim.make_optimizer(opt_config, **schedule_args), opt_config.sam)
     settings = step_lib.settings_from_config(
         config, opt_config, num_classes=num_classes,
         agc_groups=models.stage_regexes(config.model.name, **config.model.kwargs.to_dict()))
     size = image_size or config.data.image_size
-    train_step = step_lib.make_train_step(forward, optimizer, optim.make_lr_schedule(opt_config, **schedule_args),
-                                          settings)
+    train_step = step_lib.make_train_step(forward, optimizer, settings)
     mesh = Mesh(np.asarray([device or jax.devices()[0]]), (step_lib.AXIS_NAME,))
     train = jax.jit(
         jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(step_lib.AXIS_NAME)), out_specs=(P(), P()),
