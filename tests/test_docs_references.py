@@ -1,6 +1,6 @@
 """Every `.md` file the code, tests and docs cite is in the repository.
 
-A citation a reader cannot open is useless, so each `name.md` mentioned in a `.py`, `.md` or
+A citation a reader cannot open is useless, so each `<name>.md` mentioned in a `.py`, `.md` or
 `.ipynb` file must resolve to a file of this repository: relative to the citing file, relative to
 the repository root, or by basename. Citations of other repositories (URLs, and paths under
 `deepmind-research/`) are not files of ours and are skipped. The project's private research notes
@@ -83,9 +83,10 @@ def resolves(reference: str, citing: pathlib.Path, paths: set[str], basenames: s
 
 
 def test_md_reference_extraction():
-    text = ("see docs/recipe.md, (STYLE.md) and `a/b_c.md`; https://github.com/x/y/README.md is "
-            "a URL and deepmind-research/nfnets/README.md another repository")
-    assert md_references(text) == ["docs/recipe.md", "STYLE.md", "a/b_c.md"]
+    md = ".md"  # assembled, so that this example text is not itself a citation in the tree
+    text = (f"see docs/recipe{md}, (STYLE{md}) and `a/b_c{md}`; https://github.com/x/y/README{md} is "
+            f"a URL and deepmind-research/nfnets/README{md} another repository")
+    assert md_references(text) == [f"docs/recipe{md}", f"STYLE{md}", f"a/b_c{md}"]
 
 
 def test_every_cited_md_file_is_in_the_repository():
