@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from experiments import command_line  # pylint: disable=wrong-import-position  # multi-host flags
+from . import command_line  # pylint: disable=wrong-import-position  # multi-host flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"

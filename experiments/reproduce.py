@@ -356,7 +356,7 @@ def run_cost(settings: CostSettings, out: str, progress: Progress) -> dict[str, 
 # ---------------------------------------------------------------- claim 4: signal propagation
 
 def run_spp(settings: SppSettings, out: str, progress: Progress) -> dict[str, Any]:
-    from experiments import signal_propagation as spp_command  # pylint: disable=import-outside-toplevel
+    from . import signal_propagation as spp_command  # pylint: disable=import-outside-toplevel
     from nfnets_jax.analysis import signal_propagation  # pylint: disable=import-outside-toplevel
 
     probes = {"gaussian": signal_propagation.gaussian_images(settings.batch, settings.resolution),
@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     doc = args.doc or (DEFAULT_DOC if args.out is None else os.path.join(out, "reproduction.md"))
     os.makedirs(out, exist_ok=True)
 
-    from experiments import reproduction_page  # pylint: disable=import-outside-toplevel
+    from . import reproduction_page  # pylint: disable=import-outside-toplevel
 
     settings = QUICK if args.quick else FULL
     command = "python -m experiments.reproduce" + (" --quick" if args.quick else "") + \

@@ -12,6 +12,7 @@ Run as a script (`python tests/test_checkpoint_damage.py WORKDIR`), this file re
 finishes a fake-model run in WORKDIR: the child process of the terminal-output test.
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import chex
 import numpy as np
@@ -233,6 +235,32 @@ def test_a_resumed_process_prints_one_warning_not_orbax_tracebacks(kind, damage,
     assert result.stderr.count("unreadable or corrupt") == 1, result.stderr
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) < 20, result.stderr
+
+
+def _unraisable_from(call):
+    """What `sys.unraisablehook` receives for the exception `call` raises (a real traceback)."""
+    try:
+        call()
+    except Exception as error:  # pylint: disable=broad-except
+        return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
+                                     err_msg=None, object=None)
+    raise AssertionError("call did not raise")
+
+
+def test_late_closed_loop_reports_are_dropped_and_every_other_unraisable_is_passed_on(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpointing._drop_late_reports_into_closed_loops()  # pylint: disable=protected-access
+    checkpointing._drop_late_reports_into_closed_loops()  # pylint: disable=protected-access  # installs once
+    closed = asyncio.new_event_loop()
+    closed.close()
+    late = _unraisable_from(lambda: closed.call_soon_threadsafe(print))
+    assert str(late.exc_value) == "Event loop is closed"
+    same_text_elsewhere = _unraisable_from(lambda: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))
+    other = _unraisable_from(lambda: 1 / 0)
+    for unraisable in (late, same_text_elsewhere, other):
+        sys.unraisablehook(unraisable)
+    assert seen == [same_text_elsewhere, other]
 
 
 if __name__ == "__main__":

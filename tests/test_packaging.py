@@ -85,3 +85,20 @@ def test_console_scripts_train_and_evaluate_the_demo_outside_the_checkout(instal
                               capture_output=True, text=True, timeout=1800)
     assert evaluate.returncode == 0, evaluate.stdout + evaluate.stderr
     assert (workdir / "eval_results.json").is_file()
+
+
+def test_installed_programs_import_their_siblings_relatively():
+    """experiments/ and configs/ install as nfnets_jax.experiments and nfnets_jax.configs, where
+    no top-level `experiments` or `configs` exists: an absolute import of either, anywhere in
+    code that is installed, works in the checkout and fails after `pip install .`."""
+    import ast  # pylint: disable=import-outside-toplevel
+
+    offenders = []
+    for folder in ("experiments", "configs", "nfnets_jax"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}" for name in names
+                              if name.split(".")[0] in ("experiments", "configs")]
+    assert not offenders, "\n".join(offenders)

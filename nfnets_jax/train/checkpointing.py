@@ -38,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -212,11 +213,44 @@ def _verify(step: int, state: Any, integrity: Any, meta: dict, abstract_state: A
         raise _FailedVerification(f"CRC32 mismatch in {wrong or 'the set of leaves'}")
 
 
+def _is_late_report_into_a_closed_loop(unraisable: Any) -> bool:
+    """True for the one report a failed orbax read leaves behind after it returned: TensorStore
+    finishing a read whose asyncio loop orbax has already closed, which TensorStore's callback
+    thread reports as "Event loop is closed" from `call_soon_threadsafe`, seconds later."""
+    error = unraisable.exc_value
+    if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
+        return False
+    frames = [frame.name for frame in traceback.extract_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in frames
+
+
+def _drop_late_reports_into_closed_loops() -> None:
+    """Installs, once per process, a `sys.unraisablehook` that drops only the reports
+    `_is_late_report_into_a_closed_loop` describes and passes everything else on.
+
+    They arrive after the restore attempt that caused them has ended (so its temporary hooks are
+    gone) and carry nothing to act on: the attempt already failed and was reported as one
+    warning. Anything else unraisable still reaches the hook that was there before.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_nfnets_drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_late_report_into_a_closed_loop(unraisable):
+            previous(unraisable)
+
+    hook._nfnets_drops_closed_loop_reports = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _quiet_restore_attempt() -> Iterator[None]:
     """Holds back what orbax, TensorStore and asyncio print while one checkpoint is tried:
     their loggers, and the exceptions that orbax's abandoned asyncio tasks and threads raise
-    when a read fails (reported through `sys.unraisablehook` and `threading.excepthook`)."""
+    when a read fails (reported through `sys.unraisablehook` and `threading.excepthook`), also
+    those that arrive after the attempt (`_drop_late_reports_into_closed_loops`)."""
+    _drop_late_reports_into_closed_loops()
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
     hooks = sys.unraisablehook, threading.excepthook
