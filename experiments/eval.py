@@ -110,6 +110,7 @@ def main(argv: list[str]) -> None:
 
     from nfnets_jax import checkpoints, data
     from nfnets_jax.train import checkpointing, distributed, evaluation, parallel, pretrained
+    from nfnets_jax.train import workdir as workdir_lib
     from nfnets_jax.train.forward import abstract_init, make_forward
     from nfnets_jax.train.step import make_eval_step
 
@@ -164,9 +165,9 @@ def main(argv: list[str]) -> None:
             label = "EMA params" if prefix else "params"
             print(f"  {label:10s}  top-1 {100 * results[prefix + 'top_1_acc']:.2f}%  "
                   f"top-5 {100 * results[prefix + 'top_5_acc']:.2f}%  loss {results[prefix + 'loss']:.4f}")
-        if os.path.isdir(source):
-            with open(os.path.join(source, "eval_results.json"), "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
+        folder = workdir_lib.as_path(source)  # a local folder or a gs:// workdir
+        if folder.is_dir():
+            workdir_lib.write_text_atomically(folder / "eval_results.json", json.dumps(results, indent=2))
     distributed.shutdown()
 
 

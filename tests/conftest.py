@@ -9,9 +9,14 @@ import os
 
 import pytest
 
+import xla_test_flags  # pylint: disable=wrong-import-position  # tests/ is on sys.path (rootdir conftest)
+
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=4"
 if _DEVICE_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICE_FLAG).strip()
+# Compile fast, run a little slower: see tests/xla_test_flags.py.
+if xla_test_flags.FAST_COMPILE.split("=")[0] not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + xla_test_flags.FAST_COMPILE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow is used for input pipelines only; keep it quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -56,3 +61,21 @@ def _checked_approx(approx):
 
 
 pytest.approx = _checked_approx(pytest.approx)
+
+
+# The few tests that take minutes, longest first (measured on 2 cores: `--durations`).
+_LONGEST_MODULES = ("test_reproduce.py", "test_notebooks.py", "test_multihost_digits.py", "test_packaging.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Runs the longest tests first, then the other slow ones, then the rest.
+
+    pytest-xdist hands tests to its workers in this order; started last, the few multi-minute
+    tests kept one worker busy long after the other had finished everything else.
+    """
+    def rank(item):
+        module = os.path.basename(str(item.fspath))
+        longest = _LONGEST_MODULES.index(module) if module in _LONGEST_MODULES else len(_LONGEST_MODULES)
+        return longest, item.get_closest_marker("slow") is None
+
+    items.sort(key=rank)

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import xla_test_flags
 
 from nfnets_jax.train import distributed, fakes, loop
 from test_train_checkpointing import _SlowData
@@ -34,7 +35,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_the_survivor_of_a_killed_peer_exits_in_one_line_naming_it(tmp_path):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(1), JAX_PLATFORMS="cpu")
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i), str(tmp_path)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]

@@ -26,6 +26,7 @@ import time
 import chex
 import numpy as np
 import pytest
+import xla_test_flags
 
 from nfnets_jax.train import checkpointing, fake_object_store, fakes, loop, pretrained
 from test_train_checkpointing import _SlowData
@@ -268,7 +269,7 @@ STORE_URL = f"{fake_object_store.SCHEME}://bucket/multi"
 def _start_workers(store, steps, sleep):
     """Two worker processes training in `STORE_URL`, a fake object store backed by `store`."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(1), JAX_PLATFORMS="cpu",
                **{fake_object_store.ENV_ROOT: str(store)})
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(port), str(i),
                               STORE_URL, str(steps), str(sleep)],

@@ -13,6 +13,7 @@ import sys
 
 import chex
 import pytest
+import xla_test_flags
 
 from nfnets_jax.train import distributed, fakes, loop, pretrained
 
@@ -43,7 +44,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_process(tmp_path):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(2), JAX_PLATFORMS="cpu")
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i), str(tmp_path)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(2)]
