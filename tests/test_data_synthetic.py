@@ -1,6 +1,7 @@
 """The synthetic source: deterministic, sized as configured, labels tied to images."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from nfnets_jax.data import config as data_config_lib
@@ -34,6 +35,7 @@ def test_synthetic_examples_are_deterministic_jpegs():
                                   [(i % 64) % 10 for i in range(70)])
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_synthetic_train_and_eval_run():
     config = _synthetic_config()
     config.image_size = config.eval_image_size = 24

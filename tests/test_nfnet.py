@@ -88,6 +88,7 @@ def test_features_dict_shapes_and_skipinit_identity(tiny):
     np.testing.assert_allclose(logits, feats["logits"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_training_needs_rng_and_applies_dropout(tiny):
     _, params, state, x = tiny
     forward = tiny_forward(drop_rate=0.5)

@@ -29,6 +29,7 @@ def _conv_kernels(params):
             if name == "w" and "squeeze_excite" not in module and "linear" not in module}
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_same_conv_architecture_and_norm_only_parameters():
     _, nf_params, nf_state, _ = _init("none")
     _, bn_params, bn_state, _ = _init("batchnorm")
@@ -43,6 +44,7 @@ def test_same_conv_architecture_and_norm_only_parameters():
     assert len(bn_modules) == 3 + 4 * 4 + 1
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_batchnorm_outputs_depend_on_the_batch_nf_outputs_do_not():
     for norm, depends in (("none", False), ("batchnorm", True)):
         forward, params, state, images = _init(norm)

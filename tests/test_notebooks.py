@@ -17,6 +17,7 @@ def _python_block(markdown: str, heading: str) -> str:
     return section.split("```python\n", 1)[1].split("\n```", 1)[0]
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_readme_optimizer_snippet_runs_as_written(capsys):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     code = _python_block(readme, "## Swapping optimizers in a notebook")

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,7 @@ def test_ci_runs_exactly_the_readme_commands():
         assert command in ci_lines, f"README command {command!r} is not what .ci/run runs"
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_model_zoo_table_rows_are_what_the_code_computes():
     """The README's zoo table is pasted output of `experiments.model_table`: it must stay true."""
     from experiments import model_table

@@ -33,7 +33,8 @@ def _loss_and_grads(name, remat):
     return params, value, grads
 
 
-@pytest.mark.parametrize("name", ["nfnet_f0", pytest.param("bn_resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param("nfnet_f0", marks=pytest.mark.slow),
+                                  pytest.param("bn_resnet50", marks=pytest.mark.slow)])
 def test_remat_keeps_parameters_loss_and_gradients(name):
     params, value, grads = _loss_and_grads(name, remat=False)
     params_r, value_r, grads_r = _loss_and_grads(name, remat=True)

@@ -120,6 +120,7 @@ def test_full_fraction_synced_equals_optax_contrib_sam_opaque_mode(make_inner):
     assert min(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_pmap_replicas_perturb_differently_but_end_each_step_identical():
     devices = jax.devices()[:2]
     inner = _nfnet_optimizer()

@@ -54,6 +54,7 @@ def test_with_skip_gains_sets_only_skip_gains():
     np.testing.assert_array_equal(updated["linear"]["b"], 0.0)
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_skip_gain_override_equals_nf_resnet_skipinit_knob():
     """Setting the skip gains to 1 after init is the same network as NF-ResNet's documented
     `skipinit_gain=jnp.ones` constructor option (the SPP setting), and differs from SkipInit's 0."""
@@ -69,6 +70,7 @@ def test_skip_gain_override_equals_nf_resnet_skipinit_knob():
     assert overridden.avg_variance[2] > overridden.avg_variance[1]
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_nf_resnet_tracks_expected_std_and_resets_at_transitions(images):
     """h_{i+1} = h_i + α·f(h_i/β_i) with a variance-preserving branch: Var(h) = 1 + k·α² after the
     k-th block of a stage (the transition's shortcut restarts at 1), NFNet paper §3.
@@ -102,6 +104,7 @@ def test_nf_resnet_tracks_expected_std_and_resets_at_transitions(images):
     assert np.max(result.avg_squared_mean) < 0.05
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_bn_resnet_variance_grows_linearly_within_stages_and_resets(images):
     """Pre-activation BN-ReLU ResNet at init, BN on batch statistics: the variance grows linearly
     within a stage and resets at transitions (the NF-ResNet paper's signal propagation plots).
@@ -131,6 +134,7 @@ def test_bn_resnet_variance_grows_linearly_within_stages_and_resets(images):
     assert np.min(result.avg_squared_mean) > 0.2
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_command_writes_png_and_json_smoke(tmp_path, capsys):
     out = tmp_path / "spp"
     summary = spp_command.main(

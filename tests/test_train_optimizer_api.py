@@ -30,6 +30,7 @@ def _config(**overrides):
                                 "checkpoint.every_steps": 100, **overrides})
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_sam_built_in_python_trains_through_the_runner_like_the_config_sam():
     """Done-when of the issue: with_sam(make_optimizer(...)) from Python, under pmap on 4
     devices, reaches the params of the run whose config asks for SAM, from the same seed."""
@@ -141,6 +142,7 @@ def test_hyperparams_and_agc_telemetry_are_found_whatever_wraps_them():
     assert optim.current_hyperparams(optax.adamw(1e-3).init(params)) == {}
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_a_plain_optax_optimizer_trains_through_the_runner_and_runs_in_pieces(tmp_path):
     # optax.sgd: a plain GradientTransformation, no extra arguments, nothing injected.
     config = _config(**{"train.steps": 4})
