@@ -18,7 +18,7 @@ command is parsed as experiments/train.py would parse it.
 `collect` reads the final evaluation of every run in ROOT (plan.json, or the run folders it
 finds), aggregates each point the paper's way (mean of the best 4 of 5 seeds; with n seeds, the
 best n−1 when n ≥ 3, all when n ≤ 2; unfinished and missing runs are left out and listed) and
-writes `agc_study.json`, `agc_study.md` and `agc_study.png` to `--out`
+writes the study as JSON, a Markdown table and a PNG plot (`agc_study.*`) to `--out`
 (nfnets_jax/analysis/agc_study.py).
 """
 
@@ -46,7 +46,7 @@ BASELINES = ("no_agc", "bn")
 # Set by the plan itself, so not accepted in --extra_flags.
 PLANNED_FLAGS = ("--config", "--workdir", "--config.train.seed", "--config.train.batch_size",
                  "--config.optimizer.agc.clipping", "--config.model.name")
-OUTPUT_NAMES = {"json": "agc_study.json", "markdown": "agc_study.md", "png": "agc_study.png"}
+OUTPUT_NAMES = {kind: f"agc_study.{suffix}" for kind, suffix in (("json", "json"), ("markdown", "md"), ("png", "png"))}
 
 
 def _load_config_module(relative_path: str) -> ModuleType:

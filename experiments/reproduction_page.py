@@ -178,7 +178,7 @@ def write(out: str, doc_path: str) -> str:
     parts = [TITLE, "", INTRO]
     for claim, render in SECTIONS.items():
         record = _read(out, claim)
-        verdict_path = os.path.join(out, f"{claim}.verdict.md")
+        verdict_path = os.path.join(out, "verdicts", f"{claim}.md")
         verdict = ""
         if os.path.exists(verdict_path):  # the reading of the result, written by a person
             with open(verdict_path, encoding="utf-8") as f:

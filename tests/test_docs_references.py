@@ -25,10 +25,6 @@ MD_REFERENCE = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*\.md\b")
 CITING_SUFFIXES = (".py", ".md", ".ipynb")
 # References to other repositories, written as `repository/path`: not files of ours.
 EXTERNAL_PREFIXES = ("deepmind-research/", "google-deepmind/", "pytorch-image-models/")
-# File names our commands *write* (into a user's output directory), or compose from a variable
-# part (`f"{claim}.verdict.md"`), so they are not files of the tree under that name.
-GENERATED_OUTPUTS = {"agc_study.md": "experiments/agc_study.py",
-                     "verdict.md": "experiments/reproduction_page.py"}
 # Names of research notes that lived outside the repository while it was written.
 PRIVATE_NOTES = re.compile(
     r"(?<![A-Za-z0-9_])(official_nfnets|paper\.md|STYLE\.md|ecosystem\.md|DESIGN\.md|timm_baseline)"
@@ -99,21 +95,12 @@ def test_every_cited_md_file_is_in_the_repository():
             continue  # this file's own examples are not citations
         text = read_text(path)
         for reference in md_references(text or ""):
-            if reference in GENERATED_OUTPUTS:
-                continue
             if not resolves(reference, path, paths, basenames):
                 dangling.append(f"{path}: {reference}")
     assert not dangling, (
         "These files cite .md files that are not in the repository; cite the paper's section, the "
         "official code's file and function, or a page under docs/ instead:\n" + "\n".join(dangling)
     )
-
-
-def test_generated_output_names_are_written_by_their_command():
-    # The exemption above holds only while the command really writes that file.
-    for name, writer in GENERATED_OUTPUTS.items():
-        text = (ROOT / writer).read_text(encoding="utf-8")
-        assert f'"{name}"' in text or f'.{name}"' in text, (name, writer)
 
 
 def test_no_file_names_the_private_research_notes():
