@@ -4,8 +4,11 @@ XLA reads XLA_FLAGS once, when the backend starts, so this must happen before an
 module imports jax. Tests that need fewer devices take a prefix of `jax.devices()`.
 """
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -23,6 +26,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # No persistent compilation cache in tmp workdirs (tests/test_compile_cache.py turns it on itself).
 os.environ.setdefault("NFNETS_COMPILE_CACHE", "off")
+
+# One empty compilation cache per session for every process a test starts (see
+# tests/xla_test_flags.py): made by the first process (pytest itself, before xdist starts its
+# workers, which inherit the variable) and removed when it exits. JAX reads
+# JAX_COMPILATION_CACHE_DIR when it is imported, so it is set after this process imported jax:
+# the pytest processes themselves compile without it; the programs tests start read it.
+if xla_test_flags.SESSION_CACHE_VARIABLE not in os.environ:
+    os.environ[xla_test_flags.SESSION_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="nfnets-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ[xla_test_flags.SESSION_CACHE_VARIABLE], ignore_errors=True)
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # an xdist worker inherits it from pytest
+import jax  # noqa: E402  pylint: disable=wrong-import-position,unused-import
+
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[xla_test_flags.SESSION_CACHE_VARIABLE]
 
 # Subprocess tests (demo, SIGTERM, multi-host) start fresh interpreters: let them import this
 # checkout's packages whether or not it was pip-installed, and whatever their working directory.

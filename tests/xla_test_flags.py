@@ -15,3 +15,14 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 def cpu_flags(devices: int) -> str:
     """XLA_FLAGS for a test process with `devices` fake CPU devices."""
     return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
+# A persistent XLA compilation cache (JAX_COMPILATION_CACHE_DIR) shared by every process ONE
+# pytest session starts: programs that several test processes compile (2-process runs, their
+# resumes, a later eval, the digits train step of many end-to-end tests) compile once.
+# tests/conftest.py makes the directory, empty, when the session starts (a run never reads what
+# an earlier run wrote, so measured times stay honest) and removes it at exit. A cached
+# executable is the compiled program itself: results are bit-identical to compiling it again
+# (test_multihost_digits's bit-exact resume reads it). The pytest processes themselves do not use
+# it: in-process programs are seldom compiled twice, and writing every one cost more than it saved.
+SESSION_CACHE_VARIABLE = "NFNETS_TEST_SESSION_XLA_CACHE"
