@@ -110,8 +110,8 @@ QUICK = {
     "agc": AgcSettings(width=0.125, batches=(64, 128), clippings=(0.04,), seeds=(0,), epochs=0.2, fast_compile=True),
     "nf_vs_bn": _TINY_NFNET,
     "cost": CostSettings(f0_image_size=32, f0_batch=4, f0_repeats=2,
-                         f0_kwargs=(("depths", (1, 1, 1, 1)), ("width", 0.125), ("group_size", 16),
-                                    ("stem_channels", (4, 4, 8, 16))),
+                         f0_kwargs=(("depths", (1, 1, 1, 1)), ("widths", (16, 16, 32, 32)), ("group_size", 8),
+                                    ("stem_channels", (4, 4, 8, 8))),
                          digits=None),
     "spp": SppSettings(resolution=32, batch=4, correlation_px=2.0,
                        model_kwargs=(("nfnet_f0", (("depths", (1, 1, 1, 1)), ("widths", (16, 16, 32, 32)),
@@ -362,13 +362,14 @@ def run_spp(settings: SppSettings, out: str, progress: Progress) -> dict[str, An
     probes = {"gaussian": signal_propagation.gaussian_images(settings.batch, settings.resolution),
               "smooth": signal_propagation.smooth_images(settings.batch, settings.resolution,
                                                          correlation_px=settings.correlation_px)}
+    by_model = {}
+    for name in settings.models:  # one compile per model, run on both probes
+        kwargs = dict(dict(settings.model_kwargs).get(name, ()))
+        by_model[name] = signal_propagation.measure_probes(name, probes, **kwargs)
+        progress.advance(len(probes), f"spp: {name}, {' and '.join(probes)} inputs")
     results, figures = {}, []
-    for probe, images in probes.items():
-        measured = []
-        for name in settings.models:
-            kwargs = dict(dict(settings.model_kwargs).get(name, ()))
-            measured.append(signal_propagation.measure(name, images, **kwargs))
-            progress.advance(1, f"spp: {name}, {probe} input")
+    for probe in probes:
+        measured = [by_model[name][probe] for name in settings.models]
         results[probe] = {r.model: spp_command._summary(r) | {"curves": r.to_json()} for r in measured}  # pylint: disable=protected-access
         what = "N(0,1) white noise" if probe == "gaussian" else f"image-like (noise smoothed over {settings.correlation_px:g}px)"
         figures.append(spp_command.plot(measured, os.path.join(out, f"spp_{probe}.png"),

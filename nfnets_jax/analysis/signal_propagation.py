@@ -145,7 +145,22 @@ def measure(
     seed: int = 0,
     **model_kwargs: Any,
 ) -> SignalPropagation:
-    """SPP statistics of registry model `name` at initialisation on `images` (NHWC).
+    """SPP statistics of registry model `name` at initialisation on `images` (NHWC); see
+    `measure_probes`, which this is for one batch."""
+    return measure_probes(name, {"images": images}, skip_gain=skip_gain, seed=seed, **model_kwargs)["images"]
+
+
+def measure_probes(
+    name: str,
+    probes: dict[str, jax.Array],
+    *,
+    skip_gain: float | None = 1.0,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> dict[str, SignalPropagation]:
+    """SPP statistics of registry model `name` at initialisation on each batch of `probes`
+    (label -> NHWC images, all of one shape), from one compiled program (compiling it is most of
+    the cost; the same `seed` gives every probe the same parameters).
 
     Models with normalisation state (BN-ResNets) run in training mode, so BN uses the batch's
     statistics, as in the paper's plots; stateless models (every NF model) run in inference
@@ -154,6 +169,7 @@ def measure(
     model's own init, i.e. SkipInit zeros). `seed` picks the parameter initialisation;
     `model_kwargs` go to `models.create` (e.g. `width`, `depths`, `alpha`, `activation`).
     """
+    images = next(iter(probes.values()))  # the shape the program is compiled for
     metadata: dict[str, Any] = {}
 
     def block_statistics(x: jax.Array, is_training: bool) -> dict[str, jax.Array]:
@@ -187,17 +203,24 @@ def measure(
         return statistics
 
     lowered = jax.jit(init_and_measure).lower(key, images)
-    # The program runs once, so compile time dominates: on CPU, LLVM's optimisations of the
-    # dozens of unrolled threefry generators (one per parameter) cost ~3× the compile time and
-    # gain nothing measurable (the convolutions are library calls either way).
+    # The program runs once per probe, so compile time dominates: on CPU, LLVM's optimisations
+    # of the dozens of unrolled threefry generators (one per parameter) cost ~3× the compile time
+    # and gain nothing measurable (the convolutions are library calls either way).
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    statistics = jax.device_get(lowered.compile(compiler_options=options)(key, images))
-    return SignalPropagation(
-        model=name,
-        stages=metadata["stages"],
-        avg_squared_mean=np.asarray(statistics["avg_squared_mean"]),
-        avg_variance=np.asarray(statistics["avg_variance"]),
-        branch_variance=np.asarray(statistics["branch_variance"]),
-        expected_variance=metadata["expected_variance"],
-        is_training=is_training,
-    )
+    compiled = lowered.compile(compiler_options=options)
+    results = {}
+    for label, probe in probes.items():
+        if probe.shape != images.shape or probe.dtype != images.dtype:
+            raise ValueError(f"Probe {label!r} is {probe.dtype}{list(probe.shape)}; every probe must be "
+                             f"{images.dtype}{list(images.shape)} like the first (one compiled program).")
+        statistics = jax.device_get(compiled(key, probe))
+        results[label] = SignalPropagation(
+            model=name,
+            stages=metadata["stages"],
+            avg_squared_mean=np.asarray(statistics["avg_squared_mean"]),
+            avg_variance=np.asarray(statistics["avg_variance"]),
+            branch_variance=np.asarray(statistics["branch_variance"]),
+            expected_variance=metadata["expected_variance"],
+            is_training=is_training,
+        )
+    return results
