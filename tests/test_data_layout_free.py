@@ -68,6 +68,7 @@ def test_without_mixing_the_examples_do_not_depend_on_the_device_count():
                                           multi[key].reshape(-1, *multi[key].shape[2:]), err_msg=key)
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_resume_on_another_number_of_processes_continues_the_stream():
     config = _digits()
     fresh = _global_batches(config, processes=2, local_devices=2, steps=6)

@@ -8,6 +8,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nfnets_jax import models
 from nfnets_jax.models import layers
@@ -21,6 +22,7 @@ def abstract_params(name, x, **kwargs):
     return forward, params
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_signal_propagation_tracks_expected_variance():
     """NF-ResNet paper §4 (SPPs): with unit-variance inputs, each block's output has average
     channel variance ≈ expected_std² = 1 + k·α² (reset after each transition), and each residual

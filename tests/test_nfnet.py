@@ -101,6 +101,7 @@ def test_training_needs_rng_and_applies_dropout(tiny):
     assert not np.allclose(feats_train["logits"], feats_eval["logits"])
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_pmap_over_two_devices_equals_single_device(tiny):
     forward, params, state, x = tiny
     single, _ = forward.apply(params, state, None, x, False)

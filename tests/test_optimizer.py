@@ -137,6 +137,7 @@ def _numpy_official_steps(params, grads_per_step, lrs, *, clipping, eps, weight_
     return params
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_three_steps_match_the_official_update_rule_in_numpy():
     config = optim.default_optimizer_config()
     config.agc.clipping = 0.05
@@ -216,6 +217,7 @@ def _constant_lr_config(name, **extra):
     return config
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_adamw_keeps_agc_and_hands_it_the_decay_mask():
     config = _constant_lr_config("adamw", base_kwargs={"b1": 0.8})
     optimizer = optim.make_optimizer(config, steps_per_epoch=1, total_steps=10, batch_size=256)

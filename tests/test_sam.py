@@ -90,7 +90,8 @@ def test_zero_ascent_gradient_gives_no_nan_and_no_perturbation():
     np.testing.assert_array_equal(seen_params["m"]["w"], params["m"]["w"])
 
 
-@pytest.mark.parametrize("make_inner", [_nfnet_optimizer, lambda: optax.adamw(1e-2)], ids=["nfnet", "adamw"])
+@pytest.mark.parametrize("make_inner", [pytest.param(_nfnet_optimizer, marks=pytest.mark.slow),  # ~4 s
+                                        lambda: optax.adamw(1e-2)], ids=["nfnet", "adamw"])
 def test_full_fraction_synced_equals_optax_contrib_sam_opaque_mode(make_inner):
     params = _net.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
     ours = optim.with_sam(make_inner(), rho=RHO, ascent_fraction=1.0, sync_ascent=True)
@@ -172,6 +173,7 @@ def test_pmap_replicas_perturb_differently_but_end_each_step_identical():
         )
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_update_never_leaves_params_perturbed():
     """Inner = plain SGD: w_new = w − lr · ∇L(w + ε) exactly, i.e. applied to w, not to w + ε."""
     params = _net.init(jax.random.PRNGKey(1), jnp.zeros((1, 4)))

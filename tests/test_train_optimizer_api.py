@@ -66,7 +66,7 @@ def _reference_loss(params, forward, images, labels, num_classes):
     return jnp.mean(-jnp.sum(jax.nn.one_hot(labels, num_classes) * jax.nn.log_softmax(logits), -1))
 
 
-@pytest.mark.parametrize("backend_name", ["pmap", "shard_map"])
+@pytest.mark.parametrize("backend_name", [pytest.param("pmap", marks=pytest.mark.slow), "shard_map"])  # pmap: ~5 s
 def test_sam_step_is_the_unsynced_ascent_per_device_then_the_averaged_descent(backend_name):
     """Host re-derivation of one step (paper §6.1, App. A.4): each device perturbs the params by
     ρ·g/‖g‖ with g from the first fifth of its own batch, takes the descent gradient on its full
@@ -119,6 +119,7 @@ def _tree():
     return {"net/~/conv": {"w": jnp.ones((3, 3, 2, 4)), "b": jnp.zeros(4)}, "net/~/linear": {"w": jnp.ones((4, 3))}}
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: not in the `-m "not slow"` inner loop
 def test_hyperparams_and_agc_telemetry_are_found_whatever_wraps_them():
     schedule = lambda count: 0.5 / (1 + count)
     agc_then_adamw = optax.chain(optim.adaptive_grad_clip(1e-3),
