@@ -1,4 +1,4 @@
-"""Where the time of one train step goes, per kind of XLA operation (made for the CPU backend).
+"""Where the time of one train step goes, per kind of XLA operation (any backend; the buckets are made for XLA:CPU's trace).
 
 Compiles the runner's real train step (`nfnets_jax.train.one_device_step`, default
 `configs/nfnet.py:F0` in float32, batch 8 at 192 px, EMA off: the `benchmarks.compare_timm`
@@ -30,6 +30,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -77,12 +78,16 @@ def classify(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     return buckets
 
 
-def trace_durations(trace_dir: str) -> dict[str, float]:
-    """Sum of the durations (µs) of every event in the Perfetto trace, by event name."""
+def perfetto_trace_path(trace_dir: str) -> str:
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {trace_dir}")
-    with gzip.open(paths[0], "rt") as f:
+    return paths[0]
+
+
+def trace_durations(trace_path: str) -> dict[str, float]:
+    """Sum of the durations (µs) of every event in the Perfetto trace, by event name."""
+    with gzip.open(trace_path, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     totals: dict[str, float] = collections.defaultdict(float)
@@ -92,7 +97,10 @@ def trace_durations(trace_dir: str) -> dict[str, float]:
     return totals
 
 
-def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype: str) -> dict[str, Any]:
+def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype: str,
+            keep_dir: str | None = None) -> dict[str, Any]:
+    """Traces `steps` compiled steps; with `keep_dir`, also writes the trace and the compiled HLO there
+    (`trace.json.gz`, `hlo.txt.gz`) so that a trace from another machine (a GPU) can be read later."""
     config = one_device_step.config_from_spec(config_spec)
     config.precision.compute_dtype = dtype
     config.optimizer.ema_decay = 0.0
@@ -107,7 +115,13 @@ def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(steps):
             state, _ = jax.block_until_ready(compiled(state, data))
-    durations = trace_durations(trace_dir)
+    trace_path = perfetto_trace_path(trace_dir)
+    if keep_dir:
+        os.makedirs(keep_dir, exist_ok=True)
+        shutil.copyfile(trace_path, os.path.join(keep_dir, "trace.json.gz"))
+        with gzip.open(os.path.join(keep_dir, "hlo.txt.gz"), "wt", encoding="utf-8") as f:
+            f.write(compiled.as_text())
+    durations = trace_durations(trace_path)
     per_bucket: dict[str, float] = collections.defaultdict(float)
     known = []
     for name, micros in durations.items():
@@ -139,10 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
+    parser.add_argument("--keep", default=None, help="a folder to copy the trace and the compiled HLO into")
     args = parser.parse_args(argv)
     if min(args.batch, args.res, args.steps) < 1:
         parser.error("--batch, --res and --steps must be >= 1")
-    print(json.dumps({**profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype),
+    print(json.dumps({**profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype,
+                                  args.keep),
                       "provenance": provenance.collect()}),
           flush=True)
 

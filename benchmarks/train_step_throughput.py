@@ -1,12 +1,23 @@
 """Throughput and MFU of the runner's real train step on one device (made for GPUs and TPUs).
 
 Compiles `nfnets_jax.train.one_device_step` for a config (default `configs/nfnet.py:F0`, in the
-recipe's bfloat16) at a per-device batch, times `--steps` steps after a warm-up, and reports
-images/s, ms/step and the model FLOP utilisation: XLA's own FLOP count of the compiled step
-(`compiled.cost_analysis()`, which counts a multiply-add as 2 FLOPs and includes the backward and
-the optimizer) divided by the step time and by the device's peak (`--peak_tflops`, the card's dense
-bf16 figure, e.g. 989 for an H100/H200 SXM, 312 for an A100, 61.5 for one TPUv3 core, which is one
-JAX device).
+recipe's bfloat16) at a per-device batch and reports images/s, ms/step and the model FLOP
+utilisation (MFU) against the device's peak (`--peak_tflops`, the card's dense bf16 figure, e.g.
+989 for an H100/H200 SXM, 312 for an A100, 61.5 for one TPUv3 core, which is one JAX device).
+
+Timing: `--steps` steps are dispatched back to back and waited for once, as the training loop
+runs them (it never waits for a step before dispatching the next), so the host's dispatch of
+one step overlaps the device's work on the previous one; `ms_per_step` is that total over
+`--steps`. `synced_ms_per_step` times steps one at a time (dispatch, wait), which adds the host's
+dispatch latency to every step.
+
+FLOPs: `model_tflop_per_step` is 3 x the forward pass's FLOPs (2 per multiply-add of every
+convolution and matmul, counted from the model's jaxpr by `nfnets_jax.models.flops`) x the batch:
+the forward, and the backward's two products (input and weight gradients) of the same size. MFU
+is computed from it, the usual convention, so rematerialisation's extra forward does not count
+as useful work. `xla_tflop_per_step` is XLA's own count of the compiled step
+(`compiled.cost_analysis()`), shown for comparison: XLA:GPU leaves out the convolutions it hands
+to cuDNN (custom calls), so on a GPU it is far below the model's count.
 `--batch 0` searches for the largest batch that compiles and runs (doubling, then bisecting).
 
     python -m benchmarks.train_step_throughput --batch 32 --peak_tflops 989
@@ -24,11 +35,23 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from nfnets_jax import provenance  # noqa: E402  pylint: disable=wrong-import-position
+from nfnets_jax.models import flops as flops_lib
 from nfnets_jax.train import one_device_step
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def forward_macs_per_image(step: one_device_step.OneDeviceStep, image_size: int) -> int:
+    """Multiply-adds of the convolutions and matmuls of one training-mode forward pass, one image."""
+    abstract = step.abstract_state()
+    image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda params, model_state, x: step.forward.apply(
+        params, model_state, jax.random.PRNGKey(0), x, is_training=True))(
+            abstract.params, abstract.model_state, image)
+    return flops_lib.jaxpr_macs(jaxpr.jaxpr)
 
 
 def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: float | None,
@@ -45,6 +68,7 @@ def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: f
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
     memory = compiled.memory_analysis()
+    model_flops = 3 * 2 * forward_macs_per_image(step, config.data.image_size) * batch
     state, data = jax.jit(step.init_state)(), step.random_batch()
     state, _ = jax.block_until_ready(compiled(state, data))  # warm-up
     times = []
@@ -52,17 +76,23 @@ def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: f
         start = time.perf_counter()
         state, metrics = jax.block_until_ready(compiled(state, data))
         times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    achieved = None if flops is None else flops / median / 1e12
+    synced = statistics.median(times)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(state)
+    pipelined = (time.perf_counter() - start) / steps
+    achieved = model_flops / pipelined / 1e12
     return {
         "config": pathlib.Path(config_spec).name, "model": config.model.name, "res": config.data.image_size,
         "per_device_batch": batch, "dtype": dtype, "remat": remat, "steps": steps,
-        "ms_per_step": round(1e3 * median, 2), "images_per_s": round(batch / median, 2),
-        "step_times_ms": [round(1e3 * t, 2) for t in times],
+        "ms_per_step": round(1e3 * pipelined, 2), "images_per_s": round(batch / pipelined, 2),
+        "synced_ms_per_step": round(1e3 * synced, 2), "synced_step_times_ms": [round(1e3 * t, 2) for t in times],
+        "model_tflop_per_step": round(model_flops / 1e12, 4),
         "xla_tflop_per_step": None if flops is None else round(flops / 1e12, 4),
-        "achieved_tflops": None if achieved is None else round(achieved, 2),
+        "achieved_tflops": round(achieved, 2),
         "peak_tflops": peak_tflops,
-        "mfu": None if achieved is None or not peak_tflops else round(achieved / peak_tflops, 4),
+        "mfu": None if not peak_tflops else round(achieved / peak_tflops, 4),
         "peak_memory_gib": round((memory.argument_size_in_bytes + memory.output_size_in_bytes
                                   + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**30, 2),
         "compile_s": round(compile_s, 1), "loss_finite": bool(metrics["nonfinite"] == 0),

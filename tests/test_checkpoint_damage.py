@@ -44,10 +44,8 @@ FILE_KINDS = {
     "state_process_manifest": r"^state/ocdbt\.process_\d+/manifest\.ocdbt$",
     "state_process_data": r"^state/ocdbt\.process_\d+/d/",
     "state_merged_data": r"^state/d/",
-    "integrity_data": r"^integrity/(ocdbt\.process_\d+/)?d/",
-    "integrity_tree_metadata": r"^integrity/_METADATA$",
 }
-FOLDER_KINDS = ("state", "meta", "integrity", "state/ocdbt.process_0", "state/d", "state/array_metadatas")
+FOLDER_KINDS = ("state", "meta", "state/ocdbt.process_0", "state/d", "state/array_metadatas")
 
 
 def _truncate(path):
@@ -75,7 +73,7 @@ DAMAGES = {"truncated": _truncate, "emptied": _empty, "garbled": _garble, "delet
            "wrong_json": _wrong_json}
 CASES = [(f"{kind}-{damage}", kind, damage) for kind in FILE_KINDS for damage in DAMAGES
          if damage != "wrong_json" or kind in ("checkpoint_metadata", "meta_record", "state_tree_metadata",
-                                               "state_sharding", "integrity_tree_metadata")]
+                                               "state_sharding")]
 CASES += [(f"folder_{folder.replace('/', '_')}-deleted", folder, "folder") for folder in FOLDER_KINDS]
 
 
@@ -195,6 +193,84 @@ def test_eval_and_fine_tuning_read_the_same_checkpoint_resume_falls_back_to(stop
         patch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: step > 4)
         assert _run(workdir).step == 5  # resumed at 4, one step, stopped
     assert os.path.isdir(workdir / "corrupt_checkpoints" / "8")
+
+
+def _edit_meta(step_dir, edit):
+    path = step_dir / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _first_fingerprint_name(meta):
+    return sorted(meta["fingerprints"])[0]
+
+
+FINGERPRINT_EDITS = {
+    "one_changed": lambda meta: meta["fingerprints"].update(
+        {_first_fingerprint_name(meta): (meta["fingerprints"][_first_fingerprint_name(meta)] + 1) % 2**32}),
+    "one_removed": lambda meta: meta["fingerprints"].pop(_first_fingerprint_name(meta)),
+    "one_added": lambda meta: meta["fingerprints"].update({"params/not_in_the_state": 7}),
+    "one_a_string": lambda meta: meta["fingerprints"].update(
+        {_first_fingerprint_name(meta): str(meta["fingerprints"][_first_fingerprint_name(meta)])}),
+    "one_a_float": lambda meta: meta["fingerprints"].update(
+        {_first_fingerprint_name(meta): meta["fingerprints"][_first_fingerprint_name(meta)] + 0.5}),
+    "one_a_list": lambda meta: meta["fingerprints"].update(
+        {_first_fingerprint_name(meta): [meta["fingerprints"][_first_fingerprint_name(meta)]]}),
+    "all_removed": lambda meta: meta.pop("fingerprints"),
+    "all_null": lambda meta: meta.update(fingerprints=None),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(FINGERPRINT_EDITS))
+def test_a_wrong_fingerprint_record_is_skipped_like_damaged_arrays(edit, stopped_at_8, tmp_path, caplog):
+    """The fingerprints live in the JSON record: any edit of them must make the checkpoint fail
+    verification (the arrays are intact, so nothing else would notice)."""
+    source, intact = stopped_at_8
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(source / "checkpoints", checkpoints)
+    meta = json.loads((checkpoints / "8" / "meta" / "metadata").read_text())
+    assert meta["integrity"] == checkpointing.FINGERPRINT_FORMAT and "integrity" not in os.listdir(checkpoints / "8")
+    _edit_meta(checkpoints / "8", FINGERPRINT_EDITS[edit])
+    with caplog.at_level(logging.WARNING):
+        state, meta = checkpointing.read_latest(str(checkpoints))
+    assert int(meta["step"]) == 4
+    chex.assert_trees_all_equal(state, intact[4])
+    assert len(_warnings(caplog)) == 1 and "fingerprint" in _warnings(caplog)[0]
+
+
+def test_fingerprints_saved_as_an_orbax_item_by_earlier_versions_are_still_verified(stopped_at_8, tmp_path, caplog):
+    """Checkpoints of the previous format keep the fingerprints in an `integrity` orbax item."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    source, intact = stopped_at_8
+
+    def write_old_format(checkpoints, fingerprints):
+        scratch = tmp_path / "scratch"
+        writer = ocp.CheckpointManager(str(scratch), item_handlers={"integrity": ocp.StandardCheckpointHandler()})
+        writer.save(8, args=ocp.args.Composite(integrity=ocp.args.StandardSave(fingerprints)))
+        writer.close()
+        shutil.copytree(scratch / "8" / "integrity", checkpoints / "8" / "integrity")
+        shutil.rmtree(scratch)
+
+        def to_old(meta):
+            meta["integrity"] = checkpointing.FINGERPRINT_ITEM_FORMAT
+            del meta["fingerprints"]
+        _edit_meta(checkpoints / "8", to_old)
+
+    good = jax.tree.map(lambda leaf: np.asarray(checkpointing.fingerprint(leaf)), intact[8])
+    bad = dict(good, step=np.uint32(int(good["step"]) ^ 1))
+    for fingerprints, expected_step in ((good, 8), (bad, 4)):
+        checkpoints = tmp_path / f"checkpoints_{expected_step}"
+        shutil.copytree(source / "checkpoints", checkpoints)
+        write_old_format(checkpoints, fingerprints)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            state, meta = checkpointing.read_latest(str(checkpoints))
+        assert int(meta["step"]) == expected_step
+        chex.assert_trees_all_equal(state, intact[expected_step])
+        assert len(_warnings(caplog)) == (0 if expected_step == 8 else 1)
 
 
 def test_all_checkpoints_damaged_the_reader_raises_one_clear_error(stopped_at_8, tmp_path):

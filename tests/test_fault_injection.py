@@ -206,9 +206,8 @@ def _rewrite_one_value(step_dir, new_value=None):
     shutil.rmtree(scratch)
     if new_value is not None:
         meta = json.loads((step_dir / "meta" / "metadata").read_text())
-        del meta["integrity"]
+        del meta["integrity"], meta["fingerprints"]
         (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
-        shutil.rmtree(step_dir / "integrity")
 
 
 def _remove(relative):

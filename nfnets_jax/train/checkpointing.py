@@ -11,10 +11,14 @@ opens the directory (which it only does while holding the workdir lock, see `wor
 state with non-finite values is never handed to `save`: the loop checks first, so the last good
 checkpoint is never overwritten.
 
-The fingerprint (`fingerprint`) is computed on the devices that hold each array, inside one
-jitted function dispatched asynchronously: a save never copies the state to host for it, and it
-is orbax that writes the fingerprints, from the process that writes the arrays. Checkpoints from
-before fingerprints recorded a CRC32 of each leaf in `meta`; those are still verified.
+The fingerprint (`fingerprint`) of every leaf is computed on the devices that hold it, by one
+jitted function (one pass over the state at the device's memory bandwidth); only the uint32
+per leaf comes to host, and it is written in the JSON record (`meta["fingerprints"]`). A save
+never copies the state to host for its integrity data, and adds no array to orbax's write: an
+earlier format saved the fingerprints as an orbax item of ~700 scalar arrays, and writing those
+made a save block the loop about twice as long (F0 on an H200, `benchmarks/checkpoint_save.py`).
+Checkpoints of that format (`integrity/` item) and older ones (a CRC32 of each leaf in `meta`)
+are still verified.
 
 Restoring trusts nothing on disk: `restore_latest` (resume) and `read_latest` (evaluation and
 fine-tuning from a workdir) walk from the newest step down and skip, with one warning each,
@@ -62,8 +66,10 @@ _REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
 # Top-level `TrainState` fields that the loop guarantees finite before every save: non-finite
 # updates are never applied. (The optimizer state is left out: an optax state may hold inf.)
 _FINITE_FIELDS = ("params", "model_state", "ema_params")
-# `meta["integrity"]` of checkpoints whose `integrity` item holds `fingerprint`s.
-FINGERPRINT_FORMAT = "uint32-weighted-sum-v1"
+# `meta["integrity"]` of checkpoints whose `meta["fingerprints"]` maps leaf names to `fingerprint`s.
+FINGERPRINT_FORMAT = "uint32-weighted-sum-v2"
+# `meta["integrity"]` of older checkpoints whose `integrity` orbax item holds the fingerprints.
+FINGERPRINT_ITEM_FORMAT = "uint32-weighted-sum-v1"
 # Loggers whose output during a failed restore attempt is noise to the user (orbax logs through
 # absl; asyncio reports the tasks orbax leaves behind when a read fails).
 _NOISY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "jax._src.distributed")
@@ -117,6 +123,14 @@ def _leaf_fingerprint(leaf: jax.Array) -> jax.Array:
 def fingerprint(state: Any) -> Any:
     """A uint32 fingerprint of every leaf of `state`, same tree structure, on device."""
     return jax.tree.map(_leaf_fingerprint, state)
+
+
+_fingerprint_in_one_program = jax.jit(fingerprint)
+
+
+def host_fingerprints(state: Any) -> dict[str, int]:
+    """{leaf name: fingerprint} of `state`, computed on device in one program (what a save records)."""
+    return {name: int(_host(value)) for name, value in _named_leaves(_fingerprint_in_one_program(state)).items()}
 
 
 @jax.jit
@@ -193,14 +207,19 @@ def _verify(step: int, state: Any, integrity: Any, meta: dict, abstract_state: A
     for path, ok in flat:
         if _key_name(path[0]) in _FINITE_FIELDS and not bool(ok):
             raise _FailedVerification(f"{_path_name(path)} holds NaN or inf")
-    if meta.get("integrity") == FINGERPRINT_FORMAT:
-        if integrity is None:
+    if meta.get("integrity") in (FINGERPRINT_FORMAT, FINGERPRINT_ITEM_FORMAT):
+        if meta["integrity"] == FINGERPRINT_FORMAT:
+            saved = meta.get("fingerprints")
+            if not isinstance(saved, dict):
+                raise _FailedVerification("its fingerprints are missing")
+        elif integrity is None:
             raise _FailedVerification("its fingerprints are missing")
-        saved = {name: _host(value) for name, value in _named_leaves(integrity).items()}
-        computed = {name: np.asarray(value) for name, value in _named_leaves(fingerprints).items()}
+        else:
+            saved = {name: _host(value) for name, value in _named_leaves(integrity).items()}
+        computed = {name: int(np.asarray(value)) for name, value in _named_leaves(fingerprints).items()}
         if set(saved) != set(computed):
             raise _FailedVerification("its fingerprints cover other arrays than its state")
-        mismatched = [name for name in computed if not np.array_equal(saved[name], computed[name])]
+        mismatched = [name for name in computed if not _same_fingerprint(saved[name], computed[name])]
         if mismatched:
             raise _FailedVerification(f"fingerprint mismatch in {mismatched[:3]}")
         return
@@ -211,6 +230,17 @@ def _verify(step: int, state: Any, integrity: Any, meta: dict, abstract_state: A
     wrong = [path for path, value in host.items() if expected.get(path) != _crc32(value)]
     if wrong or set(expected) != set(host):
         raise _FailedVerification(f"CRC32 mismatch in {wrong or 'the set of leaves'}")
+
+
+def _same_fingerprint(saved: Any, computed: int) -> bool:
+    """`saved` (a JSON value, or a restored uint32 array) records `computed`; False for anything
+    else a damaged record may hold (a string, a float, null, a list)."""
+    if isinstance(saved, (bool, float, str)) or saved is None:
+        return False
+    try:
+        return int(np.asarray(saved)) == computed and np.asarray(saved).size == 1
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _is_late_report_into_a_closed_loop(unraisable: Any) -> bool:
@@ -292,7 +322,7 @@ def _restore_one(manager: ocp.CheckpointManager, step_path: epath.Path, step: in
     if abstract_state is None:
         abstract_state = _on_one_device(_metadata_tree(manager, step, "state"))
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_integrity = meta.get("integrity") == FINGERPRINT_FORMAT and (step_path / "integrity").exists()
+    has_integrity = meta.get("integrity") == FINGERPRINT_ITEM_FORMAT and (step_path / "integrity").exists()
     if has_integrity:
         args["integrity"] = ocp.args.StandardRestore(_integrity_target(abstract_state))
     restored = manager.restore(step, args=ocp.args.Composite(**args))
@@ -426,14 +456,14 @@ class Checkpointer:
         """Starts saving `state` at `step` (every process must call this; orbax coordinates).
 
         Returns once orbax holds a host copy of the arrays; the files are written in the
-        background (`wait()` blocks until they are).
+        background (`wait()` blocks until they are). The fingerprints are computed first, on
+        device (`host_fingerprints`), and written in the JSON record.
         """
-        meta = {"step": int(step), "data_position": int(data_position), "integrity": FINGERPRINT_FORMAT}
+        meta = {"step": int(step), "data_position": int(data_position), "integrity": FINGERPRINT_FORMAT,
+                "fingerprints": host_fingerprints(state)}
         self._manager.save(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    integrity=ocp.args.StandardSave(fingerprint(state)),
-                                    meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
 
