@@ -35,7 +35,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_the_survivor_of_a_killed_peer_exits_in_one_line_naming_it(tmp_path):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(1), JAX_PLATFORMS="cpu")
+    env = xla_test_flags.without_session_cache(dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(1), JAX_PLATFORMS="cpu"))
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i), str(tmp_path)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]

@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_process(tmp_path):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(2), JAX_PLATFORMS="cpu")
+    env = xla_test_flags.without_session_cache(dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(2), JAX_PLATFORMS="cpu"))
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i), str(tmp_path)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(2)]

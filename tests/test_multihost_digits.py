@@ -49,8 +49,8 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(devices),
-                JAX_PLATFORMS="cpu")
+    return xla_test_flags.without_session_cache(dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(devices),
+                                                     JAX_PLATFORMS="cpu"))
 
 
 def _two_processes(module: str, args: list[str], store: str = "", kill_at: int = 0) -> list[str]:
@@ -77,7 +77,8 @@ def _two_processes(module: str, args: list[str], store: str = "", kill_at: int =
         else:
             assert worker.returncode == 0, output[-4000:]
     if kill_at:
-        assert any(worker.returncode == -signal.SIGKILL for worker in workers), outputs[0][-4000:]
+        assert any(worker.returncode == -signal.SIGKILL for worker in workers), \
+            outputs[0][-3000:] + "\n--- process 1 ---\n" + outputs[1][-3000:]
     return outputs
 
 

@@ -17,12 +17,19 @@ def cpu_flags(devices: int) -> str:
     return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
 
 
-# A persistent XLA compilation cache (JAX_COMPILATION_CACHE_DIR) shared by every process ONE
-# pytest session starts: programs that several test processes compile (2-process runs, their
-# resumes, a later eval, the digits train step of many end-to-end tests) compile once.
-# tests/conftest.py makes the directory, empty, when the session starts (a run never reads what
-# an earlier run wrote, so measured times stay honest) and removes it at exit. A cached
-# executable is the compiled program itself: results are bit-identical to compiling it again
-# (test_multihost_digits's bit-exact resume reads it). The pytest processes themselves do not use
-# it: in-process programs are seldom compiled twice, and writing every one cost more than it saved.
+# A persistent XLA compilation cache (JAX_COMPILATION_CACHE_DIR) shared by the processes ONE
+# pytest session starts: programs that several test processes compile (a notebook's runs, a
+# training run and the eval of its workdir, the digits train step of many end-to-end tests)
+# compile once. tests/conftest.py makes the directory, empty, when the session starts (a run never
+# reads what an earlier run wrote, so measured times stay honest) and removes it at exit. A cached
+# executable is the compiled program itself: results are the same as compiling it again. The
+# pytest processes themselves do not use it: in-process programs are seldom compiled twice, and
+# writing every one cost more than it saved. Multi-process (gloo) runs stay out of it
+# (`without_session_cache`): in test_multihost_digits, under load, one process of a 2-process run
+# that read cached executables crashed and its peer timed out.
 SESSION_CACHE_VARIABLE = "NFNETS_TEST_SESSION_XLA_CACHE"
+
+
+def without_session_cache(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the session's compilation cache: for processes of a multi-process run."""
+    return {name: value for name, value in env.items() if name != "JAX_COMPILATION_CACHE_DIR"}
