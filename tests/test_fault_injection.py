@@ -268,8 +268,8 @@ STORE_URL = f"{fake_object_store.SCHEME}://bucket/multi"
 def _start_workers(store, steps, sleep):
     """Two worker processes training in `STORE_URL`, a fake object store backed by `store`."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(1), JAX_PLATFORMS="cpu",
-               **{fake_object_store.ENV_ROOT: str(store)})
+    env = xla_test_flags.without_session_cache(dict(os.environ, XLA_FLAGS=xla_test_flags.cpu_flags(1),
+                                                    JAX_PLATFORMS="cpu", **{fake_object_store.ENV_ROOT: str(store)}))
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(port), str(i),
                               STORE_URL, str(steps), str(sleep)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
