@@ -320,7 +320,9 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
         step = start_step
         if layout_free:  # this process's chunk of each step's global positions
             stride = step_inputs * layout.process_count
-            last_position = start_step * stride + proc * step_inputs - 1
+            # The last global position of this process's chunk of the step before `start_step`
+            # (with several processes, the chunks of the others lie between two of ours).
+            last_position = (start_step - 1) * stride + proc * step_inputs + step_inputs - 1
             positions = _global_train_positions(source, data_config.train_split, num_examples,
                                                 start_step, seed, layout, group_inputs)
         else:
