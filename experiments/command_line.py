@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 from absl import flags
@@ -60,12 +61,43 @@ def _innermost_message(error: BaseException) -> str:
 
 def _config_flag_spec(argv: Sequence[str]) -> str | None:
     """The value of `--config=X` or `--config X` in `argv`, if given."""
-    for index, arg in enumerate(argv):
+    found = _split_config_flag(argv)[0]
+    return found[-1].split("=", 1)[1] if found else None
+
+
+def _split_config_flag(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(`--config` as one `--config=X` item, or [] if absent; every other item, in order)."""
+    config, rest = [], []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
         if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and index + 1 < len(argv):
-            return argv[index + 1]
-    return None
+            config = [arg]
+        elif arg == "--config" and index + 1 < len(argv):
+            config = [f"--config={argv[index + 1]}"]
+            index += 1
+        else:
+            rest.append(arg)
+        index += 1
+    return config, rest
+
+
+def _config_first(argv: Sequence[str], default_config: str | None) -> list[str]:
+    """`argv` with `--config` moved before its overrides, or the default config put there.
+
+    ml_collections applies `--config.a.b=v` overrides only after `--config` and reads them from
+    sys.argv even while a flag's *default* is being set; so a command with a default config file
+    defines the flag without one and gets it here, where a misspelt override is one line too.
+    """
+    config, rest = _split_config_flag(argv[1:])
+    overrides = [arg for arg in rest if arg.startswith("--config.")]
+    if not config and default_config is not None:
+        config = [f"--config={default_config}"]
+    if overrides and not config:
+        raise UserError(f"{overrides[0]} overrides a field of a config file: pass --config=FILE "
+                        "too (e.g. --config=configs/digits.py, or --config=configs/nfnet.py:F0 "
+                        "in place of --variant=F0).")
+    return list(argv[:1]) + config + rest
 
 
 def _check_config_file(spec: str) -> None:
@@ -78,16 +110,21 @@ def _check_config_file(spec: str) -> None:
         raise UserError(f"--config={spec}: a config is a Python file with get_config(arg=None).")
 
 
-def parse_flags(argv: Sequence[str], load_config: Callable[[], object]) -> list[str]:
+def parse_flags(argv: Sequence[str], load_config: Callable[[], object], *,
+                default_config: str | None = None) -> list[str]:
     """absl's flag parsing, plus loading the config, with every error as one line (exit 1).
 
     Used as `app.run(main, flags_parser=...)`. `load_config` touches the config flag's value, so a
     config file with a syntax error, without `get_config`, refusing its `:arg`, or an override of
     a field that does not exist (`--config.train.batch_sise=64`, with ml_collections' own "did
-    you mean") all fail here, before `main` runs.
+    you mean") all fail here, before `main` runs. `default_config` is the file used when no
+    `--config` is given (the config flag itself must then be defined with no default).
     """
     spec = _config_flag_spec(argv[1:])
+    user_touched_config = any(arg.startswith("--config") for arg in argv[1:])
     try:
+        argv = _config_first(argv, default_config)
+        sys.argv[:] = argv  # ml_collections reads the overrides from sys.argv
         if spec is not None:
             _check_config_file(spec)
         remaining = flags.FLAGS(list(argv))
@@ -103,7 +140,7 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object]) -> list[
         fail(f"bad config ({spec or 'the default'}): {_innermost_message(cause)}")
     except (AttributeError, KeyError, OSError, SyntaxError, TypeError, ValueError, ImportError,
             NameError) as error:
-        if spec is None and not any(a.startswith("--config") for a in argv[1:]):
+        if not user_touched_config:
             raise  # not the user's config: a bug, keep the traceback
         fail(f"bad config ({spec or 'an override'}): {_innermost_message(error)}")
     return remaining
@@ -143,7 +180,7 @@ def initialize_processes() -> None:
 
 
 def check_workdir_writable(workdir: str, *, flag: str = "--workdir") -> None:
-    """Fails unless `workdir` is a folder we can write, or could create; creates nothing.
+    """Fails unless `workdir` is a folder we can write, or could create; leaves nothing behind.
 
     Object-store URLs (`gs://...`) are checked by their first write instead.
     """
@@ -167,7 +204,26 @@ def check_workdir_writable(workdir: str, *, flag: str = "--workdir") -> None:
     try:
         stats = os.statvfs(existing)
     except OSError:
-        return
-    if stats.f_flag & os.ST_RDONLY:
+        stats = None
+    if stats is not None and stats.f_flag & os.ST_RDONLY:
         raise UserError(f"{flag}={workdir}: {existing} is on a read-only filesystem; pick a folder "
                         "you can write.")
+    _probe_write(existing, workdir, flag)
+
+
+def _probe_write(folder: str, workdir: str, flag: str) -> None:
+    """Creates and removes one empty file in `folder`: permission bits and `os.access` do not see
+    immutable folders, root-squashed NFS, FUSE mounts, ACLs or kernel filesystems (/sys). The
+    folder's times are put back, so a command that fails later has changed nothing."""
+    before = os.stat(folder)
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".nfnets-write-probe-", dir=folder)
+    except OSError as error:
+        raise UserError(f"{flag}={workdir}: cannot write in {folder} ({error.strerror}); pick a "
+                        "folder you can write.") from error
+    os.close(handle)
+    os.remove(probe)
+    try:
+        os.utime(folder, ns=(before.st_atime_ns, before.st_mtime_ns))
+    except OSError:
+        pass

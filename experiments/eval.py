@@ -171,5 +171,11 @@ def main(argv: list[str]) -> None:
     distributed.shutdown()
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """This command's flags and config, every mistake as one line (command_line.parse_flags).
+    No default config file here: it depends on --variant (resolve_config)."""
+    return command_line.parse_flags(argv, lambda: _CONFIG.value)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: command_line.parse_flags(argv, lambda: _CONFIG.value))
+    app.run(main, flags_parser=parse_flags)

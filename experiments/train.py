@@ -28,9 +28,11 @@ from . import command_line  # pylint: disable=wrong-import-position  # multi-hos
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "digits.py"
 
+# No default here: ml_collections would apply the command line's overrides to it at import, where
+# a misspelt one is a traceback; parse_flags puts DEFAULT_CONFIG in when --config is absent.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(DEFAULT_CONFIG), "Experiment config file, optionally with ':arg' (a variant).",
-    lock_config=True)
+    "config", None, f"Experiment config file, optionally with ':arg' (a variant; default: "
+    f"{DEFAULT_CONFIG.relative_to(REPO_ROOT)}).", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints, metrics and plots go here (default: ./workdirs/<config>).")
 
@@ -70,7 +72,7 @@ def main(argv: list[str]) -> None:
     is_main = jax.process_index() == 0
     if is_main:
         print(f"Config: {config_spec}"
-              f"{'' if flags.FLAGS['config'].present else ' (default)'}; workdir: {workdir}"
+              f"{' (default)' if config_spec == str(DEFAULT_CONFIG) else ''}; workdir: {workdir}"
               f"{'' if _WORKDIR.value else ' (default)'}; {jax.process_count()} process(es), "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
 
@@ -123,5 +125,10 @@ def main(argv: list[str]) -> None:
         os._exit(0)  # pylint: disable=protected-access
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """This command's flags and config, every mistake as one line (command_line.parse_flags)."""
+    return command_line.parse_flags(argv, lambda: _CONFIG.value, default_config=str(DEFAULT_CONFIG))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: command_line.parse_flags(argv, lambda: _CONFIG.value))
+    app.run(main, flags_parser=parse_flags)

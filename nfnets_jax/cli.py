@@ -31,13 +31,17 @@ def configs_dir() -> pathlib.Path:
 
 def train() -> None:
     """`nfnets-train [--config=...] [--workdir=...]`: experiments/train.py's command line."""
-    from absl import app  # pylint: disable=import-outside-toplevel
-
-    app.run(_program("train").main)
+    _run(_program("train"))
 
 
 def evaluate() -> None:
     """`nfnets-eval [...]`: experiments/eval.py's command line."""
+    _run(_program("eval"))
+
+
+def _run(program: ModuleType) -> None:
+    """`app.run` with the program's own flag parser, which turns every mistake a user can type
+    into one line (experiments/command_line.py), exactly as `python3 -m experiments.<name>`."""
     from absl import app  # pylint: disable=import-outside-toplevel
 
-    app.run(_program("eval").main)
+    app.run(program.main, flags_parser=program.parse_flags)

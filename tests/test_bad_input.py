@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -67,6 +68,8 @@ def _cases(paths):
     digits = "--config=configs/digits.py"  # overrides follow the config they change
     train = {
         "misspelt_override": [digits, "--config.train.batch_sise=64", workdir],
+        "misspelt_override_of_default_config": ["--config.train.batch_sise=64", workdir],
+        "misspelt_override_before_config": ["--config.train.batch_sise=64", digits, workdir],
         "override_wrong_type": [digits, "--config.train.batch_size=abc", workdir],
         "override_invalid_value": [digits, "--config.parallel.backend=tpu_magic", workdir],
         "model_does_not_build": [digits, "--config.model.kwargs.depths=(1,1)", workdir],
@@ -95,6 +98,8 @@ def _cases(paths):
     }
     evaluate = {
         "misspelt_override": ["--config=configs/digits.py", "--config.eval.batch_sise=64"],
+        "override_without_config": ["--config.eval.batch_size=64"],
+        "override_without_config_with_variant": ["--variant=F0", "--config.eval.batch_size=64"],
         "missing_config_file": ["--config=configs/no_such.py"],
         "config_syntax_error": [f"--config={paths['syntax_error.py']}"],
         "config_variant_not_taken": ["--config=configs/digits.py:F99"],
@@ -174,7 +179,9 @@ def test_nothing_in_any_existing_folder_was_written(outcomes):
 def test_messages_name_the_fix(outcomes):
     results, paths, _, _ = outcomes
     train, evaluate = results["train"], results["eval"]
-    assert 'Did you mean "batch_size"' in train["misspelt_override"]["stderr"]
+    for case in ("misspelt_override", "misspelt_override_of_default_config", "misspelt_override_before_config"):
+        assert 'Did you mean "batch_size"' in train[case]["stderr"], case
+    assert "pass --config=FILE" in evaluate["override_without_config"]["stderr"]
     assert "does not build" in train["model_does_not_build"]["stderr"]
     assert "configs/digits.py has no variants" in train["config_variant_not_taken"]["stderr"]
     assert "refusing to load" in train["init_from_hostile_pickle"]["stderr"]
@@ -184,6 +191,69 @@ def test_messages_name_the_fix(outcomes):
     assert "parameter(s) differ" in changed and "Nothing was changed" in changed
     assert "--process_id" in train["num_processes_alone"]["stderr"]
     assert "Nothing was loaded" in train["all_checkpoints_corrupt"]["stderr"]
+
+
+def _run_train(args, timeout=TIMEOUT_S, prefix=()):
+    """`python -m experiments.train ARGS` in a fresh interpreter, as a user types it."""
+    return subprocess.run([*prefix, sys.executable, "-m", "experiments.train", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def _assert_one_line_failure(result, *needles):
+    stderr = result.stderr.strip()
+    assert result.returncode == 1, (result.returncode, stderr[-3000:])
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.startswith("error: ") and len(stderr.splitlines()) == 1, stderr[-3000:]
+    for needle in needles:
+        assert needle in stderr, stderr
+
+
+@pytest.mark.slow
+def test_misspelt_override_of_the_default_config_is_one_line_in_a_real_process(tmp_path):
+    """ml_collections applies overrides while a flag's default is set, at import: with a default
+    config file there, a misspelt override was a 3-traceback dump before any parser of ours ran."""
+    workdir = tmp_path / "run"
+    _assert_one_line_failure(_run_train(["--config.train.batch_sise=64", f"--workdir={workdir}"]),
+                             'Did you mean "batch_size"')
+    assert not workdir.exists()
+
+
+def _immutable_folder(path):
+    """`path` made immutable with chattr (root cannot write there either); None where unsupported."""
+    path.mkdir()
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
+        return None
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["read_only_bits", "immutable", "immutable_parent", "kernel_filesystem"])
+def test_unwritable_workdir_fails_at_the_door(tmp_path, kind):
+    """A workdir this process cannot write, whatever the reason, is refused in one line before
+    anything starts, also for root (which permission bits and os.access do not stop)."""
+    prefix = ()
+    if kind == "read_only_bits":
+        workdir = tmp_path / "ro"
+        workdir.mkdir(mode=0o555)
+        if os.geteuid() == 0:  # root ignores permission bits: drop the capabilities that let it
+            if subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "true"],
+                              capture_output=True, check=False).returncode != 0:
+                pytest.skip("setpriv cannot drop root's DAC capabilities here")
+            prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+    elif kind in ("immutable", "immutable_parent"):
+        folder = _immutable_folder(tmp_path / "frozen")
+        if folder is None:
+            pytest.skip("chattr +i is not supported here")
+        workdir = folder if kind == "immutable" else folder / "run"
+    else:
+        workdir = "/proc/nfnets-no-such-run"
+    try:
+        result = _run_train([f"--workdir={workdir}", "--config.train.epochs=0.05"], prefix=prefix)
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp_path / "frozen")], capture_output=True, check=False)
+        os.chmod(tmp_path, 0o755)
+    _assert_one_line_failure(result, f"--workdir={workdir}", "pick a folder you can write")
+    assert not os.path.exists(os.path.join(workdir, "run")) and not list(pathlib.Path(tmp_path).rglob("*.json"))
 
 
 def _make_digits_checkpoint(workdir):
@@ -215,7 +285,6 @@ def _run_cases(command: str, cases: dict) -> dict:
 
     from absl import flags  # pylint: disable=import-outside-toplevel
 
-    from experiments import command_line  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import loop  # pylint: disable=import-outside-toplevel
 
     module = importlib.import_module(f"experiments.{command}")
@@ -234,7 +303,7 @@ def _run_cases(command: str, cases: dict) -> dict:
         stderr, code = io.StringIO(), 0
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             try:
-                remaining = command_line.parse_flags(sys.argv, lambda: module._CONFIG.value)  # pylint: disable=protected-access
+                remaining = module.parse_flags(sys.argv)
                 module.main(remaining)
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1

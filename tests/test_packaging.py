@@ -86,6 +86,15 @@ def test_console_scripts_train_and_evaluate_the_demo_outside_the_checkout(instal
     assert evaluate.returncode == 0, evaluate.stdout + evaluate.stderr
     assert (workdir / "eval_results.json").is_file()
 
+    # The installed programs check their flags as the checkout's do: a mistake is one line.
+    for program, args in (("nfnets-train", ["--config.train.batch_sise=64", "--workdir=never_made"]),
+                          ("nfnets-eval", ["--config=no_such_config.py"])):
+        bad = subprocess.run([str(bin_dir / program), *args], cwd=run_dir, env=_clean_env(),
+                             capture_output=True, text=True, timeout=600)
+        stderr = bad.stderr.strip()
+        assert bad.returncode == 1 and stderr.startswith("error: ") and len(stderr.splitlines()) == 1, stderr
+    assert not (run_dir / "never_made").exists()
+
 
 def test_installed_programs_import_their_siblings_relatively():
     """experiments/ and configs/ install as nfnets_jax.experiments and nfnets_jax.configs, where
