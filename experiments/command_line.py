@@ -170,8 +170,28 @@ def check_multihost_flags() -> None:
                         "number of seconds.")
 
 
-def initialize_processes() -> None:
-    """Connects this process to the others as the multi-host flags say (no-op without them)."""
+def restart_hint(what_happens: str = "") -> str:
+    """"Restart all [N] processes with the same command[: what_happens]." for dead-peer lines."""
+    count = f"{NUM_PROCESSES.value} " if NUM_PROCESSES.value else ""
+    return f"Restart all {count}processes with the same command{': ' + what_happens if what_happens else ''}."
+
+
+def initialize_processes(restart_hint: str) -> None:  # pylint: disable=redefined-outer-name
+    """Connects this process to the others as the multi-host flags say (no-op without them).
+
+    In a multi-process run the process first re-runs itself under a watcher
+    (nfnets_jax/train/supervisor.py), which turns JAX's C++ abort on a dead peer into one line
+    ending with `restart_hint`; the watcher never returns from here.
+    """
+    from nfnets_jax.train import supervisor  # pylint: disable=import-outside-toplevel
+
+    multi_process = ((NUM_PROCESSES.value or 1) > 1 or DISTRIBUTED.value
+                     or supervisor.launcher_describes_multi_process())
+    if supervisor.wanted(multi_process):
+        supervisor.supervise(supervisor.own_command(), process_id=PROCESS_ID.value,
+                             num_processes=NUM_PROCESSES.value, restart_hint=restart_hint)
+    if supervisor.is_child():
+        supervisor.die_with_watcher()
     from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
 
     distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,

@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
     except command_line.UserError as error:
         command_line.fail(error)
 
-    command_line.initialize_processes()
+    command_line.initialize_processes(command_line.restart_hint())
     import jax
     import jax.numpy as jnp
 

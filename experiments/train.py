@@ -60,7 +60,8 @@ def main(argv: list[str]) -> None:
         command_line.fail(error)
 
     # ---- Processes and devices (before anything touches a device) ----
-    command_line.initialize_processes()
+    command_line.initialize_processes(command_line.restart_hint(
+        f"training resumes exactly from the last checkpoint in {workdir}"))
     # pylint: disable=import-outside-toplevel
     import jax
 

@@ -15,6 +15,8 @@ import sys
 
 import jax
 
+from nfnets_jax.train import supervisor
+
 # How long a peer may stay silent before the job counts it as dead. Spot and preemptible VMs
 # (GCE, TPU VMs, AWS spot) give about 30 s of notice: a host that vanishes within it is detected
 # before the platform would replace it anyway. JAX's own default is 100 s.
@@ -22,15 +24,8 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 
 
 def _looks_multi_process() -> bool:
-    """True when a launcher has described a job of more than one process in the environment.
-
-    SLURM sets SLURM_NTASKS; JAX's own variables name the coordinator. TPU pods are detected by
-    JAX from the TPU metadata, which is only queried when asked (`auto_detect=True`), so that a
-    single machine never waits on a metadata server.
-    """
-    if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
-        return True
-    return "JAX_COORDINATOR_ADDRESS" in os.environ
+    """True when a launcher (SLURM, JAX's own variables) has described a multi-process job."""
+    return supervisor.launcher_describes_multi_process()
 
 
 def _timeouts(heartbeat_timeout_seconds: int | None) -> dict[str, int]:
