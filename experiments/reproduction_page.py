@@ -16,9 +16,10 @@ INTRO = """The full-scale studies need ImageNet and a TPU pod (`python -m experi
 them). This page holds what runs on two CPU cores in minutes, on scikit-learn's digits (1,797 8×8
 images, split 1,437 train / 360 test, stratified, fixed seed) and on synthetic inputs. It is written by
 `python -m experiments.reproduce` from the JSON files next to the figures (`docs/reproduction/`);
-rerun it to regenerate both. Timings come from a shared machine that other jobs loaded heavily
-while they ran (the load average at the start of each claim is recorded below): ratios measured
-interleaved in one process are meaningful, absolute times are not.
+rerun it to regenerate both. Each claim records the load average of the 2-core machine when it
+started: the AGC study ran on a machine other jobs loaded heavily, the other claims on an idle one.
+Ratios measured interleaved in one process are meaningful either way; absolute times only on an
+idle machine.
 """
 
 
