@@ -96,18 +96,19 @@ def test_a_child_killed_by_a_signal_makes_the_watcher_die_of_the_same_signal(sig
     assert code == -signum, err
 
 
-def test_sigterm_to_the_watcher_reaches_the_child():
-    watcher = _watch("""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_sent_to_the_watcher_reaches_the_child_once(signum):
+    watcher = _watch(f"""
         import signal, sys, time
         def stop(*_):
             print("saved; exiting", flush=True)
             sys.exit(0)
-        signal.signal(signal.SIGTERM, stop)
+        signal.signal({int(signum)}, stop)
         print("ready", flush=True)
         time.sleep(60)
-    """)
+    """, stdin=subprocess.DEVNULL)  # not a terminal: nobody else sends the child a Ctrl-C
     assert watcher.stdout.readline() == "ready\n"
-    watcher.send_signal(signal.SIGTERM)
+    watcher.send_signal(signum)
     code, out, _ = _finish(watcher)
     assert code == 0 and out == "saved; exiting\n"
 

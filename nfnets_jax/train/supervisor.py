@@ -16,8 +16,9 @@ terminal's, its stderr passes through the watcher line by line. If the child abo
 client's FATAL line, the watcher drops the C++ dump (and the distributed-runtime warnings that
 lead up to it) and prints one line naming the dead process and what to do; any other exit is
 passed on unchanged: the same exit code, or the same signal. Signals sent to the watcher
-(SIGTERM from a scheduler, SIGINT, SIGHUP) are forwarded to the child, and the child dies with
-the watcher (`PR_SET_PDEATHSIG`), so `kill -9` of the watcher still kills the whole process.
+(SIGTERM from a scheduler, SIGINT, SIGHUP) are forwarded to the child (except a Ctrl-C, which
+the terminal already sends to both), and the child dies with the watcher (`PR_SET_PDEATHSIG`),
+so `kill -9` of the watcher still kills the whole process.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ def supervise(command: Sequence[str], *, process_id: int | None, num_processes: 
     child = subprocess.Popen(list(command), env=env, stderr=subprocess.PIPE)  # pylint: disable=consider-using-with
 
     def forward(signum, _frame):
+        if signum == signal.SIGINT and _terminal_sends_to_our_group():
+            return  # Ctrl-C: the terminal has sent it to the child too; once is enough
         if child.poll() is None:
             child.send_signal(signum)
 
@@ -197,6 +200,15 @@ def supervise(command: Sequence[str], *, process_id: int | None, num_processes: 
         os.kill(os.getpid(), -returncode)
         time.sleep(5)
     os._exit(returncode & 0xFF)  # pylint: disable=protected-access
+
+
+def _terminal_sends_to_our_group() -> bool:
+    """True when this process group is the foreground group of the terminal on stdin, so that
+    keyboard signals (Ctrl-C) reach the child directly."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty() and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
 
 
 def own_command() -> list[str]:
