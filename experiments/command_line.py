@@ -218,23 +218,14 @@ def check_workdir_writable(workdir: str, *, flag: str = "--workdir") -> None:
         existing = parent
     if not os.path.isdir(existing):
         raise UserError(f"{flag}={workdir}: {existing} is a file, so the folder cannot be created.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}={workdir}: {existing} is not writable by this user (or is on a "
-                        "read-only filesystem); pick a folder you can write.")
-    try:
-        stats = os.statvfs(existing)
-    except OSError:
-        stats = None
-    if stats is not None and stats.f_flag & os.ST_RDONLY:
-        raise UserError(f"{flag}={workdir}: {existing} is on a read-only filesystem; pick a folder "
-                        "you can write.")
     _probe_write(existing, workdir, flag)
 
 
 def _probe_write(folder: str, workdir: str, flag: str) -> None:
-    """Creates and removes one empty file in `folder`: permission bits and `os.access` do not see
-    immutable folders, root-squashed NFS, FUSE mounts, ACLs or kernel filesystems (/sys). The
-    folder's times are put back, so a command that fails later has changed nothing."""
+    """Creates and removes one empty file in `folder`: the one check that sees every reason a
+    write fails (permissions, a read-only filesystem, immutable folders, root-squashed NFS, FUSE
+    mounts, ACLs, kernel filesystems such as /sys), also for root, which permission bits do not
+    stop. The folder's times are put back, so a command that fails later has changed nothing."""
     before = os.stat(folder)
     try:
         handle, probe = tempfile.mkstemp(prefix=".nfnets-write-probe-", dir=folder)

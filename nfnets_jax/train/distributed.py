@@ -23,11 +23,6 @@ from nfnets_jax.train import supervisor
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 
 
-def _looks_multi_process() -> bool:
-    """True when a launcher (SLURM, JAX's own variables) has described a multi-process job."""
-    return supervisor.launcher_describes_multi_process()
-
-
 def _timeouts(heartbeat_timeout_seconds: int | None) -> dict[str, int]:
     """`jax.distributed.initialize` keywords for the heartbeat (and shutdown) timeout."""
     if heartbeat_timeout_seconds is None:
@@ -78,7 +73,7 @@ def initialize(
                                    **_timeouts(heartbeat_timeout_seconds))
         _one_line_orbax_errors()
         return num_processes > 1
-    if auto_detect or _looks_multi_process():
+    if auto_detect or supervisor.launcher_describes_multi_process():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**_timeouts(heartbeat_timeout_seconds))
         _one_line_orbax_errors()
