@@ -77,6 +77,62 @@ def test_wsconv_eps_is_a_floor_on_fan_in_times_var():
     np.testing.assert_allclose(got, (w[0, 0, 0] - mean) / np.sqrt(1e-4), rtol=1e-4)
 
 
+def plain_standardize(w, gain, eps=1e-4):
+    """The formula as written (JAX differentiates the reductions itself): the reference for the
+    hand-written derivative of `layers.standardize_weight`."""
+    mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
+    return (w - mean) * jax.lax.rsqrt(jnp.maximum(np.prod(w.shape[:-1]) * var, eps)) * gain
+
+
+def _ws_inputs(shape, seed=0, offset=0.3):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal(shape) * 0.7 + offset).astype(np.float32)
+    gain = rng.uniform(0.5, 1.5, shape[-1]).astype(np.float32)
+    return jnp.asarray(w), jnp.asarray(gain), rng
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 4, 5), (1, 1, 16, 3), (3, 3, 1, 7)])
+def test_standardize_weight_value_and_gradients_equal_autodiff_of_the_formula(shape):
+    w, gain, rng = _ws_inputs(shape)
+    cotangent = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    np.testing.assert_allclose(layers.standardize_weight(w, gain, 1e-4), numpy_standardize(np.asarray(w), np.asarray(gain)),
+                               rtol=1e-5, atol=1e-6)
+    loss = lambda fn: (lambda w, g: jnp.sum(jnp.sin(fn(w, g, 1e-4)) * cotangent))
+    got = jax.grad(loss(layers.standardize_weight), argnums=(0, 1))(w, gain)
+    want = jax.grad(loss(plain_standardize), argnums=(0, 1))(w, gain)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_standardize_weight_forward_mode_and_hessian_vector_products_equal_autodiff():
+    w, gain, rng = _ws_inputs((3, 3, 4, 5), seed=1)
+    dw, dgain = (jnp.asarray(rng.standard_normal(a.shape).astype(np.float32)) for a in (w, gain))
+    _, got = jax.jvp(lambda w, g: layers.standardize_weight(w, g, 1e-4), (w, gain), (dw, dgain))
+    _, want = jax.jvp(lambda w, g: plain_standardize(w, g), (w, gain), (dw, dgain))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Forward-over-reverse, what Hessian-vector products and curvature tools use.
+    hvp = lambda fn: jax.jvp(jax.grad(lambda w: jnp.sum(jnp.sin(fn(w, gain, 1e-4)))), (w,), (dw,))[1]
+    want_hvp = hvp(plain_standardize)
+    np.testing.assert_allclose(hvp(layers.standardize_weight), want_hvp, rtol=1e-4,
+                               atol=1e-5 * float(jnp.max(jnp.abs(want_hvp))))
+
+
+def test_standardize_weight_gradient_under_the_eps_floor_keeps_the_scale_constant():
+    # fan_in·var < eps: the scale is the constant rsqrt(eps), so only the mean subtraction and
+    # the gain carry gradient (the autodiff of the formula agrees).
+    w = np.full((1, 1, 4, 2), 0.5, np.float32)
+    w[0, 0, 0, :] += 1e-3
+    w, gain = jnp.asarray(w), jnp.asarray([0.7, 1.3], jnp.float32)
+    cotangent = jnp.asarray(np.arange(8, dtype=np.float32).reshape(1, 1, 4, 2))
+    loss = lambda fn: (lambda w, g: jnp.sum(fn(w, g, 1e-4) * cotangent))
+    got = jax.grad(loss(layers.standardize_weight), argnums=(0, 1))(w, gain)
+    want_w = (cotangent - cotangent.mean(axis=(0, 1, 2))) * gain / np.sqrt(1e-4)
+    np.testing.assert_allclose(got[0], want_w, rtol=1e-5)
+    want = jax.grad(loss(plain_standardize), argnums=(0, 1))(w, gain)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+
+
 def test_wsconv_params_are_hwio_with_unit_gain_and_zero_bias():
     conv = hk.transform(lambda inp: layers.WSConv2D(6, 3, feature_group_count=2, name="c")(inp))
     params = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 4)))
@@ -203,3 +259,15 @@ def test_block_schedule_matches_official_f0_table():
 def test_block_schedule_rejects_empty_stage():
     with pytest.raises(ValueError, match="one depth >= 1 per stage"):
         layers.block_schedule((1, 0, 1, 1), (1, 2, 2, 2), 0.2, 0.1)
+
+
+@pytest.mark.parametrize("name", ["gelu", "relu", "silu", "tanh"])
+def test_scaled_activation_derivatives_are_gamma_times_the_raw_ones(name):
+    # The recomputing backward (jax.checkpoint) must not change any derivative, in either mode.
+    x = jnp.linspace(-4.0, 4.0, 101, dtype=jnp.float32)
+    gamma = layers.ACTIVATION_GAMMAS[name]
+    scaled, raw = layers.scaled_activation(name), layers.raw_activation(name)
+    want = gamma * jax.vmap(jax.grad(raw))(x)
+    np.testing.assert_allclose(jax.vmap(jax.grad(scaled))(x), want, rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(jax.jvp(scaled, (x,), (jnp.ones_like(x),))[1], want, rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(jax.jit(scaled)(x), gamma * raw(x), rtol=1e-6, atol=2e-6)
