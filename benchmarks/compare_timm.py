@@ -11,6 +11,11 @@ see the same machine (a shared box's load changes from minute to minute):
   forward, cross-entropy, backward, timm's AGC, SGD-Nesterov with weight decay, the same dropout
   and drop-path rates. Inference: `model.eval()` under `torch.inference_mode()`.
 
+Our process first applies the runner's host-memory settings (`nfnets_jax/host_memory.py`: glibc
+keeps freed memory, so XLA:CPU's per-step scratch is not zero-filled by the kernel again each
+step); `page_faults_per_step` shows their effect on both sides, and `--timm-malloc-like-ours`
+gives the timm process the same settings.
+
 It also reports our step's compile time twice: cold (an empty persistent compilation cache) and
 as a resumed run sees it (the cache filled by the first compile; `nfnets_jax.train.compile_cache`).
 Prints one JSON line: medians, images/s, the ratios ours/timm, versions, and for every phase the
@@ -27,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nfnets_jax import provenance
+from nfnets_jax import host_memory, provenance
 import os
 import pathlib
 import platform
@@ -52,10 +57,20 @@ def _busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / _CLOCK_TICKS
 
 
-def _process_cpu_seconds(pid: int) -> float:
+def _process_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state is field 0)."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    fields = _process_stat(pid)
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+
+
+def _minor_faults(pid: int) -> int:
+    """Pages the kernel had to map in for the process (zero-filled fresh memory, mostly)."""
+    return int(_process_stat(pid)[7])
 
 
 def loadavg() -> list[float]:
@@ -82,9 +97,9 @@ class Contention:
 class TimmProcess:
     """The timm runner as a child process that waits (idle) between commands."""
 
-    def __init__(self, python: str):
+    def __init__(self, python: str, extra_env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([python, str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONPATH": ""})
+                                     text=True, env={**os.environ, "PYTHONPATH": "", **(extra_env or {})})
 
     def ask(self, command: str) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -164,12 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
+    parser.add_argument("--timm-malloc-like-ours", action="store_true",
+                        help="give the timm process the glibc malloc settings ours runs with "
+                             "(nfnets_jax/host_memory.py), as GLIBC_TUNABLES: a fairness check")
     parser.add_argument("--skip-compile-cache", action="store_true",
                         help="do not measure the cold vs cached compile time")
     args = parser.parse_args(argv)
     if min(args.res, args.batch, args.rounds, args.steps) < 1:
         parser.error("--res, --batch, --rounds and --steps must be >= 1")
     timm_python = check_timm_python(args.timm_python)
+    # What the runner does on a CPU host before JAX starts (nfnets_jax/host_memory.py).
+    host_memory_kept = host_memory.keep_freed_memory()
 
     # One fresh persistent cache for this command: the first compile is cold, the second is what a
     # resumed run (same program, filled cache) pays.
@@ -206,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     evaluate = step.evaluate.lower(state.params, state.model_state, batch["images"]).compile()
 
     _progress("compiling the eval forward, starting the timm runner")
-    timm = TimmProcess(timm_python)
+    timm = TimmProcess(timm_python, {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if args.timm_malloc_like_ours else None)
     try:
         timm_info = timm.ask(f"setup {args.timm_model} {args.res} {args.batch} {args.threads} "
                              f"{config.model.kwargs.drop_rate} {config.model.kwargs.stochdepth_rate}")
@@ -231,14 +251,18 @@ def main(argv: list[str] | None = None) -> None:
             side: {"train": [], "infer": []} for side in ("ours", "timm")}
         others: dict[str, list[float]] = {f"{side}_{phase}": [] for side in ("ours", "timm")
                                           for phase in ("train", "infer")}
+        faults: dict[str, list[int]] = {key: [] for key in others}
         pids = [os.getpid(), timm.proc.pid]
         for round_index in range(args.rounds):
             _progress(f"round {round_index + 1}/{args.rounds}")
             for phase in ("train", "infer"):
                 for side in ("ours", "timm"):
                     time.sleep(0.3)  # let the other side's worker threads stop spinning
+                    pid = pids[0] if side == "ours" else pids[1]
+                    faults_before = _minor_faults(pid)
                     with Contention(pids) as contention:
                         times = ours(phase) if side == "ours" else timm.ask(f"{phase} {args.steps}")["times_s"]
+                    faults[f"{side}_{phase}"].append((_minor_faults(pid) - faults_before) // args.steps)
                     results[side][phase] += times
                     others[f"{side}_{phase}"].append(round(contention.others_cores, 2))
     finally:
@@ -248,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "compare_timm",
         "setup": {"config": pathlib.Path(args.config).name, "timm_model": args.timm_model, "res": args.res,
                   "batch": args.batch, "dtype": "float32", "rounds": args.rounds, "steps_per_round": args.steps,
-                  "grouped_conv_impl": args.grouped_conv_impl, "torch_threads": args.threads},
+                  "grouped_conv_impl": args.grouped_conv_impl, "torch_threads": args.threads,
+                  "timm_malloc_like_ours": args.timm_malloc_like_ours},
         "ours": {phase: _summary(results["ours"][phase], args.batch) for phase in ("train", "infer")},
         "timm": {phase: _summary(results["timm"][phase], args.batch) for phase in ("train", "infer")},
     }
@@ -258,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     record["compile_s"] = {"cold": round(compile_cold_s, 2),
                            "resumed_with_cache": None if compile_cached_s is None else round(compile_cached_s, 2)}
     record["others_cores_per_phase"] = others
+    record["page_faults_per_step"] = faults
+    record["host_memory_kept"] = host_memory_kept
     record["loadavg_end"] = loadavg()
     record["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "backend": jax.default_backend()}
     record["versions"] = {**_versions(), **{f"timm_side_{k}": v for k, v in timm_info["versions"].items()}}

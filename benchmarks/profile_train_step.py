@@ -39,7 +39,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
-from nfnets_jax import provenance  # noqa: E402  pylint: disable=wrong-import-position
+from nfnets_jax import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.train import one_device_step  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
     parser.add_argument("--keep", default=None, help="a folder to copy the trace and the compiled HLO into")
     args = parser.parse_args(argv)
+    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/host_memory.py)
     if min(args.batch, args.res, args.steps) < 1:
         parser.error("--batch, --res and --steps must be >= 1")
     print(json.dumps({**profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype,

@@ -192,7 +192,13 @@ def initialize_processes(restart_hint: str) -> None:  # pylint: disable=redefine
                              num_processes=NUM_PROCESSES.value, restart_hint=restart_hint)
     if supervisor.is_child():
         supervisor.die_with_watcher()
+    from nfnets_jax import host_memory  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
+
+    try:  # before JAX starts its threads (nfnets_jax/host_memory.py)
+        host_memory.keep_freed_memory()
+    except ValueError as error:
+        fail(error)
 
     distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
                            auto_detect=DISTRIBUTED.value,

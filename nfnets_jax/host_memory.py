@@ -1,0 +1,94 @@
+"""Keeps freed host memory inside the process, so that XLA:CPU stops page-faulting its scratch space.
+
+Why: XLA:CPU allocates the temporaries of a compiled program with `malloc` on every execution and
+frees them afterwards. On glibc a block that large (1.2 GB for NFNet-F0's train step at batch 8,
+192 px) is a fresh `mmap` each time and goes back to the kernel with `munmap`, so every step the
+kernel zero-fills ~300,000 pages again: 15–18% of the step's CPU time is spent in the kernel
+(`python -m benchmarks.compare_timm` reports the page faults per step). Allocators built for
+servers (tcmalloc, jemalloc) keep such blocks; glibc can be told to, with three settings:
+
+- one arena (`M_ARENA_MAX=1`): a thread's own arena cannot grow past 64 MB and glibc then maps
+  large blocks whatever the other settings say; the main arena grows with `brk` instead;
+- no `mmap` for large blocks (`M_MMAP_MAX=0`);
+- never trim the heap's free top back to the kernel (`M_TRIM_THRESHOLD` = the largest size).
+
+The cost: the process keeps its peak heap until it exits, and all threads share one malloc arena.
+That suits a process whose computation runs on the CPU (tests, CPU training, the benchmarks), and
+not a TPU/GPU host whose many input-pipeline threads would contend for that one arena; so
+`auto` applies it only when JAX will run on the CPU. `NFNETS_HOST_MALLOC=keep` or `=default`
+forces either choice. It must run before JAX creates its thread pools (threads keep the arena
+they first allocated from): call it before the first device is touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+import sys
+
+ENV_VAR = "NFNETS_HOST_MALLOC"
+CHOICES = ("auto", "keep", "default")
+
+# mallopt(3) parameter numbers (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+# Packages whose presence means JAX's default backend will be an accelerator.
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
+                        "libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+
+# The same three settings as glibc tunables, for a process started with them in its environment.
+GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                  "glibc.malloc.trim_threshold=18446744073709551615")
+
+_applied = False
+
+
+def jax_will_use_cpu() -> bool:
+    """Whether JAX's default backend will be the CPU, decided without starting JAX: `JAX_PLATFORMS`
+    if set, else whether an accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    for name in _ACCELERATOR_PLUGINS:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return False
+        except (ImportError, ValueError):  # a parent package missing or broken
+            continue
+    return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # pylint: disable=pointless-statement  # musl has no such symbol
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_memory(choice: str | None = None) -> bool:
+    """Applies the settings of the module doc when `choice` (default: `$NFNETS_HOST_MALLOC`, else
+    `auto`) asks for them and the C library is glibc; returns whether they are in force."""
+    global _applied  # pylint: disable=global-statement
+    choice = (choice or os.environ.get(ENV_VAR) or "auto").strip().lower()
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={choice!r}: choose one of {', '.join(CHOICES)}.")
+    if _applied:
+        return True
+    if choice == "default" or (choice == "auto" and not jax_will_use_cpu()):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    # -1 converts to SIZE_MAX inside glibc: the heap top is never trimmed.
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+    _applied = all(libc.mallopt(param, value) == 1 for param, value in settings)
+    return _applied
