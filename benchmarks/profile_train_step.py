@@ -8,9 +8,14 @@ instruction of the compiled program. Every instruction is put in one bucket:
 - `conv forward`, `conv dX` (input gradient), `conv dW` (weight gradient): XLA writes a weight
   gradient as a convolution whose window is the whole activation map, which is how it is told
   apart from an input gradient (a kernel-sized window);
-- `dot forward` / `dot backward` (the classifier and the squeeze-excite);
+- `dot forward` / `dot backward` (1×1 convs as matrix products, the classifier, the squeeze-excite);
+- `reduce` (weight-standardisation and AGC statistics, norms);
 - `elementwise forward` / `elementwise backward` (fusions: activations, weight standardisation,
-  scaling, the optimizer), and `other` (copies, transposes, reductions outside fusions).
+  scaling, the optimizer, layout transposes), and `other` (copies, unfused ops).
+
+A fusion counts as the heaviest operation inside it (XLA:CPU fuses convolutions and dots with
+elementwise work into library fusions). Events of concurrently running instructions overlap, so
+the buckets can add up to more than the step's wall time.
 
 Prints one JSON line: ms per step and share of each bucket, the 15 most expensive instructions
 with their shapes and op names, and the load average. Needs nothing but jax (the trace is read
@@ -48,33 +53,78 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _WINDOW = re.compile(r"window=\{size=([\dx]+)")
 
 
-def classify(hlo_text: str) -> dict[str, tuple[str, str, str]]:
-    """instruction name -> (bucket, shape, op_name) for every instruction of the compiled HLO."""
-    buckets = {}
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """computation name -> its instruction lines."""
+    bodies: dict[str, list[str]] = {}
+    current = None
     for line in hlo_text.splitlines():
-        match = _INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, shape, opcode = match.groups()
-        op_name_match = _OP_NAME.search(line)
-        op_name = op_name_match.group(1) if op_name_match else ""
-        backward = "transpose(" in op_name
-        if opcode == "convolution":
-            window = _WINDOW.search(line)
-            window_size = 1
-            for size in (window.group(1).split("x") if window else []):
-                window_size *= int(size)
-            if window_size > 9:  # a window over the whole activation map: the weight gradient
-                bucket = "conv dW"
-            else:
-                bucket = "conv dX" if backward else "conv forward"
-        elif opcode == "dot":
-            bucket = "dot backward" if backward else "dot forward"
-        elif opcode == "fusion":
-            bucket = "elementwise backward" if backward else "elementwise forward"
-        else:
-            bucket = "other"
-        buckets[name] = (bucket, shape, op_name)
+        header = None if line.startswith(" ") else _COMPUTATION.match(line)
+        if header:
+            current = header.group(1)
+            bodies[current] = []
+        elif current is not None and line.strip() == "}":
+            current = None
+        elif current is not None:
+            bodies[current].append(line)
+    return bodies
+
+
+def _bucket(opcode: str, line: str, op_name: str) -> str:
+    backward = "transpose(" in op_name
+    if opcode == "convolution":
+        window = _WINDOW.search(line)
+        window_size = 1
+        for size in (window.group(1).split("x") if window else []):
+            window_size *= int(size)
+        if window_size > 9:  # a window over the whole activation map: the weight gradient
+            return "conv dW"
+        return "conv dX" if backward else "conv forward"
+    if opcode == "dot":
+        return "dot backward" if backward else "dot forward"
+    if opcode == "reduce":
+        return "reduce"
+    return "elementwise backward" if backward else "elementwise forward"
+
+
+def classify(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+    """instruction name -> (bucket, shape, op_name) for every instruction of the compiled HLO.
+
+    A fusion is bucketed by the heaviest operation inside it (convolution, then dot, then
+    reduce): XLA:CPU hands convolutions and dots to library fusions (YNNPACK's in jax 0.10) that
+    may also hold elementwise work, and the weight-gradient convolutions carry their metadata
+    only on the inner instruction.
+    """
+    bodies = _computations(hlo_text)
+    buckets = {}
+    for lines in bodies.values():
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if not match:
+                continue
+            name, shape, opcode = match.groups()
+            op_name_match = _OP_NAME.search(line)
+            op_name = op_name_match.group(1) if op_name_match else ""
+            main_opcode, main_line = opcode, line
+            if opcode == "fusion":
+                calls = _CALLS.search(line)
+                inner = [(m.group(3), l) for l in bodies.get(calls.group(1) if calls else "", [])
+                         if (m := _INSTRUCTION.match(l))]
+                for heavy in ("convolution", "dot", "reduce"):
+                    found = [l for inner_opcode, l in inner if inner_opcode == heavy]
+                    if found:
+                        main_opcode, main_line = heavy, found[0]
+                        break
+                if not op_name:
+                    inner_name = _OP_NAME.search(main_line)
+                    op_name = inner_name.group(1) if inner_name else ""
+            elif opcode not in ("convolution", "dot", "reduce"):
+                buckets[name] = ("other", shape, op_name)
+                continue
+            buckets[name] = (_bucket(main_opcode, main_line, op_name), shape, op_name)
     return buckets
 
 
