@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluate = step.evaluate.lower(state.params, state.model_state, batch["images"]).compile()
 
     _progress("compiling the eval forward, starting the timm runner")
-    timm = TimmProcess(timm_python, {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if args.timm_malloc_like_ours else None)
+    timm_env = {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if args.timm_malloc_like_ours else None
+    timm = TimmProcess(timm_python, timm_env)
     try:
         timm_info = timm.ask(f"setup {args.timm_model} {args.res} {args.batch} {args.threads} "
                              f"{config.model.kwargs.drop_rate} {config.model.kwargs.stochdepth_rate}")

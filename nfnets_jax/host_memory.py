@@ -13,7 +13,7 @@ servers (tcmalloc, jemalloc) keep such blocks; glibc can be told to, with three 
 - never trim the heap's free top back to the kernel (`M_TRIM_THRESHOLD` = the largest size).
 
 The cost: the process keeps its peak heap until it exits, and all threads share one malloc arena.
-That suits a process whose computation runs on the CPU (tests, CPU training, the benchmarks), and
+That suits a process whose computation runs on the CPU (CPU training and eval, the benchmarks), and
 not a TPU/GPU host whose many input-pipeline threads would contend for that one arena; so
 `auto` applies it only when JAX will run on the CPU. `NFNETS_HOST_MALLOC=keep` or `=default`
 forces either choice. It must run before JAX creates its thread pools (threads keep the arena

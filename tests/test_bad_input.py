@@ -218,6 +218,13 @@ def test_misspelt_override_of_the_default_config_is_one_line_in_a_real_process(t
     assert not workdir.exists()
 
 
+@pytest.mark.slow
+def test_a_bad_host_memory_setting_stops_train_at_the_door_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    _assert_one_line_failure(_run_train([f"--workdir={workdir}"], prefix=("env", "NFNETS_HOST_MALLOC=sometimes")),
+                             "NFNETS_HOST_MALLOC", "keep")
+
+
 def _immutable_folder(path):
     """`path` made immutable with chattr (root cannot write there either); None where unsupported."""
     path.mkdir()
