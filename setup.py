@@ -28,6 +28,11 @@ TEST_REQUIRES = [
     "ipykernel>=6.29",
 ]
 
+# `experiments.memory_plan --target tpu-*`: libtpu's compiler, which compiles for a TPU with none
+# attached (JAX keeps running on the CPU of a host without a TPU chip, but every JAX process then
+# logs libtpu's failed probe for one, so it is an extra, not part of the test environment).
+TPU_PLAN_REQUIRES = ['libtpu>=0.0.42; sys_platform == "linux" and platform_machine == "x86_64"']
+
 setuptools.setup(
     name="nfnets-jax",
     version="0.1.0",
@@ -48,5 +53,5 @@ setuptools.setup(
     entry_points={"console_scripts": ["nfnets-train = nfnets_jax.cli:train",
                                       "nfnets-eval = nfnets_jax.cli:evaluate"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "tpu-plan": TPU_PLAN_REQUIRES},
 )

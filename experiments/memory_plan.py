@@ -13,11 +13,16 @@ is the recomputed forward (on an accelerator, `--time_steps N` also times both v
     python -m experiments.memory_plan                                  # every config (slow on a CPU)
     python -m experiments.memory_plan --only nfnet.py:F0,nfnet.py:F6   # some configs
     python -m experiments.memory_plan --only nfnet.py:F6 --per_device_batch 16 --remat on
+    python -m experiments.memory_plan --target tpu-v3 --only nfnet.py:F7       # the TPU compiler's plan
 
-How to read it: the figures are those of the backend that compiles (here usually the CPU). A
-TPU or GPU compiler fuses and lays out differently (TPU pads channels to multiples of 128), so
-treat them as an estimate within tens of percent, and keep the 10% headroom the "fits" column
-asks for. Per-device batch: the global `config.train.batch_size` over `RECIPE_DEVICES` devices
+How to read it: the figures are those of the compiler that compiles. By default that is the
+backend JAX runs on here (on a laptop or CI, XLA:CPU, whose plan came out 1.7–1.8× XLA:GPU's for
+F0–F2: an upper bound). `--target tpu-v3` (or `tpu-v5e`, `tpu-v5p`, `tpu-v6e`) compiles for one
+device of that TPU generation *without* a TPU, through `jax.experimental.topologies` and libtpu's
+compiler (ahead-of-time, "deviceless"): the figures are then the TPU compiler's own plan, exact up
+to what the runtime adds (keep the 10% headroom the "fits" column asks for). It needs libtpu
+(`pip install -c requirements/lock.txt libtpu`, ~140 MB; nothing else changes) and, since it only
+compiles, no TPU and no network. Per-device batch: the global `config.train.batch_size` over `RECIPE_DEVICES` devices
 (NFNets: 4096 over the 128 TPUv3 cores of the paper, 32 each).
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -49,6 +55,60 @@ HEADROOM = 0.9  # "fits" = the step's peak is at most 90% of the device (runtime
 # batch: NFNets and the NF-ResNet study use 4096 over 128 TPUv3 cores (32 each, the paper's
 # setting); the NF-RegNet recipe's 1024 over 8 devices ("8 GPUs or a TPU v3-8", its config).
 RECIPE_DEVICES = {"nfnet.py": 128, "nf_resnet.py": 128, "nf_regnet.py": 8}
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+    """A TPU generation to compile for without one: a topology `jax.experimental.topologies` knows."""
+
+    topology: str  # its name for `get_topology_desc`; the plan compiles for the topology's first device
+    device_gib: float  # HBM of one JAX device of that generation
+    label: str
+
+
+# One JAX device is a TPUv3 *core* (the paper's 128 devices), and a whole chip on v5e/v5p/v6e.
+# (TPUv4 is left out: libtpu's deviceless v4 topology lists its two cores as separate devices,
+# whereas JAX on a real v4 host runs one device per chip, so the plan would be of the wrong device.)
+TPU_TARGETS: dict[str, TpuTarget] = {
+    "tpu-v3": TpuTarget("v3:2x2", 16.0, "TPUv3 core"),
+    "tpu-v5e": TpuTarget("v5e:2x2", 16.0, "TPUv5e chip"),
+    "tpu-v5p": TpuTarget("v5p:2x2x1", 95.0, "TPUv5p chip"),
+    "tpu-v6e": TpuTarget("v6e:2x2", 32.0, "TPUv6e chip"),
+}
+HERE = "here"
+
+# Deviceless compilation reads no TPU and no metadata server: tell libtpu so, before JAX starts
+# (without these it waits on GCE's metadata server, or refuses while another process holds its
+# lockfile).
+_DEVICELESS_TPU_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_ACCELERATOR_TYPE": "v3-8",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
+
+
+def check_target(target: str) -> TpuTarget | None:
+    """The TPU to compile for (None: the local backend); a clear error before any work otherwise."""
+    if target == HERE:
+        return None
+    if target not in TPU_TARGETS:
+        raise ValueError(f"unknown --target {target!r}; choose {HERE!r} or one of {sorted(TPU_TARGETS)}.")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"--target {target} compiles with libtpu's TPU compiler, which is not installed: "
+                         "pip install -c requirements/lock.txt libtpu (no TPU needed).")
+    return TPU_TARGETS[target]
+
+
+def target_device(tpu: TpuTarget | None):
+    """The device to compile one step for: the first of `tpu`'s deviceless topology, else JAX's default."""
+    if tpu is None:
+        return None
+    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
+    return topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology).devices[0]
 
 
 def all_config_specs() -> list[str]:
@@ -88,13 +148,18 @@ class Row:
     gflops: float | None
     compile_s: float
     step_s: float | None = None
+    compiled_for: str = "local backend"
 
     def fits(self) -> dict[str, bool]:
         return {name: self.peak_gib <= HEADROOM * size for name, size in ACCELERATORS.items()}
 
 
-def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: int) -> Row:
-    """Compiles `spec`'s train step for one device from abstract inputs and reads its memory."""
+def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: int, device=None) -> Row:
+    """Compiles `spec`'s train step for one device from abstract inputs and reads its memory.
+
+    `device`: where to compile for (default: JAX's first device); a deviceless TPU device
+    (`target_device`) compiles with the TPU compiler here, and then nothing can be timed.
+    """
     import jax  # pylint: disable=import-outside-toplevel
 
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
@@ -105,7 +170,10 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
     if config.model.name.startswith(("nfnet", "nf_regnet")):
         config.model.kwargs.grouped_conv_impl = "xla"  # the accelerators' op, whatever compiles here
     config.train.remat = remat
-    step = one_device_step.build(config, batch)
+    deviceless = device is not None and device.platform != jax.default_backend()
+    if deviceless and time_steps > 0:
+        raise ValueError("--time_steps needs the device itself; a deviceless TPU target can only be compiled.")
+    step = one_device_step.build(config, batch, device=device)
     start = time.perf_counter()
     compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
     compile_s = time.perf_counter() - start
@@ -129,7 +197,8 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
                compute_dtype=config.precision.compute_dtype, remat=remat,
                argument_gib=memory.argument_size_in_bytes / gib, output_gib=memory.output_size_in_bytes / gib,
                temp_gib=memory.temp_size_in_bytes / gib, peak_gib=peak / gib,
-               gflops=None if flops is None else flops / 1e9, compile_s=compile_s, step_s=step_s)
+               gflops=None if flops is None else flops / 1e9, compile_s=compile_s, step_s=step_s,
+               compiled_for=(device.device_kind if device is not None else jax.devices()[0].device_kind))
 
 
 def markdown_header() -> str:
@@ -156,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time_steps", type=int, default=0,
                         help="also time this many real steps per row (on an accelerator; slow on a CPU)")
     parser.add_argument("--json", action="store_true", help="one JSON line per row instead of a table")
+    parser.add_argument("--target", default=HERE, choices=[HERE, *TPU_TARGETS],
+                        help="compile for JAX's backend here, or for one device of a TPU generation without "
+                             "a TPU (needs libtpu; see the module doc)")
     args = parser.parse_args(argv)
     specs = [s.strip() for s in args.only.split(",") if s.strip()] or all_config_specs()
     missing = [s for s in specs if not (CONFIGS / s.partition(":")[0]).is_file()]
@@ -164,16 +236,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.per_device_batch is not None and args.per_device_batch < 1:
         parser.error("--per_device_batch must be >= 1")
     remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+    try:
+        tpu = check_target(args.target)
+    except ValueError as error:
+        parser.error(str(error))
+    if tpu is not None:
+        if args.time_steps:
+            parser.error("--time_steps needs the device itself; with a TPU --target the plan only compiles.")
+        for key, value in _DEVICELESS_TPU_ENV.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # run nothing on a TPU, even on a TPU host
 
     import jax  # pylint: disable=import-outside-toplevel
 
-    print(f"# Train-step memory per device, compiled by XLA:{jax.default_backend()} (jax {jax.__version__}); "
+    device = target_device(tpu)
+    compiler = f"XLA:{jax.default_backend()}" if tpu is None else f"libtpu for one {tpu.label} (deviceless)"
+    print(f"# Train-step memory per device, compiled by {compiler} (jax {jax.__version__}); "
           f"'fits' = peak <= {HEADROOM:.0%} of the device", flush=True)
     if not args.json:
         print(markdown_header(), flush=True)
     for spec in specs:
         for remat in remats:
-            row = measure(spec, args.per_device_batch, remat, args.time_steps)
+            row = measure(spec, args.per_device_batch, remat, args.time_steps, device=device)
             if args.json:
                 print(json.dumps({**dataclasses.asdict(row), "fits": row.fits()}), flush=True)
             else:

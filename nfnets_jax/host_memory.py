@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import importlib.util
 import os
 import sys
@@ -38,7 +39,13 @@ _M_ARENA_MAX = -8
 
 # Packages whose presence means JAX's default backend will be an accelerator.
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
-                        "libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+                        "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+# libtpu is also installed where nothing runs on a TPU (`experiments.memory_plan --target tpu-v3`
+# compiles with it on any host); JAX then starts its TPU backend only if a TPU chip is on the PCI
+# bus (Google's vendor id; jax/_src/hardware_utils.py), and so does this rule.
+_TPU_PLUGIN = "libtpu"
+_GOOGLE_PCI_VENDOR_ID = "0x1ae0"
+_PCI_VENDOR_FILES = "/sys/bus/pci/devices/*/vendor"
 
 # The same three settings as glibc tunables, for a process started with them in its environment.
 GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
@@ -47,19 +54,34 @@ GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
 _applied = False
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing or broken
+        return False
+
+
+def tpu_chip_present() -> bool:
+    """Whether a Google PCI device (a TPU chip) is attached to this host."""
+    for path in glob.glob(_PCI_VENDOR_FILES):
+        try:
+            with open(path, encoding="ascii") as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR_ID:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def jax_will_use_cpu() -> bool:
     """Whether JAX's default backend will be the CPU, decided without starting JAX: `JAX_PLATFORMS`
-    if set, else whether an accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    if set, else whether a GPU plugin (CUDA, ROCm) is installed, or libtpu with a TPU chip attached."""
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return platforms.split(",")[0] == "cpu"
-    for name in _ACCELERATOR_PLUGINS:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                return False
-        except (ImportError, ValueError):  # a parent package missing or broken
-            continue
-    return True
+    if any(_installed(name) for name in _ACCELERATOR_PLUGINS):
+        return False
+    return not (_installed(_TPU_PLUGIN) and tpu_chip_present())
 
 
 def _glibc() -> ctypes.CDLL | None:

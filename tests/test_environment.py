@@ -21,15 +21,15 @@ LOCK = ROOT / "requirements" / "lock.txt"
 
 
 def setup_requirements() -> dict[str, list[Requirement]]:
-    """setup.py's INSTALL_REQUIRES and TEST_REQUIRES, read without running setup.py."""
+    """setup.py's INSTALL_REQUIRES, TEST_REQUIRES and TPU_PLAN_REQUIRES, read without running setup.py."""
     tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
     lists = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
-            if name in ("INSTALL_REQUIRES", "TEST_REQUIRES"):
+            if name in ("INSTALL_REQUIRES", "TEST_REQUIRES", "TPU_PLAN_REQUIRES"):
                 lists[name] = [Requirement(s) for s in ast.literal_eval(node.value)]
-    assert set(lists) == {"INSTALL_REQUIRES", "TEST_REQUIRES"}
+    assert set(lists) == {"INSTALL_REQUIRES", "TEST_REQUIRES", "TPU_PLAN_REQUIRES"}
     return lists
 
 

@@ -64,3 +64,24 @@ def test_an_unknown_choice_names_the_valid_ones(monkeypatch):
     monkeypatch.setenv(host_memory.ENV_VAR, "yes")
     with pytest.raises(ValueError, match=host_memory.ENV_VAR):
         host_memory.keep_freed_memory()
+
+
+def test_libtpu_alone_is_not_a_tpu_host(monkeypatch, tmp_path):
+    # libtpu is installed wherever the memory plan compiles for a TPU; JAX still runs on the CPU
+    # there unless a TPU chip (Google's PCI vendor id) is attached, and so does `auto`.
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    installed = {"libtpu"}
+    monkeypatch.setattr(host_memory, "_installed", lambda name: name in installed)
+    for index, vendor in enumerate(["0x8086", "0x10de"]):
+        (tmp_path / f"dev{index}").mkdir()
+        (tmp_path / f"dev{index}" / "vendor").write_text(vendor + "\n")
+    monkeypatch.setattr(host_memory, "_PCI_VENDOR_FILES", str(tmp_path / "*" / "vendor"))
+    assert not host_memory.tpu_chip_present()
+    assert host_memory.jax_will_use_cpu()
+    (tmp_path / "dev2").mkdir()
+    (tmp_path / "dev2" / "vendor").write_text("0x1ae0\n")
+    assert host_memory.tpu_chip_present()
+    assert not host_memory.jax_will_use_cpu()
+    installed.add("jax_cuda12_plugin")  # a GPU plugin decides on its own, chip or not
+    (tmp_path / "dev2" / "vendor").write_text("0x10de\n")
+    assert not host_memory.jax_will_use_cpu()

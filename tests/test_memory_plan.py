@@ -1,15 +1,27 @@
 """The memory plan reads XLA's memory analysis of the real train step; remat lowers its temporaries."""
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
 import pytest
 
 from experiments import memory_plan
+from nfnets_jax.train import one_device_step
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
     "measured, not yet understood: per-block hk.remat does not lower XLA:CPU's temporary "
     "allocation for the one-block-per-stage digits NFNet (0.0868 vs 0.0865 GiB at per-device "
-    "batch 256, 0.0080 vs 0.0077 at 16); the remat memory claim is open (issue 11)"))
+    "batch 256, 0.0080 vs 0.0077 at 16); the TPU compiler's plan of the same step does "
+    "(test_tpu_target_compiles_with_the_tpu_compiler)"))
 def test_remat_lowers_temporaries_and_the_row_adds_up():
     # A batch at which the stored activations outweigh the tiny model's parameter-sized temporaries.
     plain = memory_plan.measure("digits.py", per_device_batch=256, remat=False, time_steps=0)
@@ -30,3 +42,55 @@ def test_fits_uses_the_headroom():
     fits = row.fits()
     assert not fits["TPUv3 16G"]  # 14.5 > 0.9 * 16
     assert fits["TPUv4 32G"] and fits["H200 141G"]
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "experiments.memory_plan", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu: pip install -c requirements/lock.txt -e \".[tpu-plan]\" (.ci/run does)")
+def test_tpu_target_compiles_with_the_tpu_compiler():
+    """Deviceless: this host has no TPU, and the plan is libtpu's own, for one TPUv3 core."""
+    result = _plan("--target", "tpu-v3", "--only", "digits.py", "--per_device_batch", "256", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "libtpu for one TPUv3 core" in result.stdout
+    plain, remat = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert plain["compiled_for"] == remat["compiled_for"] == "TPU v3"
+    assert (plain["remat"], remat["remat"]) == (False, True)
+    # The arguments hold the whole train state and the batch: at least their exact bytes (the TPU
+    # pads small arrays to its tiles, so more, but not wildly more).
+    config = memory_plan.load_config("digits.py")
+    step = one_device_step.build(config, 256)
+    exact = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+                for leaf in jax.tree.leaves((step.abstract_state(), step.batch_shapes)))
+    for row in (plain, remat):
+        assert exact <= row["argument_gib"] * 1024**3 <= 2 * exact
+        assert row["peak_gib"] <= row["argument_gib"] + row["output_gib"] + row["temp_gib"]
+    # On the TPU compiler, per-block remat trades recomputed forward FLOPs for kept activations.
+    assert remat["temp_gib"] < plain["temp_gib"]
+    assert remat["gflops"] > plain["gflops"]
+
+
+def test_a_bad_target_is_one_error_before_any_compile(monkeypatch):
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--target", "tpu-v9", "--only", "digits.py"])
+    with pytest.raises(ValueError, match="unknown --target"):
+        memory_plan.check_target("tpu-v9")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"pip install -c requirements/lock.txt libtpu"):
+        memory_plan.check_target("tpu-v5e")
+    assert memory_plan.check_target("here") is None
+
+
+def test_a_deviceless_target_cannot_be_timed(capsys):
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("needs libtpu")
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--target", "tpu-v3", "--only", "digits.py", "--time_steps", "2"])
+    assert "--time_steps needs the device itself" in capsys.readouterr().err
