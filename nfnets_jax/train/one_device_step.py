@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from nfnets_jax import models, optim
+from nfnets_jax.models import standardized_inference
 from nfnets_jax.train import step as step_lib
 from nfnets_jax.train.forward import make_forward
 from nfnets_jax.train.state import TrainState, init_train_state
@@ -42,6 +43,11 @@ class OneDeviceStep:
       train: jitted `(state, batch) -> (state, metrics)`; the state is donated, as in the runner.
       evaluate: jitted `(params, model_state, images) -> logits`, inference (`is_training=False`)
         in the compute dtype.
+      standardized_kernels: jitted `(params, model_state) -> kernels`, every weight-standardised
+        kernel of `params` in the compute dtype, for `evaluate_with_kernels`
+        (`nfnets_jax.models.standardized_inference`).
+      evaluate_with_kernels: jitted `(params, model_state, kernels, images) -> logits`: `evaluate`
+        with the kernels standardised once instead of on every call.
       init_state: `() -> TrainState` (pure; jit it, or `jax.eval_shape` it for shapes only).
       batch_shapes: the batch as `jax.ShapeDtypeStruct`s (per-device batch × image size).
       forward: the Haiku forward the step uses.
@@ -50,6 +56,8 @@ class OneDeviceStep:
 
     train: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
     evaluate: Callable[[hk.Params, hk.State, jax.Array], jax.Array]
+    standardized_kernels: Callable[[hk.Params, hk.State], dict[str, jax.Array]]
+    evaluate_with_kernels: Callable[[hk.Params, hk.State, dict[str, jax.Array], jax.Array], jax.Array]
     init_state: Callable[[], TrainState]
     batch_shapes: dict[str, jax.ShapeDtypeStruct]
     forward: hk.TransformedWithState
@@ -107,6 +115,17 @@ def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_class
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         return forward.apply(params, model_state, None, images.astype(compute_dtype), is_training=False)[0]
 
+    kernels_of = standardized_inference.standardized_kernels_fn(forward)
+
+    def standardized_kernels(params: hk.Params, model_state: hk.State) -> dict[str, jax.Array]:
+        return kernels_of(jax.tree.map(lambda p: p.astype(compute_dtype), params), model_state)
+
+    def evaluate_with_kernels(params: hk.Params, model_state: hk.State, kernels: dict[str, jax.Array],
+                              images: jax.Array) -> jax.Array:
+        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        return standardized_inference.apply_with_kernels(
+            forward, params, model_state, kernels, images.astype(compute_dtype))[0]
+
     def init_state() -> TrainState:
         return init_train_state(forward, optimizer, seed=config.train.seed,
                                 sample_images=jnp.zeros((1, size, size, 3), jnp.float32),
@@ -118,7 +137,8 @@ def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_class
         "mix_labels": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32),
         "ratio": jax.ShapeDtypeStruct((per_device_batch,), jnp.float32),
     }
-    return OneDeviceStep(train=train, evaluate=jax.jit(evaluate), init_state=init_state,
+    return OneDeviceStep(train=train, evaluate=jax.jit(evaluate), standardized_kernels=jax.jit(standardized_kernels),
+                         evaluate_with_kernels=jax.jit(evaluate_with_kernels), init_state=init_state,
                          batch_shapes=batch_shapes, forward=forward, num_classes=num_classes)
 
 
