@@ -249,7 +249,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import jax  # pylint: disable=import-outside-toplevel
 
-    device = target_device(tpu)
+    try:
+        device = target_device(tpu)
+    except Exception as error:  # pylint: disable=broad-except  # libtpu's errors have no common type
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        parser.error(f"libtpu could not describe a {tpu.label} ({first_line}); install the libtpu this jax "
+                     f"pins: pip install -c requirements/lock.txt -e \".[tpu-plan]\"")
     compiler = f"XLA:{jax.default_backend()}" if tpu is None else f"libtpu for one {tpu.label} (deviceless)"
     print(f"# Train-step memory per device, compiled by {compiler} (jax {jax.__version__}); "
           f"'fits' = peak <= {HEADROOM:.0%} of the device", flush=True)

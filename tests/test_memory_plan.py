@@ -94,3 +94,18 @@ def test_a_deviceless_target_cannot_be_timed(capsys):
     with pytest.raises(SystemExit):
         memory_plan.main(["--target", "tpu-v3", "--only", "digits.py", "--time_steps", "2"])
     assert "--time_steps needs the device itself" in capsys.readouterr().err
+
+
+def test_a_libtpu_that_cannot_describe_the_tpu_is_one_error(monkeypatch, capsys):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # main sets libtpu's variables
+    monkeypatch.setattr(memory_plan, "check_target", lambda target: memory_plan.TPU_TARGETS[target])
+
+    def no_topology(tpu):
+        raise RuntimeError("UNIMPLEMENTED: topology v3:2x2 unknown to this libtpu\nstack...")
+
+    monkeypatch.setattr(memory_plan, "target_device", no_topology)
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--target", "tpu-v3", "--only", "digits.py"])
+    err = capsys.readouterr().err
+    assert "libtpu could not describe a TPUv3 core (UNIMPLEMENTED: topology v3:2x2 unknown" in err
+    assert 'pip install -c requirements/lock.txt -e ".[tpu-plan]"' in err and "stack..." not in err

@@ -62,6 +62,11 @@ def test_kernels_follow_the_compute_dtype_and_must_match_the_model():
     other_params, other_state = jax.jit(lambda: other.init(jax.random.PRNGKey(0), images, is_training=True))()
     with pytest.raises(KeyError, match="computed for another model"):
         si.apply_with_kernels(other, other_params, other_state, kernels, images)
+    # Same module names, another width: each kernel's shape is checked against the conv's.
+    wider = make_forward("nfnet_f0", 10, dict(TINY, widths=(32, 64, 128, 128)))
+    wide_params, wide_state = jax.jit(lambda: wider.init(jax.random.PRNGKey(0), images, is_training=True))()
+    with pytest.raises(ValueError, match="has shape .* this model's conv needs"):
+        si.apply_with_kernels(wider, wide_params, wide_state, kernels, images)
 
 
 def test_a_model_without_weight_standardisation_is_told_so():

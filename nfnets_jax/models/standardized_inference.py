@@ -74,18 +74,25 @@ def apply_with_kernels(forward: hk.TransformedWithState, params: hk.Params, stat
     """`forward.apply(params, state, rng, images, is_training=False)`, reusing `kernels`.
 
     Each kernel is cast to the dtype its conv computes in (the images' dtype for the models here),
-    as the standardisation's own output would be. Raises KeyError naming the module if `kernels`
-    came from another model.
+    as the standardisation's own output would be. Raises KeyError (a module without a kernel) or
+    ValueError (a kernel of the wrong shape) naming the module if `kernels` came from another model.
     """
 
     def reuse(next_fun, args, kwargs, context: hk.MethodContext):
         if not _is_standardization(context):
             return next_fun(*args, **kwargs)
-        name = context.module.module_name
+        module, name = context.module, context.module.module_name
         if name not in kernels:
             raise KeyError(f"No standardised kernel for {name!r}: `kernels` were computed for another "
                            "model; recompute them with standardized_kernels for this one.")
+        in_channels = kwargs.get("in_channels", args[0] if args else None)
         dtype = kwargs.get("dtype", args[1] if len(args) > 1 else kernels[name].dtype)
+        expected = (module.kernel_shape, module.kernel_shape, in_channels // module.feature_group_count,
+                    module.output_channels)
+        if tuple(kernels[name].shape) != expected:
+            raise ValueError(f"The kernel for {name!r} has shape {tuple(kernels[name].shape)}, this model's "
+                             f"conv needs {expected}: `kernels` were computed for another model (another "
+                             "width?); recompute them with standardized_kernels for this one.")
         return kernels[name].astype(dtype)
 
     with hk.intercept_methods(reuse):
