@@ -32,8 +32,10 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -149,9 +151,27 @@ class Row:
     compile_s: float
     step_s: float | None = None
     compiled_for: str = "local backend"
+    # The TPU compiler's refusal when the step cannot fit its device (then the sizes are NaN, but
+    # for `temp_gib`: the temporaries it said it would need, a lower bound of the peak).
+    out_of_memory: str | None = None
 
-    def fits(self) -> dict[str, bool]:
-        return {name: self.peak_gib <= HEADROOM * size for name, size in ACCELERATORS.items()}
+    def fits(self) -> dict[str, bool | None]:
+        """Per accelerator: the peak within HEADROOM of its memory; after an out-of-memory refusal,
+        False where even the temporaries the compiler asked for are too many, else None (unknown)."""
+        if self.out_of_memory is None:
+            return {name: self.peak_gib <= HEADROOM * size for name, size in ACCELERATORS.items()}
+        return {name: (False if math.isnan(self.temp_gib) or self.temp_gib > HEADROOM * size else None)
+                for name, size in ACCELERATORS.items()}
+
+
+# libtpu's refusal: "... the total memory required for HLO temporaries (103.92G) exceeds available HBM (15.48G)."
+_TPU_OOM_TEMPORARIES = re.compile(r"required for HLO temporaries \((\d+(?:\.\d+)?)([KMGT])\)")
+_UNITS = {"K": 2.0**-20, "M": 2.0**-10, "G": 1.0, "T": 2.0**10}
+
+
+def _out_of_memory_temporaries_gib(message: str) -> float:
+    match = _TPU_OOM_TEMPORARIES.search(message)
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else math.nan
 
 
 def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: int, device=None) -> Row:
@@ -175,7 +195,20 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
         raise ValueError("--time_steps needs the device itself; a deviceless TPU target can only be compiled.")
     step = one_device_step.build(config, batch, device=device)
     start = time.perf_counter()
-    compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
+    lowered = step.train.lower(step.abstract_state(), step.batch_shapes)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        # A TPU compiler refuses a program that cannot fit its device's HBM (after rematerialising
+        # what it could on its own): that is an answer of the plan, not a failure of it.
+        if not (deviceless and "RESOURCE_EXHAUSTED" in str(error)):
+            raise
+        message = str(error).strip().splitlines()[0]
+        nan = math.nan
+        return Row(config=spec, model=config.model.name, image_size=config.data.image_size, per_device_batch=batch,
+                   compute_dtype=config.precision.compute_dtype, remat=remat, argument_gib=nan, output_gib=nan,
+                   temp_gib=_out_of_memory_temporaries_gib(message), peak_gib=nan, gflops=None,
+                   compile_s=time.perf_counter() - start, compiled_for=device.device_kind, out_of_memory=message)
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     gib = 1024.0**3
@@ -211,9 +244,12 @@ def markdown_header() -> str:
 def markdown_row(row: Row) -> str:
     fits = row.fits()
     tflop = "?" if row.gflops is None else f"{row.gflops / 1e3:.2f}"
+    gib = lambda value: "?" if math.isnan(value) else f"{value:.2f}"
+    temp = gib(row.temp_gib) if row.out_of_memory is None else f"≥ {gib(row.temp_gib)} (out of memory)"
+    verdict = {True: "yes", False: "no", None: "?"}
     return (f"| {row.config} | {row.model} | {row.image_size} | {row.per_device_batch} | "
-            f"{'on' if row.remat else 'off'} | {row.argument_gib:.2f} | {row.temp_gib:.2f} | {row.peak_gib:.2f} | "
-            f"{tflop} | " + " | ".join("yes" if fits[name] else "no" for name in ACCELERATORS) + " |")
+            f"{'on' if row.remat else 'off'} | {gib(row.argument_gib)} | {temp} | {gib(row.peak_gib)} | "
+            f"{tflop} | " + " | ".join(verdict[fits[name]] for name in ACCELERATORS) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,7 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         for remat in remats:
             row = measure(spec, args.per_device_batch, remat, args.time_steps, device=device)
             if args.json:
-                print(json.dumps({**dataclasses.asdict(row), "fits": row.fits()}), flush=True)
+                fields = {key: None if isinstance(value, float) and math.isnan(value) else value
+                          for key, value in dataclasses.asdict(row).items()}
+                print(json.dumps({**fields, "fits": row.fits()}), flush=True)
             else:
                 extra = f" (compile {row.compile_s:.0f}s" + (f", step {row.step_s:.3f}s)" if row.step_s else ")")
                 print(markdown_row(row) + extra, flush=True)

@@ -109,3 +109,31 @@ def test_a_libtpu_that_cannot_describe_the_tpu_is_one_error(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "libtpu could not describe a TPUv3 core (UNIMPLEMENTED: topology v3:2x2 unknown" in err
     assert 'pip install -c requirements/lock.txt -e ".[tpu-plan]"' in err and "stack..." not in err
+
+
+def test_an_out_of_memory_row_says_what_cannot_fit():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(50.00G) exceeds available HBM (15.48G).")
+    assert memory_plan._out_of_memory_temporaries_gib(message) == 50.0
+    assert memory_plan._out_of_memory_temporaries_gib(message.replace("50.00G", "512M")) == 0.5
+    nan = float("nan")
+    row = memory_plan.Row(config="x", model="m", image_size=1, per_device_batch=1, compute_dtype="bfloat16",
+                          remat=False, argument_gib=nan, output_gib=nan, temp_gib=50.0, peak_gib=nan,
+                          gflops=None, compile_s=0.0, compiled_for="TPU v3", out_of_memory=message)
+    fits = row.fits()
+    # 50 GiB of temporaries alone: too much for 16/32/40 GiB (and 0.9·80 = 72 is not known to suffice).
+    assert fits["TPUv3 16G"] is fits["TPUv4 32G"] is fits["A100 40G"] is False
+    assert fits["A100 80G"] is fits["H200 141G"] is None
+    assert "≥ 50.00 (out of memory)" in memory_plan.markdown_row(row)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu: pip install -c requirements/lock.txt -e \".[tpu-plan]\" (.ci/run does)")
+def test_a_step_too_big_for_the_tpu_is_a_row_not_a_crash():
+    result = _plan("--target", "tpu-v3", "--only", "digits.py", "--per_device_batch", "1048576", "--remat", "off",
+                   "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert row["out_of_memory"].startswith("RESOURCE_EXHAUSTED") and row["peak_gib"] is None
+    assert row["temp_gib"] > 16 and row["fits"]["TPUv3 16G"] is False
