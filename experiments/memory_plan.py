@@ -21,8 +21,9 @@ F0–F2: an upper bound). `--target tpu-v3` (or `tpu-v5e`, `tpu-v5p`, `tpu-v6e`)
 device of that TPU generation *without* a TPU, through `jax.experimental.topologies` and libtpu's
 compiler (ahead-of-time, "deviceless"): the figures are then the TPU compiler's own plan, exact up
 to what the runtime adds (keep the 10% headroom the "fits" column asks for). It needs libtpu
-(`pip install -c requirements/lock.txt libtpu`, ~140 MB; nothing else changes) and, since it only
-compiles, no TPU and no network. Per-device batch: the global `config.train.batch_size` over `RECIPE_DEVICES` devices
+(`pip install -c requirements/lock.txt -e ".[tpu-plan]"`, ~140 MB; nothing else changes) and,
+since it only compiles, no TPU and no network; but it needs the host RAM of the TPU compiler,
+which grows with the model (F3's compile peaked near 11 GB, F5's passed 16 GB on a 24 GB host). Per-device batch: the global `config.train.batch_size` over `RECIPE_DEVICES` devices
 (NFNets: 4096 over the 128 TPUv3 cores of the paper, 32 each).
 """
 
@@ -100,7 +101,7 @@ def check_target(target: str) -> TpuTarget | None:
         raise ValueError(f"unknown --target {target!r}; choose {HERE!r} or one of {sorted(TPU_TARGETS)}.")
     if importlib.util.find_spec("libtpu") is None:
         raise ValueError(f"--target {target} compiles with libtpu's TPU compiler, which is not installed: "
-                         "pip install -c requirements/lock.txt libtpu (no TPU needed).")
+                         "pip install -c requirements/lock.txt -e \".[tpu-plan]\" (no TPU needed).")
     return TPU_TARGETS[target]
 
 
