@@ -67,7 +67,6 @@ class TpuTarget:
     """A TPU generation to compile for without one: a topology `jax.experimental.topologies` knows."""
 
     topology: str  # its name for `get_topology_desc`; the plan compiles for the topology's first device
-    device_gib: float  # HBM of one JAX device of that generation
     label: str
 
 
@@ -75,10 +74,10 @@ class TpuTarget:
 # (TPUv4 is left out: libtpu's deviceless v4 topology lists its two cores as separate devices,
 # whereas JAX on a real v4 host runs one device per chip, so the plan would be of the wrong device.)
 TPU_TARGETS: dict[str, TpuTarget] = {
-    "tpu-v3": TpuTarget("v3:2x2", 16.0, "TPUv3 core"),
-    "tpu-v5e": TpuTarget("v5e:2x2", 16.0, "TPUv5e chip"),
-    "tpu-v5p": TpuTarget("v5p:2x2x1", 95.0, "TPUv5p chip"),
-    "tpu-v6e": TpuTarget("v6e:2x2", 32.0, "TPUv6e chip"),
+    "tpu-v3": TpuTarget("v3:2x2", "TPUv3 core"),
+    "tpu-v5e": TpuTarget("v5e:2x2", "TPUv5e chip"),
+    "tpu-v5p": TpuTarget("v5p:2x2x1", "TPUv5p chip"),
+    "tpu-v6e": TpuTarget("v6e:2x2", "TPUv6e chip"),
 }
 HERE = "here"
 
