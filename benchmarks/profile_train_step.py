@@ -1,9 +1,12 @@
-"""Where the time of one train step goes, per kind of XLA operation (any backend; the buckets are made for XLA:CPU's trace).
+"""Where the time of one train step (or inference pass) goes, per kind of XLA operation (any backend; the buckets are made for XLA:CPU's trace).
 
 Compiles the runner's real train step (`nfnets_jax.train.one_device_step`, default
 `configs/nfnet.py:F0` in float32, batch 8 at 192 px, EMA off: the `benchmarks.compare_timm`
 setup), runs `--steps` steps under `jax.profiler.trace`, and sums the time XLA spent in each
-instruction of the compiled program. Every instruction is put in one bucket:
+instruction of the compiled program. `--pass inference` profiles the eval forward instead
+(weights standardised per call, as timm does), `--pass inference_kernels_once` the forward with
+every kernel standardised beforehand (`OneDeviceStep.evaluate_with_kernels`): the two inference
+columns of `benchmarks.compare_timm`. Every instruction is put in one bucket:
 
 - `conv forward`, `conv dX` (input gradient), `conv dW` (weight gradient): XLA writes a weight
   gradient as a convolution whose window is the whole activation map, which is how it is told
@@ -18,11 +21,13 @@ elementwise work into library fusions). Events of concurrently running instructi
 the buckets can add up to more than the step's wall time.
 
 Prints one JSON line: ms per step and share of each bucket, the 15 most expensive instructions
-with their shapes and op names, and the load average. Needs nothing but jax (the trace is read
+with their shapes and op names, the pass's wall time untraced (median), XLA's FLOP count of the
+compiled program and the rate the two give, and the load average. Needs nothing but jax (the trace is read
 from the Perfetto JSON that `jax.profiler` writes itself).
 
     python -m benchmarks.profile_train_step
     python -m benchmarks.profile_train_step --grouped-conv-impl xla --steps 2
+    python -m benchmarks.profile_train_step --pass inference_kernels_once --steps 3
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ import os
 import pathlib
 import re
 import shutil
+import statistics
 import tempfile
+import time
 from typing import Any
 
 # XLA:CPU only records per-instruction trace events with this flag; it must be set before jax starts.
@@ -147,24 +154,63 @@ def trace_durations(trace_path: str) -> dict[str, float]:
     return totals
 
 
+PASSES = ("train", "inference", "inference_kernels_once")
+
+
+def _compiled_pass(step: one_device_step.OneDeviceStep, which: str):
+    """(the compiled program of pass `which`, a callable that runs it once and waits for it)."""
+    state, data = jax.jit(step.init_state)(), step.random_batch()
+    if which == "train":
+        compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
+        carried = [state]  # the train step donates its state: each call consumes the previous one
+
+        def run_train():
+            carried[0], _ = jax.block_until_ready(compiled(carried[0], data))
+
+        return compiled, run_train
+    if which == "inference":
+        args = (state.params, state.model_state, data["images"])
+        compiled = step.evaluate.lower(*args).compile()
+    elif which == "inference_kernels_once":
+        kernels = step.standardized_kernels(state.params, state.model_state)
+        args = (state.params, state.model_state, kernels, data["images"])
+        compiled = step.evaluate_with_kernels.lower(*args).compile()
+    else:
+        raise ValueError(f"pass {which!r} is not one of {PASSES}.")
+    return compiled, lambda: jax.block_until_ready(compiled(*args))
+
+
+def _xla_flops(compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype: str,
-            keep_dir: str | None = None) -> dict[str, Any]:
-    """Traces `steps` compiled steps; with `keep_dir`, also writes the trace and the compiled HLO there
-    (`trace.json.gz`, `hlo.txt.gz`) so that a trace from another machine (a GPU) can be read later."""
+            keep_dir: str | None = None, which: str = "train") -> dict[str, Any]:
+    """Traces `steps` calls of pass `which` (one of `PASSES`); with `keep_dir`, also writes the trace and
+    the compiled HLO there (`trace.json.gz`, `hlo.txt.gz`) so that a trace from another machine (a
+    GPU) can be read later."""
     config = one_device_step.config_from_spec(config_spec)
     config.precision.compute_dtype = dtype
     config.optimizer.ema_decay = 0.0
     config.data.image_size = res
     config.model.kwargs.grouped_conv_impl = impl
     step = one_device_step.build(config, batch)
-    compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
+    compiled, run = _compiled_pass(step, which)
     instructions = classify(compiled.as_text())
-    state, data = jax.jit(step.init_state)(), step.random_batch()
-    state, _ = jax.block_until_ready(compiled(state, data))  # warm-up
+    run()  # warm-up
+    wall = []
+    for _ in range(max(3, steps)):
+        start = time.perf_counter()
+        run()
+        wall.append(time.perf_counter() - start)
+    wall_s = statistics.median(wall)
     trace_dir = tempfile.mkdtemp(prefix="nfnets_profile_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(steps):
-            state, _ = jax.block_until_ready(compiled(state, data))
+            run()
     trace_path = perfetto_trace_path(trace_dir)
     if keep_dir:
         os.makedirs(keep_dir, exist_ok=True)
@@ -181,11 +227,15 @@ def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype
             known.append((micros, name, bucket, shape, op_name))
     total = sum(per_bucket.values()) or 1.0
     known.sort(reverse=True)
+    flops = _xla_flops(compiled)
     with open("/proc/loadavg", encoding="ascii") as f:
         load = [float(v) for v in f.read().split()[:3]]
     return {
-        "config": pathlib.Path(config_spec).name, "batch": batch, "res": res, "dtype": dtype,
+        "config": pathlib.Path(config_spec).name, "pass": which, "batch": batch, "res": res, "dtype": dtype,
         "grouped_conv_impl": impl, "steps": steps,
+        "wall_ms_per_step": round(wall_s * 1e3, 1),
+        "xla_gflop_per_step": None if flops is None else float(f"{flops / 1e9:.4g}"),
+        "gflop_per_s": None if flops is None else float(f"{flops / 1e9 / wall_s:.4g}"),
         "instruction_ms_per_step": round(total / 1e3 / steps, 1),
         "buckets": {k: {"ms_per_step": round(v / 1e3 / steps, 1), "share": round(v / total, 3)}
                     for k, v in sorted(per_bucket.items(), key=lambda kv: -kv[1])},
@@ -204,12 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
     parser.add_argument("--keep", default=None, help="a folder to copy the trace and the compiled HLO into")
+    parser.add_argument("--pass", dest="which", default="train", choices=PASSES,
+                        help="the train step, or the inference forward with weights standardised per call / once")
     args = parser.parse_args(argv)
     host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/host_memory.py)
     if min(args.batch, args.res, args.steps) < 1:
         parser.error("--batch, --res and --steps must be >= 1")
     print(json.dumps({**profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype,
-                                  args.keep),
+                                  args.keep, args.which),
                       "provenance": provenance.collect()}),
           flush=True)
 

@@ -38,3 +38,38 @@ def test_every_convolution_and_dot_lands_in_its_bucket():
             inner = " ".join(bodies[called])
             if " convolution(" in inner or " dot(" in inner:
                 assert buckets[match.group(1)][0].startswith(("conv", "dot")), (line, buckets[match.group(1)])
+
+
+def _forward_macs(config_spec: str, batch: int, res: int) -> int:
+    """Multiply-adds of the eval forward's convs and dots, counted on its jaxpr (models/flops.py)."""
+    from nfnets_jax.models import flops  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+
+    config = one_device_step.config_from_spec(config_spec)
+    config.data.image_size = res
+    step = one_device_step.build(config, batch)
+    state = step.abstract_state()
+    images = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32)
+    return flops.jaxpr_macs(jax.make_jaxpr(step.evaluate)(state.params, state.model_state, images).jaxpr)
+
+
+def test_each_pass_profiles_its_own_program():
+    """The inference passes hold no backward work and cost what their convs and dots do: 2 FLOPs per
+    multiply-add, less the taps that fall on SAME padding (XLA does not count them; at 16 px the
+    last stages are 2×2 maps, so up to ~20% here), plus the elementwise work XLA also counts. The
+    train step holds input and weight gradients, each about one forward's work, so it costs at least
+    two forwards more than one forward (its optimizer, AGC and weight-standardisation work are extra)."""
+    spec = str(profile_train_step.REPO_ROOT / "configs" / "digits.py")
+    batch, res = 4, 16
+    runs = {which: profile_train_step.profile(spec, batch, res, 1, "auto", "float32", which=which)
+            for which in profile_train_step.PASSES}
+    forward_flops = 2 * _forward_macs(spec, batch, res)
+    for which in ("inference", "inference_kernels_once"):
+        run = runs[which]
+        assert run["pass"] == which
+        assert not any(k in bucket for bucket in run["buckets"] for k in ("backward", "dW", "dX")), run["buckets"]
+        assert 0.8 * forward_flops <= run["xla_gflop_per_step"] * 1e9 <= 1.5 * forward_flops, (run, forward_flops)
+        assert run["wall_ms_per_step"] > 0 and run["gflop_per_s"] > 0
+    train = runs["train"]
+    assert {"conv dW", "conv dX"} & set(train["buckets"]), train["buckets"]
+    assert 3.0 <= train["xla_gflop_per_step"] / runs["inference_kernels_once"]["xla_gflop_per_step"] <= 8.0, train
