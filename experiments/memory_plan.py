@@ -17,7 +17,7 @@ is the recomputed forward (on an accelerator, `--time_steps N` also times both v
 
 How to read it: the figures are those of the compiler that compiles. By default that is the
 backend JAX runs on here (on a laptop or CI, XLA:CPU, whose plan came out 1.7–1.8× XLA:GPU's for
-F0–F2: an upper bound). `--target tpu-v3` (or `tpu-v5e`, `tpu-v5p`, `tpu-v6e`) compiles for one
+F0–F2: an upper bound). `--target tpu-v3` (or `tpu-v4`, `tpu-v5e`, `tpu-v5p`, `tpu-v6e`) compiles for one
 device of that TPU generation *without* a TPU, through `jax.experimental.topologies` and libtpu's
 compiler (ahead-of-time, "deviceless"): the figures are then the TPU compiler's own plan, exact up
 to what the runtime adds (keep the 10% headroom the "fits" column asks for). It needs libtpu
@@ -70,11 +70,12 @@ class TpuTarget:
     label: str
 
 
-# One JAX device is a TPUv3 *core* (the paper's 128 devices), and a whole chip on v5e/v5p/v6e.
+# One JAX device is a TPUv3 *core* (the paper's 128 devices), and a whole chip on v4 (megacore)/v5e/v5p/v6e.
 # (TPUv4 is left out: libtpu's deviceless v4 topology lists its two cores as separate devices,
 # whereas JAX on a real v4 host runs one device per chip, so the plan would be of the wrong device.)
 TPU_TARGETS: dict[str, TpuTarget] = {
     "tpu-v3": TpuTarget("v3:2x2", "TPUv3 core"),
+    "tpu-v4": TpuTarget("v4:2x2x1", "TPUv4 chip"),
     "tpu-v5e": TpuTarget("v5e:2x2", "TPUv5e chip"),
     "tpu-v5p": TpuTarget("v5p:2x2x1", "TPUv5p chip"),
     "tpu-v6e": TpuTarget("v6e:2x2", "TPUv6e chip"),

@@ -137,3 +137,24 @@ def test_a_step_too_big_for_the_tpu_is_a_row_not_a_crash():
     (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert row["out_of_memory"].startswith("RESOURCE_EXHAUSTED") and row["peak_gib"] is None
     assert row["temp_gib"] > 16 and row["fits"]["TPUv3 16G"] is False
+
+
+# The device kind libtpu reports for one device of each deviceless target (libtpu 0.0.42, pinned).
+_DEVICE_KINDS = {"tpu-v3": "TPU v3", "tpu-v4": "TPU v4", "tpu-v5e": "TPU v5 lite", "tpu-v5p": "TPU v5",
+                 "tpu-v6e": "TPU v6 lite"}
+
+
+def test_every_tpu_target_has_a_known_device_kind():
+    assert set(_DEVICE_KINDS) == set(memory_plan.TPU_TARGETS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu: pip install -c requirements/lock.txt -e \".[tpu-plan]\" (.ci/run does)")
+@pytest.mark.parametrize("target", sorted(set(_DEVICE_KINDS) - {"tpu-v3"}))  # v3: the test above
+def test_each_tpu_target_compiles_for_its_own_device(target):
+    result = _plan("--target", target, "--only", "digits.py", "--per_device_batch", "8", "--remat", "off", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert row["compiled_for"] == _DEVICE_KINDS[target] and row["out_of_memory"] is None
+    assert 0 < row["peak_gib"] <= row["argument_gib"] + row["output_gib"] + row["temp_gib"]
