@@ -68,14 +68,15 @@ class TpuTarget:
 
     topology: str  # its name for `get_topology_desc`; the plan compiles for the topology's first device
     label: str
+    options: tuple[tuple[str, str], ...] = ()  # further `get_topology_desc` options, as (name, value)
 
 
-# One JAX device is a TPUv3 *core* (the paper's 128 devices), and a whole chip on v4 (megacore)/v5e/v5p/v6e.
-# (TPUv4 is left out: libtpu's deviceless v4 topology lists its two cores as separate devices,
-# whereas JAX on a real v4 host runs one device per chip, so the plan would be of the wrong device.)
+# One JAX device is a TPUv3 *core* (the paper's 128 devices), and a whole chip on v4/v5e/v5p/v6e.
+# A TPUv4 chip's two cores run as one device ("megacore", 32 GiB) on a v4 host, but libtpu's
+# deviceless v4 topology lists them as separate 16 GiB devices unless asked for megacore chips.
 TPU_TARGETS: dict[str, TpuTarget] = {
     "tpu-v3": TpuTarget("v3:2x2", "TPUv3 core"),
-    "tpu-v4": TpuTarget("v4:2x2x1", "TPUv4 chip"),
+    "tpu-v4": TpuTarget("v4:2x2x1", "TPUv4 chip", (("chip_config_name", "megacore"),)),
     "tpu-v5e": TpuTarget("v5e:2x2", "TPUv5e chip"),
     "tpu-v5p": TpuTarget("v5p:2x2x1", "TPUv5p chip"),
     "tpu-v6e": TpuTarget("v6e:2x2", "TPUv6e chip"),
@@ -111,7 +112,7 @@ def target_device(tpu: TpuTarget | None):
         return None
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
-    return topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology).devices[0]
+    return topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology, **dict(tpu.options)).devices[0]
 
 
 def all_config_specs() -> list[str]:
