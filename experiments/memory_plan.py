@@ -154,26 +154,41 @@ class Row:
     step_s: float | None = None
     compiled_for: str = "local backend"
     # The TPU compiler's refusal when the step cannot fit its device (then the sizes are NaN, but
-    # for `temp_gib`: the temporaries it said it would need, a lower bound of the peak).
+    # for `temp_gib`: the temporaries it said it would need, when it said so).
     out_of_memory: str | None = None
+    # After a refusal: what the refusal proves the peak exceeds (the memory it asked for, and the
+    # device's HBM, which it did not fit); NaN if the message gave no size.
+    peak_at_least_gib: float = math.nan
 
     def fits(self) -> dict[str, bool | None]:
         """Per accelerator: the peak within HEADROOM of its memory; after an out-of-memory refusal,
-        False where even the temporaries the compiler asked for are too many, else None (unknown)."""
+        False where even what the refusal proves is needed is too much, else None (unknown)."""
         if self.out_of_memory is None:
             return {name: self.peak_gib <= HEADROOM * size for name, size in ACCELERATORS.items()}
-        return {name: (False if math.isnan(self.temp_gib) or self.temp_gib > HEADROOM * size else None)
+        return {name: (False if self.peak_at_least_gib > HEADROOM * size else None)  # NaN > x is False
                 for name, size in ACCELERATORS.items()}
 
 
-# libtpu's refusal: "... the total memory required for HLO temporaries (103.92G) exceeds available HBM (15.48G)."
-_TPU_OOM_TEMPORARIES = re.compile(r"required for HLO temporaries \((\d+(?:\.\d+)?)([KMGT])\)")
+# libtpu words a refusal in (at least) two ways, with sizes such as "103.92G" or "216.34M":
+#   "... the total memory required for HLO temporaries (103.92G) exceeds available HBM (15.48G)."
+#   "... CompileTimeHbmOom: ... Ran out of memory in memory space hbm. Used 15.69G of 15.48G hbm. ..."
+_SIZE = r"(\d+(?:\.\d+)?)([KMGT])"
+_TPU_OOM_TEMPORARIES = re.compile(rf"required for HLO temporaries \({_SIZE}\)")
+_TPU_OOM_LOWER_BOUNDS = (_TPU_OOM_TEMPORARIES, re.compile(rf"available HBM \({_SIZE}\)"),
+                         re.compile(rf"Used {_SIZE} of"), re.compile(rf"of {_SIZE} hbm"))
 _UNITS = {"K": 2.0**-20, "M": 2.0**-10, "G": 1.0, "T": 2.0**10}
 
 
-def _out_of_memory_temporaries_gib(message: str) -> float:
-    match = _TPU_OOM_TEMPORARIES.search(message)
+def _gib(match: re.Match | None) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)] if match else math.nan
+
+
+def refusal_sizes(message: str) -> tuple[float, float]:
+    """(temporaries asked for, what the peak must exceed) in GiB from a TPU compiler's refusal; NaN
+    for what the message does not say. A refused step needs more than its device's HBM in any case."""
+    bounds = [_gib(pattern.search(message)) for pattern in _TPU_OOM_LOWER_BOUNDS]
+    known = [bound for bound in bounds if not math.isnan(bound)]
+    return bounds[0], max(known) if known else math.nan
 
 
 def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: int, device=None) -> Row:
@@ -207,10 +222,11 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
             raise
         message = str(error).strip().splitlines()[0]
         nan = math.nan
+        temporaries, peak_at_least = refusal_sizes(message)
         return Row(config=spec, model=config.model.name, image_size=config.data.image_size, per_device_batch=batch,
                    compute_dtype=config.precision.compute_dtype, remat=remat, argument_gib=nan, output_gib=nan,
-                   temp_gib=_out_of_memory_temporaries_gib(message), peak_gib=nan, gflops=None,
-                   compile_s=time.perf_counter() - start, compiled_for=device.device_kind, out_of_memory=message)
+                   temp_gib=temporaries, peak_gib=nan, gflops=None, compile_s=time.perf_counter() - start,
+                   compiled_for=device.device_kind, out_of_memory=message, peak_at_least_gib=peak_at_least)
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     gib = 1024.0**3
@@ -248,9 +264,10 @@ def markdown_row(row: Row) -> str:
     tflop = "?" if row.gflops is None else f"{row.gflops / 1e3:.2f}"
     gib = lambda value: "?" if math.isnan(value) else f"{value:.2f}"
     temp = gib(row.temp_gib) if row.out_of_memory is None else f"≥ {gib(row.temp_gib)} (out of memory)"
+    peak = gib(row.peak_gib) if row.out_of_memory is None else f"> {gib(row.peak_at_least_gib)}"
     verdict = {True: "yes", False: "no", None: "?"}
     return (f"| {row.config} | {row.model} | {row.image_size} | {row.per_device_batch} | "
-            f"{'on' if row.remat else 'off'} | {gib(row.argument_gib)} | {temp} | {gib(row.peak_gib)} | "
+            f"{'on' if row.remat else 'off'} | {gib(row.argument_gib)} | {temp} | {peak} | "
             f"{tflop} | " + " | ".join(verdict[fits[name]] for name in ACCELERATORS) + " |")
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -112,20 +113,43 @@ def test_a_libtpu_that_cannot_describe_the_tpu_is_one_error(monkeypatch, capsys)
     assert 'pip install -c requirements/lock.txt -e ".[tpu-plan]"' in err and "stack..." not in err
 
 
+def _refused_row(message: str) -> "memory_plan.Row":
+    nan = float("nan")
+    temporaries, peak_at_least = memory_plan.refusal_sizes(message)
+    return memory_plan.Row(config="x", model="m", image_size=1, per_device_batch=1, compute_dtype="bfloat16",
+                           remat=False, argument_gib=nan, output_gib=nan, temp_gib=temporaries, peak_gib=nan,
+                           gflops=None, compile_s=0.0, compiled_for="TPU v3", out_of_memory=message,
+                           peak_at_least_gib=peak_at_least)
+
+
 def test_an_out_of_memory_row_says_what_cannot_fit():
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                "(50.00G) exceeds available HBM (15.48G).")
-    assert memory_plan._out_of_memory_temporaries_gib(message) == 50.0
-    assert memory_plan._out_of_memory_temporaries_gib(message.replace("50.00G", "512M")) == 0.5
-    nan = float("nan")
-    row = memory_plan.Row(config="x", model="m", image_size=1, per_device_batch=1, compute_dtype="bfloat16",
-                          remat=False, argument_gib=nan, output_gib=nan, temp_gib=50.0, peak_gib=nan,
-                          gflops=None, compile_s=0.0, compiled_for="TPU v3", out_of_memory=message)
+    assert memory_plan.refusal_sizes(message) == (50.0, 50.0)
+    assert memory_plan.refusal_sizes(message.replace("50.00G", "512M")) == (0.5, 15.48)  # > its HBM anyway
+    row = _refused_row(message)
     fits = row.fits()
     # 50 GiB of temporaries alone: too much for 16/32/40 GiB (and 0.9·80 = 72 is not known to suffice).
     assert fits["TPUv3 16G"] is fits["TPUv4 32G"] is fits["A100 40G"] is False
     assert fits["A100 80G"] is fits["H200 141G"] is None
     assert "≥ 50.00 (out of memory)" in memory_plan.markdown_row(row)
+
+
+def test_every_wording_of_a_refusal_gives_only_what_it_proves():
+    """libtpu also refuses as "Used X of Y hbm" (the program's total at the failure, no temporaries
+    figure): that proves the peak exceeds X, so a 16 GiB device is out but a 32 GiB one unknown, and a
+    refusal without any size proves nothing about other devices."""
+    used = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in "
+            "memory space hbm. Used 15.69G of 15.48G hbm. Exceeded hbm capacity by 216.34M.")
+    temporaries, peak_at_least = memory_plan.refusal_sizes(used)
+    assert math.isnan(temporaries) and peak_at_least == 15.69
+    fits = _refused_row(used).fits()
+    assert fits["TPUv3 16G"] is False  # 15.69 > 0.9 · 16
+    assert all(fits[name] is None for name in fits if name != "TPUv3 16G")
+    assert "> 15.69" in memory_plan.markdown_row(_refused_row(used))
+    assert memory_plan.refusal_sizes("Used 1.5T of 95.74G hbm")[1] == 1.5 * 1024
+    unsized = _refused_row("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem.")
+    assert all(verdict is None for verdict in unsized.fits().values())
 
 
 @pytest.mark.slow
