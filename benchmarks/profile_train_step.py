@@ -52,6 +52,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 from nfnets_jax import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
+from nfnets_jax.models import flops as flops_lib  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.train import one_device_step  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -180,13 +181,6 @@ def _compiled_pass(step: one_device_step.OneDeviceStep, which: str):
     return compiled, lambda: jax.block_until_ready(compiled(*args))
 
 
-def _xla_flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
 def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype: str,
             keep_dir: str | None = None, which: str = "train") -> dict[str, Any]:
     """Traces `steps` calls of pass `which` (one of `PASSES`); with `keep_dir`, also writes the trace and
@@ -227,7 +221,7 @@ def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype
             known.append((micros, name, bucket, shape, op_name))
     total = sum(per_bucket.values()) or 1.0
     known.sort(reverse=True)
-    flops = _xla_flops(compiled)
+    flops = flops_lib.xla_flops(compiled)
     with open("/proc/loadavg", encoding="ascii") as f:
         load = [float(v) for v in f.read().split()[:3]]
     return {

@@ -64,9 +64,7 @@ def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: f
     start = time.perf_counter()
     compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    flops = flops_lib.xla_flops(compiled)
     memory = compiled.memory_analysis()
     model_flops = 3 * 2 * forward_macs_per_image(step, config.data.image_size) * batch
     state, data = jax.jit(step.init_state)(), step.random_batch()

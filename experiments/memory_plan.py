@@ -199,6 +199,7 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
     """
     import jax  # pylint: disable=import-outside-toplevel
 
+    from nfnets_jax.models.flops import xla_flops  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
     config = load_config(spec)
@@ -232,9 +233,7 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
     gib = 1024.0**3
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
             - memory.alias_size_in_bytes)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = cost.get("flops") if cost else None
+    flops = xla_flops(compiled)
     step_s = None
     if time_steps > 0:
         state, data = jax.jit(step.init_state)(), step.random_batch()

@@ -152,18 +152,6 @@ def test_every_wording_of_a_refusal_gives_only_what_it_proves():
     assert all(verdict is None for verdict in unsized.fits().values())
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="needs libtpu: pip install -c requirements/lock.txt -e \".[tpu-plan]\" (.ci/run does)")
-def test_a_step_too_big_for_the_tpu_is_a_row_not_a_crash():
-    result = _plan("--target", "tpu-v3", "--only", "digits.py", "--per_device_batch", "1048576", "--remat", "off",
-                   "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert row["out_of_memory"].startswith("RESOURCE_EXHAUSTED") and row["peak_gib"] is None
-    assert row["temp_gib"] > 16 and row["fits"]["TPUv3 16G"] is False
-
-
 # What one device of each deviceless target is, by public specs: its kind as libtpu names it, and its
 # HBM in GiB (a TPUv3 core; a whole chip of the later generations, a v4 chip's two cores as one).
 _DEVICES = {"tpu-v3": ("TPU v3", 16), "tpu-v4": ("TPU v4", 32), "tpu-v5e": ("TPU v5 lite", 16),
@@ -178,15 +166,17 @@ def test_every_tpu_target_has_a_known_device():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu: pip install -c requirements/lock.txt -e \".[tpu-plan]\" (.ci/run does)")
 @pytest.mark.parametrize("target", sorted(_DEVICES))
-def test_each_tpu_target_compiles_for_the_whole_device(target):
-    """A step far too big for any TPU is refused, and the refusal names the HBM the compiler had:
-    the device's own (a plan for half a v4 chip would say 16 GiB, not 32)."""
+def test_a_step_too_big_for_each_tpu_target_is_a_row_that_names_the_whole_device(target):
+    """A step far too big for any TPU is a row, not a crash, and the refusal names the HBM the
+    compiler had: the device's own (a plan for half a v4 chip would say 16 GiB, not 32)."""
     kind, hbm_gib = _DEVICES[target]
     result = _plan("--target", target, "--only", "digits.py", "--per_device_batch", "4194304", "--remat", "off",
                    "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert row["compiled_for"] == kind
+    assert row["out_of_memory"].startswith("RESOURCE_EXHAUSTED") and row["peak_gib"] is None
+    assert row["temp_gib"] > hbm_gib and row["fits"]["TPUv3 16G"] is False
     available = re.search(r"available HBM \(([\d.]+)G\)", row["out_of_memory"])
     assert available, row["out_of_memory"]
     assert 0.9 * hbm_gib <= float(available.group(1)) <= 1.01 * hbm_gib, row["out_of_memory"]

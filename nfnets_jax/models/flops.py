@@ -8,6 +8,9 @@ the MACs of every `conv_general_dilated` and `dot_general` in the graph (tests c
 result against the official counts of all 16 NFNet variants). At resolutions that are
 multiples of 32 this equals the official count exactly; elsewhere it uses the true SAME output
 sizes (ceil), where the official code used fractional sizes.
+
+`xla_flops` reads the other count the benchmarks report beside it: XLA's own, of a compiled program
+(all of its work, elementwise included, as the compiler's cost model counts it).
 """
 
 from __future__ import annotations
@@ -75,3 +78,12 @@ def traced_counts(init_fn: Callable, imsize: int) -> tuple[int, Any]:
     image = jax.ShapeDtypeStruct((1, imsize, imsize, 3), jnp.float32)
     closed, shapes = jax.make_jaxpr(init_fn, return_shape=True)(jax.random.PRNGKey(0), image)
     return jaxpr_macs(closed.jaxpr), shapes
+
+
+def xla_flops(compiled: Any) -> float | None:
+    """FLOPs of a compiled program by XLA's cost analysis (`jax.stages.Compiled`), None where the
+    backend gives none. Some jax versions return the analysis as a one-element list."""
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
+    flops = (analysis or {}).get("flops")
+    return None if flops is None else float(flops)
