@@ -65,3 +65,51 @@ def test_prefetch_to_device_keeps_order_and_places_ahead():
     assert placed == [0, 1, 2]  # two batches already placed beyond the one handed out
     assert [int(x) for x in iterator] == [1, 2, 3, 4]
     assert [int(x) for x in feeding.prefetch_to_device(range(3), 0, jnp.asarray)] == [0, 1, 2]
+
+
+_EXITING_SCRIPT = """
+import sys, time
+from nfnets_jax.data import feeding
+feeding.BackgroundBatches.EXIT_JOIN_S = float(sys.argv[3])
+log = open(sys.argv[1], "a", buffering=1)
+
+def put(batch):  # stands for a device placement the producer thread is inside of at exit
+    log.write(f"placing {batch}\\n")
+    time.sleep(float(sys.argv[2]) if batch else 0.0)  # the first is quick, the next ones slow
+    log.write(f"placed {batch}\\n")
+    return batch
+
+batches = feeding.BackgroundBatches(iter(range(100)), 1, put)
+assert batches.get() == 0
+batches.close()
+# return normally: Python's exit, with the producer inside `put` for a later batch
+"""
+
+
+def _exit_while_placing(tmp_path, put_s: float, join_s: float) -> tuple[str, float]:
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+
+    log = tmp_path / "log.txt"
+    script = tmp_path / "exiting.py"
+    script.write_text(_EXITING_SCRIPT)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(script), str(log), str(put_s), str(join_s)], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return log.read_text(), time.monotonic() - start
+
+
+def test_at_exit_a_producer_inside_a_placement_is_let_finish(tmp_path):
+    """Python kills daemon threads at exit; a producer killed inside JAX's C++ aborts the process.
+    The exit hook lets the placement in progress finish (every "placing" has its "placed")."""
+    log, _ = _exit_while_placing(tmp_path, put_s=0.5, join_s=10.0)
+    placing = [line.split()[1] for line in log.splitlines() if line.startswith("placing")]
+    placed = [line.split()[1] for line in log.splitlines() if line.startswith("placed")]
+    assert len(placing) >= 2 and placing == placed, log
+
+
+def test_at_exit_a_stuck_producer_is_abandoned_after_the_budget(tmp_path):
+    log, seconds = _exit_while_placing(tmp_path, put_s=60.0, join_s=1.0)
+    assert "placed 0" in log and "placed 1" not in log and seconds < 30, (log, seconds)

@@ -12,10 +12,13 @@ used, `deepmind-research/nfnets/experiment.py:Experiment`), so placement goes th
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import queue
 import threading
+import time
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -87,19 +90,29 @@ class BackgroundBatches:
     reshuffle), and a stop request (SIGTERM on a preemptible VM, ~30 s of notice) must not wait
     for it. `get(should_stop)` waits for the next batch but returns None as soon as
     `should_stop()` is true; `close()` asks the producer to stop and never joins it: a daemon
-    thread blocked inside the pipeline cannot delay the process's exit.
+    thread blocked inside the pipeline cannot delay the loop.
+
+    At interpreter exit, though, a producer still inside JAX's C++ (placing a batch) aborts the
+    process when Python tears daemon threads down ("FATAL: exception not rethrown", exit -6, seen
+    after a SIGTERM save in a run that returned from `loop.run`). So an exit hook stops every live
+    producer and lets a placement in progress finish (milliseconds; at most `EXIT_JOIN_S`); a
+    producer waiting on the pipeline itself is abandoned at once, as before.
     """
 
     _POLL_S = 0.05
+    EXIT_JOIN_S = 10.0
+    _live: "weakref.WeakSet[BackgroundBatches]" = weakref.WeakSet()
 
     def __init__(self, iterator: Iterable[Any], size: int, put_fn: Callable[[Any], Any]):
         if size < 0:
             raise ValueError(f"prefetch size must be >= 0, got {size}.")
         self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
         self._stop = threading.Event()
+        self._placing = threading.Lock()  # held while a batch is being placed on device
         self._thread = threading.Thread(target=self._produce, args=(iter(iterator), put_fn),
                                         name="input-producer", daemon=True)
         self._thread.start()
+        BackgroundBatches._live.add(self)
 
     def _offer(self, item: tuple[str, Any]) -> bool:
         while not self._stop.is_set():
@@ -113,7 +126,11 @@ class BackgroundBatches:
     def _produce(self, iterator: Iterator[Any], put_fn: Callable[[Any], Any]) -> None:
         try:
             for batch in iterator:
-                if self._stop.is_set() or not self._offer(("batch", put_fn(batch))):
+                with self._placing:
+                    if self._stop.is_set():
+                        return
+                    placed = put_fn(batch)
+                if not self._offer(("batch", placed)):
                     return
             self._offer(("end", None))
         except BaseException as error:  # pylint: disable=broad-except  # re-raised by get()
@@ -139,5 +156,20 @@ class BackgroundBatches:
             raise value
 
     def close(self) -> None:
-        """Asks the producer to stop; returns at once (the thread is a daemon, never joined)."""
+        """Asks the producer to stop; returns at once (the thread is a daemon, joined only at exit)."""
         self._stop.set()
+
+    @classmethod
+    def stop_placing_at_exit(cls, timeout_s: float | None = None) -> None:
+        """Stops every live producer and waits, `timeout_s` in all (default `EXIT_JOIN_S`), for the
+        placements in progress to finish; after that none can start. Registered with `atexit`."""
+        live = list(cls._live)
+        for batches in live:
+            batches._stop.set()  # pylint: disable=protected-access
+        end = time.monotonic() + (cls.EXIT_JOIN_S if timeout_s is None else timeout_s)
+        for batches in live:
+            if batches._placing.acquire(timeout=max(0.0, end - time.monotonic())):  # pylint: disable=protected-access
+                batches._placing.release()  # pylint: disable=protected-access
+
+
+atexit.register(BackgroundBatches.stop_placing_at_exit)
