@@ -2,9 +2,15 @@
 
 `pip install .` into a temporary venv, then the console scripts run the offline demo (shortened
 to three steps) and its evaluation from a directory that is not the checkout, with nothing of the
-checkout on the import path. The venv sees the test environment's packages
-(--system-site-packages) and the install is --no-deps --no-index: nothing is downloaded, and the
-test costs seconds of pip instead of minutes of copying jax and TensorFlow.
+checkout on the import path.
+
+The wheel is built by the test's own environment (which has the build tools the lock pins), and
+installed --no-deps --no-index into a venv made from the bare interpreter; that venv reaches the
+test environment's dependencies through a path file naming its site directories. `venv
+--system-site-packages` would not do: made from inside a user's venv it exposes the *base*
+interpreter's packages, not the venv's, and the install then fails or, worse, passes only on a
+machine whose system interpreter happens to hold everything (the CI machine once did). Nothing
+is downloaded, and the test costs seconds of pip instead of minutes of copying jax and TensorFlow.
 """
 
 import json
@@ -27,19 +33,42 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+def _site_directories_of_this_environment() -> list[str]:
+    """The site directories this interpreter imports its packages from (a venv's own, and the base
+    interpreter's when the venv was made with --system-site-packages), never the checkout."""
+    import site  # pylint: disable=import-outside-toplevel
+
+    directories = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        directories.append(site.getusersitepackages())
+    return [d for d in directories if os.path.isdir(d) and not pathlib.Path(d).is_relative_to(REPO)]
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """(venv python, venv bin dir, a run directory outside the checkout) after `pip install .`."""
+    """(venv python, venv bin dir, a run directory outside the checkout) after installing the wheel."""
     root = tmp_path_factory.mktemp("install")
     # Build from a copy, so that the build leaves no build/ or *.egg-info in the checkout.
     source = root / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
         ".git", "workdirs", "build", "*.egg-info", "__pycache__", ".pytest_cache", "*venv*"))
+    wheels = root / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--wheel-dir", str(wheels), str(source)],
+        cwd=root, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = wheels.glob("nfnets_jax-*.whl")
+
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # bare: no system site
     python = venv / "bin" / "python"
+    # Plain directory lines: the dependencies become importable, while the test environment's
+    # own path hooks (its editable install of this checkout among them) are not run.
+    (_site_packages(python) / "test_environment.pth").write_text(
+        "\n".join(_site_directories_of_this_environment()) + "\n")
     result = subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(source)],
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
         cwd=root, env=_clean_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = root / "elsewhere"

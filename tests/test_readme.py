@@ -14,14 +14,38 @@ def _indented_commands(markdown: str, heading: str) -> list[str]:
     return [line.strip() for line in section.splitlines() if re.match(r"^( {4}|\t)\S", line)]
 
 
+_MAKE_VENV = re.compile(r'python3 -m venv "?([^\s"]+)"? && source "?\1/bin/activate"?')
+
+
+def _venv_folder_named_alike(command: str) -> str:
+    """`python3 -m venv X && source X/bin/activate` with X replaced by one name: README names its
+    folder `.venv`, .ci/run a temporary one; the step is the same."""
+    return _MAKE_VENV.sub("python3 -m venv VENV && source VENV/bin/activate", command)
+
+
 def test_ci_runs_exactly_the_readme_commands():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci_lines = [_venv_folder_named_alike(line.strip()) for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     install = _indented_commands(readme, "## Install")
     tests = _indented_commands(readme, "## Run the tests")
     assert install and tests
     for command in install + tests:
-        assert command in ci_lines, f"README command {command!r} is not what .ci/run runs"
+        assert _venv_folder_named_alike(command) in ci_lines, f"README command {command!r} is not what .ci/run runs"
+
+
+def test_ci_and_readme_install_into_a_venv_made_from_the_bare_interpreter():
+    """The suite runs where only what the install step installed is importable: every venv that
+    README or .ci/run makes is a bare one (a --system-site-packages venv made from inside another
+    venv would see the base interpreter's packages, never the outer venv's)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert _MAKE_VENV.fullmatch(_indented_commands(readme, "## Install")[0])
+    venv_lines = [line for line in ci.splitlines() if "-m venv" in line]
+    assert len(venv_lines) == 2 and all(_MAKE_VENV.search(line) for line in venv_lines), venv_lines
+    assert "system-site-packages" not in ci
+    # The suite runs before the first `deactivate`, inside the first venv.
+    suite = _indented_commands(readme, "## Run the tests")[0]
+    assert ci.index(venv_lines[0]) < ci.index(suite) < ci.index("deactivate")
 
 
 @pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
