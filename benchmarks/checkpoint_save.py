@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nfnets_jax import optim, provenance
+from nfnets_jax import optim
+from nfnets_jax.runtime import provenance
 from nfnets_jax.train import checkpointing, config_schema
-from nfnets_jax.train.forward import make_forward
+from nfnets_jax.models import make_forward
 from nfnets_jax.train.state import init_train_state
 
 

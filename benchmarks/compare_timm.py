@@ -11,13 +11,13 @@ see the same machine (a shared box's load changes from minute to minute):
   forward, cross-entropy, backward, timm's AGC, SGD-Nesterov with weight decay, the same dropout
   and drop-path rates. Inference: `model.eval()` under `torch.inference_mode()`.
 
-Our process first applies the runner's host-memory settings (`nfnets_jax/host_memory.py`: glibc
+Our process first applies the runner's host-memory settings (`nfnets_jax/runtime/host_memory.py`: glibc
 keeps freed memory, so XLA:CPU's per-step scratch is not zero-filled by the kernel again each
 step); `page_faults_per_step` shows their effect on both sides, and `--timm-malloc-like-ours`
 gives the timm process the same settings.
 
 It also reports our step's compile time twice: cold (an empty persistent compilation cache) and
-as a resumed run sees it (the cache filled by the first compile; `nfnets_jax.train.compile_cache`).
+as a resumed run sees it (the cache filled by the first compile; `nfnets_jax.runtime.compile_cache`).
 Prints one JSON line: medians, images/s, the ratios ours/timm, versions, and for every phase the
 CPU time that *other* processes took during it (`others_cores`: a value near 0 means an idle box).
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nfnets_jax import host_memory, provenance
+from nfnets_jax.runtime import host_memory, provenance
 import os
 import pathlib
 import platform
@@ -181,19 +181,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
     parser.add_argument("--timm-malloc-like-ours", action="store_true",
                         help="give the timm process the glibc malloc settings ours runs with "
-                             "(nfnets_jax/host_memory.py), as GLIBC_TUNABLES: a fairness check")
+                             "(nfnets_jax/runtime/host_memory.py), as GLIBC_TUNABLES: a fairness check")
     parser.add_argument("--skip-compile-cache", action="store_true",
                         help="do not measure the cold vs cached compile time")
     args = parser.parse_args(argv)
     if min(args.res, args.batch, args.rounds, args.steps) < 1:
         parser.error("--res, --batch, --rounds and --steps must be >= 1")
     timm_python = check_timm_python(args.timm_python)
-    # What the runner does on a CPU host before JAX starts (nfnets_jax/host_memory.py).
+    # What the runner does on a CPU host before JAX starts (nfnets_jax/runtime/host_memory.py).
     host_memory_kept = host_memory.keep_freed_memory()
 
     # One fresh persistent cache for this command: the first compile is cold, the second is what a
     # resumed run (same program, filled cache) pays.
-    from nfnets_jax.train import compile_cache  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.runtime import compile_cache  # pylint: disable=import-outside-toplevel
 
     cache_dir = tempfile.mkdtemp(prefix="nfnets_compile_cache_")
     compile_cache.enable(cache_dir)

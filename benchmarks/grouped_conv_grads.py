@@ -19,7 +19,7 @@ import time
 import jax
 
 from benchmarks.train_step_latency import loadavg
-from nfnets_jax import host_memory, provenance
+from nfnets_jax.runtime import host_memory, provenance
 from nfnets_jax.models import grouped_conv
 
 # F0 at 192 px: its two grouped 3×3 shapes, and a stage-2 1×1 conv (24×24, 512 → 128 channels).
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
                              "out_channels = channels by default)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/host_memory.py)
+    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)
     for spec in args.shape or DEFAULT_SHAPES:
         batch, size, channels, groups, stride, *rest = (int(v) for v in spec.split(","))
         kernel_size = rest[0] if rest else 3

@@ -51,7 +51,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
-from nfnets_jax import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
+from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.models import flops as flops_lib  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.train import one_device_step  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pass", dest="which", default="train", choices=PASSES,
                         help="the train step, or the inference forward with weights standardised per call / once")
     args = parser.parse_args(argv)
-    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/host_memory.py)
+    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)
     if min(args.batch, args.res, args.steps) < 1:
         parser.error("--batch, --res and --steps must be >= 1")
     print(json.dumps({**profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype,

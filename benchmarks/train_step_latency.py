@@ -28,7 +28,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets_jax import host_memory, losses, models, provenance
+from nfnets_jax.runtime import host_memory, provenance
+from nfnets_jax import losses, models
 from nfnets_jax.models import grouped_conv
 
 # docs/official_code_notes.md, idle machine: DeepMind's F0 on XLA:CPU, jax 0.10.2, 2 cores.
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         help="how grouped convs are computed (nfnets_jax/models/grouped_conv.py)",
     )
     args = parser.parse_args(argv)
-    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/host_memory.py)
+    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)
     if args.steps < 1 or args.batch < 1:
         parser.error("--steps and --batch must be at least 1")
     print(

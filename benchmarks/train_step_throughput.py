@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nfnets_jax import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
+from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.models import flops as flops_lib
 from nfnets_jax.train import one_device_step
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak for --dtype (dense)")
     parser.add_argument("--remat", action="store_true", help="hk.remat around every block")
     args = parser.parse_args(argv)
-    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/host_memory.py)
+    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)
     if args.steps < 1 or args.batch < 0:
         parser.error("--steps must be >= 1 and --batch >= 0")
     batch = args.batch or largest_batch(args.config, args.dtype, args.remat)

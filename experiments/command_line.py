@@ -180,10 +180,10 @@ def initialize_processes(restart_hint: str) -> None:  # pylint: disable=redefine
     """Connects this process to the others as the multi-host flags say (no-op without them).
 
     In a multi-process run the process first re-runs itself under a watcher
-    (nfnets_jax/train/supervisor.py), which turns JAX's C++ abort on a dead peer into one line
+    (nfnets_jax/runtime/supervisor.py), which turns JAX's C++ abort on a dead peer into one line
     ending with `restart_hint`; the watcher never returns from here.
     """
-    from nfnets_jax.train import supervisor  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.runtime import supervisor  # pylint: disable=import-outside-toplevel
 
     multi_process = ((NUM_PROCESSES.value or 1) > 1 or DISTRIBUTED.value
                      or supervisor.launcher_describes_multi_process())
@@ -192,10 +192,10 @@ def initialize_processes(restart_hint: str) -> None:  # pylint: disable=redefine
                              num_processes=NUM_PROCESSES.value, restart_hint=restart_hint)
     if supervisor.is_child():
         supervisor.die_with_watcher()
-    from nfnets_jax import host_memory  # pylint: disable=import-outside-toplevel
-    from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.runtime import host_memory  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.runtime import distributed  # pylint: disable=import-outside-toplevel
 
-    try:  # before JAX starts its threads (nfnets_jax/host_memory.py)
+    try:  # before JAX starts its threads (nfnets_jax/runtime/host_memory.py)
         host_memory.keep_freed_memory()
     except ValueError as error:
         fail(error)

@@ -17,20 +17,17 @@ reads its own slice of the eval split and the one result, over all of them, is p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input pipeline only.
 
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from . import command_line  # pylint: disable=wrong-import-position  # multi-host flags
+from nfnets_jax.train import config_files  # pylint: disable=wrong-import-position  (no jax)
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "configs"
+from . import command_line  # pylint: disable=wrong-import-position  # multi-host flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:arg] (default: configs/digits.py, or the --variant's).",
@@ -41,14 +38,6 @@ _VARIANT = flags.DEFINE_string("variant", None, "NFNet variant of --weights (F0 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (overrides config.data.data_dir).")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Global eval batch, a multiple of the device count (overrides config.eval.batch_size).")
-
-
-def _load_config_file(name: str, arg: str | None):
-    """configs/<name>.py's get_config(arg), loaded by path (configs/ is not an installed package)."""
-    spec = importlib.util.spec_from_file_location(f"nfnets_configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def _checked_config():
@@ -68,10 +57,10 @@ def resolve_config():
         config = _CONFIG.value
         name = str(config_flags.get_config_filename(flags.FLAGS["config"]))
     elif _VARIANT.value:
-        config = _load_config_file("nfnet", _VARIANT.value)
+        config = config_files.load_config(f"nfnet:{_VARIANT.value}")
         name = f"configs/nfnet.py:{_VARIANT.value}"
     else:
-        config = _load_config_file("digits", None)
+        config = config_files.load_config("digits")
         name = "configs/digits.py"
     if _DATA_DIR.value or _BATCH_SIZE.value:
         config.unlock()
@@ -108,10 +97,11 @@ def main(argv: list[str]) -> None:
     import jax
     import jax.numpy as jnp
 
-    from nfnets_jax import checkpoints, data
-    from nfnets_jax.train import checkpointing, distributed, evaluation, parallel, pretrained
-    from nfnets_jax.train import workdir as workdir_lib
-    from nfnets_jax.train.forward import abstract_init, make_forward
+    from nfnets_jax import data, weights
+    from nfnets_jax.models import abstract_init
+    from nfnets_jax.runtime import distributed
+    from nfnets_jax.runtime import workdir as workdir_lib
+    from nfnets_jax.train import builder, checkpointing, evaluation, parallel
     from nfnets_jax.train.step import make_eval_step
 
     is_main = jax.process_index() == 0
@@ -120,7 +110,7 @@ def main(argv: list[str]) -> None:
     try:
         config_schema.validate_config(config, device_count=jax.device_count(), training=False)
         info = data.dataset_info(config.data)
-        forward = make_forward(config.model.name, info.num_classes, config.model.kwargs.to_dict())
+        forward, _ = builder.build_forward(config, info.num_classes)
         size = config.data.eval_image_size
         try:
             abstract_params, abstract_state = abstract_init(forward, size)
@@ -128,17 +118,17 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"config.model ({config.model.name} with kwargs "
                              f"{config.model.kwargs.to_dict()}) does not build: {error}") from error
         if _WEIGHTS.value:
-            trees = {"": pretrained.read_params(source)}
+            trees = {"": checkpointing.read_params(source)}
             model_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state)
         else:
-            saved = pretrained.read_workdir_state(source)
+            saved = checkpointing.read_workdir_state(source)
             trees = {"": saved["params"]}
             if saved["ema_params"]:
                 trees["ema_"] = saved["ema_params"]
             model_state = saved["model_state"]
         for tree in trees.values():
-            checkpoints.check_params_match(tree, abstract_params)
-    except (ValueError, OSError, data.DatasetUnavailableError, checkpoints.UnsafeCheckpointError,
+            weights.check_params_match(tree, abstract_params)
+    except (ValueError, OSError, data.DatasetUnavailableError, weights.UnsafeCheckpointError,
             checkpointing.CorruptCheckpointError, MemoryError) as error:
         command_line.fail(error)
 

@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-from nfnets_jax import provenance
+from nfnets_jax.runtime import provenance
 from nfnets_jax.data import config as data_config_lib
 from nfnets_jax.data import pipeline
 

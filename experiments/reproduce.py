@@ -123,8 +123,8 @@ QUICK = {
 
 def versions() -> dict[str, str]:
     """Python and package versions, the machine and the git commit, flattened for the page from
-    the project's provenance record (nfnets_jax/provenance.py), plus the load at start."""
-    from nfnets_jax import provenance  # pylint: disable=import-outside-toplevel
+    the project's provenance record (nfnets_jax/runtime/provenance.py), plus the load at start."""
+    from nfnets_jax.runtime import provenance  # pylint: disable=import-outside-toplevel
 
     record = provenance.collect(devices=False)
     found = {"python": record["machine"]["python"]}

@@ -37,19 +37,11 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints, metrics and plots go here (default: ./workdirs/<config>).")
 
 
-def build_experiment(config):
-    """`nfnets_jax.train.build_experiment`: config -> experiment lives in the library, shared with
-    notebooks; imported here only once main() has started the processes (multi-host)."""
-    from nfnets_jax.train import experiment  # pylint: disable=import-outside-toplevel
-
-    return experiment.build_experiment(config)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         command_line.fail(f"unexpected arguments {argv[1:]}; settings go in --config.* flags.")
     logging.set_verbosity(logging.WARNING)
-    from nfnets_jax.train import config_schema  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import config_schema  # pylint: disable=import-outside-toplevel  (no jax)
 
     config = _CONFIG.value  # loaded (and checked) by command_line.parse_flags
     config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -65,10 +57,10 @@ def main(argv: list[str]) -> None:
     # pylint: disable=import-outside-toplevel
     import jax
 
-    from nfnets_jax import checkpoints
+    from nfnets_jax import weights
     from nfnets_jax.data import DatasetUnavailableError
-    from nfnets_jax.train import checkpointing, distributed, loop, resume_check, workdir_lock
-    from nfnets_jax.train.forward import abstract_init
+    from nfnets_jax.train import builder, checkpointing, loop
+    from nfnets_jax.runtime import distributed, workdir_lock
 
     is_main = jax.process_index() == 0
     if is_main:
@@ -79,24 +71,25 @@ def main(argv: list[str]) -> None:
 
     # ---- Checks at the door, before anything is written: config, model, weights, workdir ----
     try:
-        config_schema.validate_config(config, device_count=jax.device_count())
-        experiment = build_experiment(config)
+        experiment = builder.build_experiment(config)  # validates the config (once)
         try:  # the model builds with these kwargs (shapes only, nothing computed)
-            abstract_params, _ = abstract_init(experiment.forward, experiment.image_shape[0])
+            abstract_state = jax.eval_shape(loop.initializer(experiment))
         except (ValueError, TypeError, IndexError, KeyError) as error:
             raise ValueError(f"config.model ({config.model.name} with kwargs "
                              f"{config.model.kwargs.to_dict()}) does not build: {error}") from error
-        resume_check.check_resumable(workdir, abstract_params)
-    except (ValueError, OSError, DatasetUnavailableError, checkpoints.UnsafeCheckpointError,
-            checkpointing.CorruptCheckpointError, MemoryError) as error:
+        checkpointing.check_resumable(workdir, abstract_state)
+    except (ValueError, OSError, DatasetUnavailableError, weights.UnsafeCheckpointError,
+            checkpointing.CorruptCheckpointError, checkpointing.CheckpointDirectoryError,
+            MemoryError) as error:
         command_line.fail(error)
-    # (config.json is written by loop.run, once it holds the workdir lock and the resume checks passed.)
+    # (config.json is written by the loop, once it holds the workdir lock and the checks passed.)
 
     # ---- Train (resumes from the workdir's latest checkpoint), evaluate, plot ----
     try:
-        summary = loop.run(experiment, config, workdir)
+        summary = loop.run(experiment, workdir)
     except (loop.NonFiniteError, checkpointing.CorruptCheckpointError,
-            checkpointing.IncompatibleCheckpointError, workdir_lock.WorkdirBusyError) as error:
+            checkpointing.IncompatibleCheckpointError, checkpointing.CheckpointDirectoryError,
+            workdir_lock.WorkdirBusyError) as error:
         command_line.fail(error)
     except Exception as error:  # pylint: disable=broad-except
         if jax.process_count() > 1:  # most likely a peer died: say so, skip the shutdown barrier

@@ -188,7 +188,7 @@ def test_messages_name_the_fix(outcomes):
     assert paths["huge.npz"] in train["init_from_huge_header"]["stderr"]
     assert paths["huge.npz"] in evaluate["weights_huge_header"]["stderr"]
     changed = train["resume_with_changed_model"]["stderr"]
-    assert "parameter(s) differ" in changed and "Nothing was changed" in changed
+    assert "of its arrays differ" in changed and "Nothing was changed" in changed
     assert "--process_id" in train["num_processes_alone"]["stderr"]
     assert "Nothing was loaded" in train["all_checkpoints_corrupt"]["stderr"]
 
@@ -270,7 +270,7 @@ def _make_digits_checkpoint(workdir):
 import json, os, sys
 sys.argv = ["train"]
 import jax, numpy as np, orbax.checkpoint as ocp
-from nfnets_jax.train.forward import abstract_init, make_forward
+from nfnets_jax.models import abstract_init, make_forward
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
 from configs.digits import get_config
 config = get_config()

@@ -26,7 +26,8 @@ import chex
 import numpy as np
 import pytest
 
-from nfnets_jax.train import checkpointing, fakes, loop, pretrained
+import fakes  # tests/fakes.py
+from nfnets_jax.train import checkpointing, loop
 
 STEPS = 12
 EVERY = 4
@@ -113,7 +114,7 @@ def _config(steps=STEPS):
 
 def _run(workdir, steps=STEPS, **kwargs):
     config = _config(steps)
-    return loop.run(fakes.fake_experiment(config, fakes.FakeData(), drop_rate=0.2), config, str(workdir),
+    return loop.run(fakes.fake_experiment(config, fakes.FakeData(), drop_rate=0.2), str(workdir),
                     prefetch=1, **kwargs)
 
 
@@ -180,8 +181,8 @@ def test_eval_and_fine_tuning_read_the_same_checkpoint_resume_falls_back_to(stop
     shutil.copytree(source, workdir)
     _damage(workdir / "checkpoints" / "8", "state_merged_data", "truncated")
     with caplog.at_level(logging.WARNING):
-        saved = pretrained.read_workdir_state(str(workdir))
-        params = pretrained.read_params(str(workdir))
+        saved = checkpointing.read_workdir_state(str(workdir))
+        params = checkpointing.read_params(str(workdir))
     assert saved["step"] == 4
     chex.assert_trees_all_equal(saved["params"], intact[4]["params"])
     chex.assert_trees_all_equal(params, intact[4]["ema_params"])
@@ -239,38 +240,51 @@ def test_a_wrong_fingerprint_record_is_skipped_like_damaged_arrays(edit, stopped
     assert len(_warnings(caplog)) == 1 and "fingerprint" in _warnings(caplog)[0]
 
 
-def test_fingerprints_saved_as_an_orbax_item_by_earlier_versions_are_still_verified(stopped_at_8, tmp_path, caplog):
-    """Checkpoints of the previous format keep the fingerprints in an `integrity` orbax item."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+RECORD_EDITS = {
+    # A field a resume acts on: the data stream would continue elsewhere.
+    "data_position_moved": lambda meta: meta.update(data_position=meta["data_position"] + 8),
+    "data_position_a_string": lambda meta: meta.update(data_position=str(meta["data_position"])),
+    "step_changed": lambda meta: meta.update(step=meta["step"] + 1),
+    # Values that would switch verification off if the reader trusted them.
+    "integrity_unknown": lambda meta: meta.update(integrity="none"),
+    "integrity_retired_item_format": lambda meta: meta.update(integrity="uint32-weighted-sum-v1"),
+    "integrity_removed": lambda meta: meta.pop("integrity"),
+    "integrity_and_fingerprints_removed": lambda meta: (meta.pop("integrity"), meta.pop("fingerprints")),
+    "retired_crc32_record": lambda meta: (meta.pop("integrity"), meta.pop("fingerprints"),
+                                          meta.update(leaf_crc32={})),
+    "unknown_field_added": lambda meta: meta.update(skip_verification=True),
+    "not_an_object": lambda meta: (meta.clear(), meta.update(record=[1, 2])),
+}
 
+
+@pytest.mark.parametrize("edit", sorted(RECORD_EDITS))
+def test_every_field_of_the_record_is_verified_and_none_switches_verification_off(
+        edit, stopped_at_8, tmp_path, caplog):
+    """The record's fields decide where a resume continues and how a checkpoint is checked: each
+    edit, arrays intact, must fail verification like damage (one warning, the next older step)."""
     source, intact = stopped_at_8
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(source / "checkpoints", checkpoints)
+    _edit_meta(checkpoints / "8", RECORD_EDITS[edit])
+    with caplog.at_level(logging.WARNING):
+        state, meta = checkpointing.read_latest(str(checkpoints))
+    assert int(meta["step"]) == 4
+    chex.assert_trees_all_equal(state, intact[4])
+    assert len(_warnings(caplog)) == 1 and "checkpoints/8" in _warnings(caplog)[0]
 
-    def write_old_format(checkpoints, fingerprints):
-        scratch = tmp_path / "scratch"
-        writer = ocp.CheckpointManager(str(scratch), item_handlers={"integrity": ocp.StandardCheckpointHandler()})
-        writer.save(8, args=ocp.args.Composite(integrity=ocp.args.StandardSave(fingerprints)))
-        writer.close()
-        shutil.copytree(scratch / "8" / "integrity", checkpoints / "8" / "integrity")
-        shutil.rmtree(scratch)
 
-        def to_old(meta):
-            meta["integrity"] = checkpointing.FINGERPRINT_ITEM_FORMAT
-            del meta["fingerprints"]
-        _edit_meta(checkpoints / "8", to_old)
-
-    good = jax.tree.map(lambda leaf: np.asarray(checkpointing.fingerprint(leaf)), intact[8])
-    bad = dict(good, step=np.uint32(int(good["step"]) ^ 1))
-    for fingerprints, expected_step in ((good, 8), (bad, 4)):
-        checkpoints = tmp_path / f"checkpoints_{expected_step}"
-        shutil.copytree(source / "checkpoints", checkpoints)
-        write_old_format(checkpoints, fingerprints)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            state, meta = checkpointing.read_latest(str(checkpoints))
-        assert int(meta["step"]) == expected_step
-        chex.assert_trees_all_equal(state, intact[expected_step])
-        assert len(_warnings(caplog)) == (0 if expected_step == 8 else 1)
+def test_a_resume_never_acts_on_an_edited_record(stopped_at_8, tmp_path):
+    """End to end: the edited step is skipped and set aside, the run continues from the step
+    before it and saves the edited step again, verified."""
+    source, intact = stopped_at_8
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    _edit_meta(workdir / "checkpoints" / "8", RECORD_EDITS["data_position_moved"])
+    summary = _run(workdir, steps=9)
+    assert summary.step == 9 and (workdir / "corrupt_checkpoints" / "8").is_dir()
+    assert {4, 8, 9} <= set(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+    _, meta = checkpointing.read_latest(str(workdir / "checkpoints"))
+    assert meta["step"] == meta["data_position"] == 9
 
 
 def test_all_checkpoints_damaged_the_reader_raises_one_clear_error(stopped_at_8, tmp_path):
@@ -280,7 +294,7 @@ def test_all_checkpoints_damaged_the_reader_raises_one_clear_error(stopped_at_8,
     _damage(workdir / "checkpoints" / "8", "state_merged_data", "emptied")
     _damage(workdir / "checkpoints" / "4", "state", "folder")
     with pytest.raises(checkpointing.CorruptCheckpointError, match=r"(?s)step 8: .*step 4: .*Nothing was loaded"):
-        pretrained.read_workdir_state(str(workdir))
+        checkpointing.read_workdir_state(str(workdir))
 
 
 def test_resuming_with_another_model_names_the_differences_and_changes_nothing(stopped_at_8, tmp_path):
@@ -290,8 +304,8 @@ def test_resuming_with_another_model_names_the_differences_and_changes_nothing(s
     before = sorted(os.listdir(workdir / "checkpoints"))
     config = _config()
     experiment = fakes.fake_experiment(config, fakes.FakeData(num_classes=7), drop_rate=0.2)
-    with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"linear/w: checkpoint float32\[48, 4\]"):
-        loop.run(experiment, config, str(workdir), prefetch=1)
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"wrong shape: params/fake_net/~/linear/w checkpoint \(48, 4\)"):
+        loop.run(experiment, str(workdir), prefetch=1)
     assert sorted(os.listdir(workdir / "checkpoints")) == before
     assert not (workdir / "corrupt_checkpoints").exists()
 

@@ -1,4 +1,4 @@
-"""Tests for nfnets_jax.checkpoints: DeepMind's pickled weights, our .npz, download, tree checks.
+"""Tests for nfnets_jax.weights: DeepMind's pickled weights, our .npz, download, tree checks.
 
 The DeepMind-format fixtures are made here: plain pickles of {module: {leaf: array}} at every
 protocol, the numpy-1.x spelling of 2021, dill's own output, dill 0.3.x's `_get_attr` /
@@ -23,8 +23,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoints
-from nfnets_jax.checkpoints import (
+from nfnets_jax import weights
+from nfnets_jax.weights import (
     ChecksumMismatchError,
     ParamsMismatchError,
     UnsafeCheckpointError,
@@ -636,11 +636,11 @@ def test_download_rejects_bad_arguments_before_touching_disk(tmp_path):
 
 
 def test_released_weights_table():
-    urls = {name: release.url() for name, release in checkpoints.RELEASED_WEIGHTS.items()}
+    urls = {name: release.url() for name, release in weights.RELEASED_WEIGHTS.items()}
     base = "https://storage.googleapis.com/dm-nfnets"
     assert urls == {f"nfnet_f{k}": f"{base}/F{k}_haiku.npz" for k in range(7)}
-    assert all(release.sha256 is None for release in checkpoints.RELEASED_WEIGHTS.values())
-    assert [n for n, r in checkpoints.RELEASED_WEIGHTS.items() if r.trained_with_sam] == ["nfnet_f6"]
+    assert all(release.sha256 is None for release in weights.RELEASED_WEIGHTS.values())
+    assert [n for n, r in weights.RELEASED_WEIGHTS.items() if r.trained_with_sam] == ["nfnet_f6"]
 
 
 def _names_only_tree(depth_index: int) -> dict:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from nfnets_jax.train import compile_cache
+from nfnets_jax.runtime import compile_cache
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from nfnets_jax import models, optim
 from nfnets_jax.train import config_schema
-from nfnets_jax.train.forward import make_forward
+from nfnets_jax.models import make_forward
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_TRAIN = 1_281_167
@@ -212,10 +212,10 @@ def test_docstring_command_and_every_optional_field_parse_as_command_line_overri
 @pytest.mark.parametrize("ema_decay,expected", [(0.0, None), (None, None), (0.99999, 0.99999)])
 def test_ema_is_switched_off_by_zero_as_well_as_none(ema_decay, expected):
     """None cannot be typed on the command line, so `--config.optimizer.ema_decay=0` must mean off."""
-    from nfnets_jax.train.step import settings_from_config
+    from nfnets_jax.train import builder
 
     _, config = load("digits")
     config.optimizer.ema_decay = ema_decay
     opt_config = optim.validate_optimizer_config(config.optimizer)
-    settings = settings_from_config(config, opt_config, num_classes=10, agc_groups={})
+    settings = builder.step_settings_from_config(config, opt_config, num_classes=10, agc_groups={})
     assert settings.ema_decay == expected

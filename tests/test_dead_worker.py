@@ -19,7 +19,9 @@ import time
 import pytest
 import xla_test_flags
 
-from nfnets_jax.train import distributed, fakes, loop, supervisor
+from nfnets_jax.runtime import distributed, supervisor
+import fakes  # tests/fakes.py
+from nfnets_jax.train import loop
 from test_train_checkpointing import _SlowData
 
 EVERY = 2
@@ -105,7 +107,7 @@ if __name__ == "__main__":
     distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     config = fakes.fake_config(**{"train.steps": STEPS, "checkpoint.every_steps": EVERY})
     try:
-        loop.run(fakes.fake_experiment(config, _SlowData(sleep=0.05)), config, workdir, prefetch=1)
+        loop.run(fakes.fake_experiment(config, _SlowData(sleep=0.05)), workdir, prefetch=1)
     except Exception as error:  # pylint: disable=broad-except  # as experiments/train.py's main
         distributed.leave_after_failure(error, workdir)
     distributed.shutdown()

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoints
+from nfnets_jax import weights
 
 pytestmark = pytest.mark.slow  # subprocess end-to-end runs (pytest.ini)
 
@@ -73,7 +73,7 @@ def test_eval_refuses_weights_that_do_not_fit_the_model_listing_every_mismatch(t
     bad = {"NFNet/~/linear": {"w": np.zeros((3, 10), np.float32), "b": np.zeros(10, np.float32)},
            "NFNet/~/not_a_layer": {"w": np.zeros(2, np.float32)}}
     path = tmp_path / "bad.npz"
-    checkpoints.save_npz(str(path), bad)
+    weights.save_npz(str(path), bad)
     result = _run("experiments.eval", [f"--weights={path}"], tmp_path)
     assert result.returncode != 0
     assert "NFNet/~/not_a_layer/w" in result.stderr and "missing" in result.stderr

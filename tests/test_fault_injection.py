@@ -28,7 +28,9 @@ import numpy as np
 import pytest
 import xla_test_flags
 
-from nfnets_jax.train import checkpointing, fake_object_store, fakes, loop, pretrained
+import fake_object_store  # tests/fake_object_store.py
+import fakes  # tests/fakes.py
+from nfnets_jax.train import checkpointing, loop
 from test_train_checkpointing import _SlowData
 
 STEPS = 16
@@ -47,7 +49,7 @@ def _config(steps=STEPS):
 
 def _run(workdir, steps=STEPS, sleep=0.0):
     config = _config(steps)
-    return loop.run(fakes.fake_experiment(config, _SlowData(sleep=sleep), drop_rate=0.2), config,
+    return loop.run(fakes.fake_experiment(config, _SlowData(sleep=sleep), drop_rate=0.2),
                     str(workdir), prefetch=1)
 
 
@@ -181,7 +183,8 @@ def _garble_data(step_dir):
 def _rewrite_one_value(step_dir, new_value=None):
     """A checkpoint that orbax reads back without complaint, but holding a changed weight: only
     the fingerprints recorded at save time can tell. With `new_value` (e.g. NaN), that value is
-    written and the fingerprints are dropped, as in a checkpoint written before they were recorded."""
+    written and the record's fingerprints are rewritten to match it, so that only the check for
+    non-finite params can tell."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -204,9 +207,9 @@ def _rewrite_one_value(step_dir, new_value=None):
     shutil.rmtree(step_dir / "state")
     shutil.copytree(scratch / str(step) / "state", step_dir / "state")
     shutil.rmtree(scratch)
-    if new_value is not None:
+    if new_value is not None:  # a record that matches the new value: only the finite check can tell
         meta = json.loads((step_dir / "meta" / "metadata").read_text())
-        del meta["integrity"], meta["fingerprints"]
+        meta["fingerprints"] = checkpointing.host_fingerprints(state)
         (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
 
 
@@ -220,7 +223,7 @@ CORRUPTIONS = {
     "missing_state_metadata": _remove("state/_METADATA"),
     "missing_meta_record": _remove("meta/metadata"),
     "readable_but_changed_weight": _rewrite_one_value,
-    "nan_weight_without_checksums": lambda step_dir: _rewrite_one_value(step_dir, float("nan")),
+    "nan_weight_with_matching_fingerprints": lambda step_dir: _rewrite_one_value(step_dir, float("nan")),
 }
 
 
@@ -315,7 +318,7 @@ def test_a_killed_worker_makes_the_survivor_exit_in_bounded_time_and_both_resume
                 worker.kill()
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     assert f"at step {latest}." in outputs[0], outputs[0]
-    assert pretrained.read_workdir_state(str(workdir))["step"] == steps
+    assert checkpointing.read_workdir_state(str(workdir))["step"] == steps
 
 
 def _kill_self_in_commit_of(step: int) -> None:
@@ -337,7 +340,7 @@ def _worker(port: int, process_id: int, workdir: str, steps: int, sleep: float) 
 
     fake_object_store.register()  # the root comes from the environment
 
-    from nfnets_jax.train import distributed  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.runtime import distributed  # pylint: disable=import-outside-toplevel
 
     # Heartbeats short enough for a test (`--heartbeat_timeout_seconds`): a peer that stops
     # heartbeating for HEARTBEAT_S seconds makes the coordination service stop every process.

@@ -1,4 +1,4 @@
-"""`nfnets_jax.host_memory`: with the settings on, XLA:CPU's per-execution scratch stops costing
+"""`nfnets_jax.runtime.host_memory`: with the settings on, XLA:CPU's per-execution scratch stops costing
 fresh pages every call (counted as minor page faults, not timed), and every way to ask wrongly
 for them is one clear error."""
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nfnets_jax import host_memory
+from nfnets_jax.runtime import host_memory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # glibc mmap threshold, so by default each call maps and zero-fills 16,384 fresh 4 KiB pages.
 _FAULTS_PER_CALL = """
 import resource
-from nfnets_jax import host_memory
+from nfnets_jax.runtime import host_memory
 applied = host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sum(jax.lax.optimization_barrier(jnp.sin(x)) * 2.0))

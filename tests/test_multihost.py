@@ -15,7 +15,9 @@ import chex
 import pytest
 import xla_test_flags
 
-from nfnets_jax.train import distributed, fakes, loop, pretrained
+from nfnets_jax.runtime import distributed
+import fakes  # tests/fakes.py
+from nfnets_jax.train import checkpointing, loop
 
 pytestmark = pytest.mark.slow  # subprocess end-to-end runs (pytest.ini)
 
@@ -32,8 +34,7 @@ def _config(backend: str):
 
 def _train(workdir: str, backend: str):
     config = _config(backend)
-    return loop.run(fakes.fake_experiment(config, fakes.FakeData(num_classes=5), drop_rate=0.2),
-                    config, workdir, prefetch=1)
+    return loop.run(fakes.fake_experiment(config, fakes.FakeData(num_classes=5), drop_rate=0.2), workdir, prefetch=1)
 
 
 def _free_port() -> int:
@@ -61,9 +62,9 @@ def test_two_processes_match_one_process(tmp_path):
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output
     for backend in BACKENDS:
-        two_process = pretrained.read_workdir_state(str(tmp_path / f"multi_{backend}"))
+        two_process = checkpointing.read_workdir_state(str(tmp_path / f"multi_{backend}"))
         _train(str(tmp_path / f"single_{backend}"), backend)  # this process: 1 x 4 devices
-        one_process = pretrained.read_workdir_state(str(tmp_path / f"single_{backend}"))
+        one_process = checkpointing.read_workdir_state(str(tmp_path / f"single_{backend}"))
         assert two_process["step"] == one_process["step"] == STEPS
         # The reduction order over 2 x 2 devices may differ from 4 local devices: ~1e-6.
         chex.assert_trees_all_close(two_process["params"], one_process["params"], atol=1e-6, rtol=1e-5)

@@ -32,7 +32,8 @@ import chex
 import pytest
 import xla_test_flags
 
-from nfnets_jax.train import fake_object_store, pretrained
+import fake_object_store  # tests/fake_object_store.py
+from nfnets_jax.train import checkpointing
 
 TIMEOUT_S = 600
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +103,7 @@ def test_digits_two_processes_train_resume_on_one_and_evaluate_as_one(tmp_path):
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert "1 process(es), 4 cpu device(s)" in one.stdout and "at step 3." in one.stdout, one.stdout
 
-    two_state, one_state = pretrained.read_workdir_state(two), pretrained.read_workdir_state(resumed)
+    two_state, one_state = checkpointing.read_workdir_state(two), checkpointing.read_workdir_state(resumed)
     assert two_state["step"] == one_state["step"] == STEPS
     # Same batches, same math; the all-reduce order over 2 x 2 vs 4 local devices: ~1e-6.
     chex.assert_trees_all_close(two_state["params"], one_state["params"], atol=1e-5, rtol=1e-5)
@@ -117,7 +118,7 @@ def test_digits_two_processes_train_resume_on_one_and_evaluate_as_one(tmp_path):
     resumed_outputs = _two_processes("experiments.train", run_on_store, store=store)
     assert "at step 3." in resumed_outputs[0], resumed_outputs[0][-3000:]
     fake_object_store.register(store)
-    chex.assert_trees_all_equal(pretrained.read_workdir_state(url), two_state)
+    chex.assert_trees_all_equal(checkpointing.read_workdir_state(url), two_state)
     assert sorted(os.listdir(tmp_path)) == ["resumed_on_one", "store", "two_processes"]  # nothing bypassed it
 
     eval_outputs = _two_processes("experiments.eval", ["--config=configs/digits.py", f"--workdir={url}",

@@ -12,12 +12,12 @@ import sys
 _PROBE = """
 import sys
 import haiku as hk, jax, jax.numpy as jnp
-import nfnets_jax.models, nfnets_jax.optim, nfnets_jax.checkpoints, nfnets_jax.losses
+import nfnets_jax.models, nfnets_jax.optim, nfnets_jax.weights, nfnets_jax.losses
 import nfnets_jax.analysis.signal_propagation
 # What a GPU/TPU benchmark or the memory plan needs: the runner's step, config schema and checkpoints.
 import nfnets_jax.train.one_device_step, nfnets_jax.train.config_schema, nfnets_jax.train.checkpointing
 import nfnets_jax.data.config, nfnets_jax.data.feeding
-import benchmarks.train_step_throughput, benchmarks.checkpoint_save
+import benchmarks.train_step_throughput
 net = hk.transform_with_state(lambda x: nfnets_jax.models.create(
     "nfnet_f0", 10, depths=(1, 1, 1, 1), widths=(16, 32, 64, 64), group_size=8,
     stem_channels=(8, 8, 8, 8))(x, False))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nfnets_jax import provenance
+from nfnets_jax.runtime import provenance
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def _installed(distribution: str) -> bool:
 
 
 def test_collecting_versions_imports_neither_tensorflow_nor_jax():
-    code = ("import sys, json; from nfnets_jax import provenance; "
+    code = ("import sys, json; from nfnets_jax.runtime import provenance; "
             "record = provenance.collect(devices=False); "
             "print(json.dumps([record['versions']['tensorflow'], sorted("
             "m for m in ('tensorflow', 'jax') if m in sys.modules)]))")
@@ -58,6 +58,21 @@ def test_git_commit_is_the_checkouts_head():
     state = provenance.git_state()
     assert state["commit"] == head and len(head) == 40
     assert isinstance(state["dirty"], bool)
+
+
+def test_an_untracked_file_makes_the_tree_dirty_and_is_named(tmp_path, monkeypatch):
+    """A new, untracked module changes what runs as surely as an edit: a copy of this checkout's
+    git state with one untracked file is recorded dirty, naming the file; the clean copy is not."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
+                    "--allow-empty", "-m", "empty"], check=True)
+    monkeypatch.setattr(provenance, "_CHECKOUT", clone.resolve())
+    monkeypatch.chdir(clone)
+    assert provenance.git_state()["dirty"] is False
+    (clone / "new_module.py").write_text("x = 1\n")
+    state = provenance.git_state()
+    assert state["dirty"] is True and state["untracked"] == ["new_module.py"]
 
 
 def test_an_installed_copy_inside_another_repository_claims_no_commit(tmp_path, monkeypatch):
@@ -90,4 +105,4 @@ def test_every_benchmark_that_prints_json_records_provenance():
     printing = [p for p in scripts if "json.dumps(" in p.read_text(encoding="utf-8") and p.name != "timm_runner.py"]
     assert printing, "no benchmark scripts found"
     missing = [p.name for p in printing if "provenance.collect(" not in p.read_text(encoding="utf-8")]
-    assert not missing, f"benchmarks whose JSON lines lack nfnets_jax.provenance.collect(): {missing}"
+    assert not missing, f"benchmarks whose JSON lines lack nfnets_jax.runtime.provenance.collect(): {missing}"

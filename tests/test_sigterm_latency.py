@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from nfnets_jax.train import fakes, loop, pretrained
+import fakes  # tests/fakes.py
+from nfnets_jax.train import checkpointing, loop
 
 STEPS = 50
 SLOW_FROM = 3  # batches of steps >= SLOW_FROM (1-based) take SLOW_S each
@@ -56,7 +57,7 @@ def test_sigterm_while_the_pipeline_is_stuck_saves_and_exits_within_seconds(tmp_
     assert process.returncode == 0, output
     assert f"SIGTERM: saved step {SLOW_FROM - 1}" in output, output
     assert exit_seconds < EXIT_WITHIN_S, f"exited {exit_seconds:.1f}s after SIGTERM\n{output}"
-    assert pretrained.read_workdir_state(str(workdir))["step"] == SLOW_FROM - 1
+    assert checkpointing.read_workdir_state(str(workdir))["step"] == SLOW_FROM - 1
 
 
 def _slow_tf_batches(data: fakes.FakeData, start_step: int, global_batch_size: int):
@@ -81,5 +82,5 @@ if __name__ == "__main__":
     data = fakes.FakeData()
     experiment = fakes.fake_experiment(config, data)
     experiment.train_batches = lambda start: _slow_tf_batches(data, start, config.train.batch_size)
-    summary = loop.run(experiment, config, sys.argv[1], prefetch=1)
+    summary = loop.run(experiment, sys.argv[1], prefetch=1)
     print(f"stopped by {summary.stopped_by} at step {summary.step}", flush=True)

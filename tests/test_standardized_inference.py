@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nfnets_jax.models import standardized_inference as si
-from nfnets_jax.train.forward import make_forward
+from nfnets_jax.models import make_forward
 from tests.test_layers import numpy_standardize
 from tests.test_nfnet import TINY
 

@@ -1,4 +1,4 @@
-"""The watcher around each process of a multi-process run (nfnets_jax/train/supervisor.py):
+"""The watcher around each process of a multi-process run (nfnets_jax/runtime/supervisor.py):
 JAX's C++ dead-peer abort becomes one line; every other exit, signal and output passes unchanged;
 signals reach the child and `kill -9` of the watcher kills the child.
 
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nfnets_jax.train import supervisor
+from nfnets_jax.runtime import supervisor
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HINT = "Restart all processes with the same command."
@@ -117,7 +117,7 @@ def test_kill_9_of_the_watcher_kills_the_child(tmp_path):
     pid_file = tmp_path / "child.pid"
     watcher = _watch(f"""
         import os, time
-        from nfnets_jax.train import supervisor
+        from nfnets_jax.runtime import supervisor
         supervisor.die_with_watcher()
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         time.sleep(60)

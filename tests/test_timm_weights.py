@@ -23,8 +23,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoints, models
-from nfnets_jax.checkpoints import (
+from nfnets_jax import models, weights
+from nfnets_jax.weights import (
     SafetensorsFormatError,
     TimmWeightsError,
     convert_timm_nfnet,
@@ -33,8 +33,8 @@ from nfnets_jax.checkpoints import (
     match_timm_standardization,
     read_safetensors,
 )
-from nfnets_jax.checkpoints.timm_nfnet import infer_model_name
-from nfnets_jax.train import pretrained
+from nfnets_jax.weights.timm_nfnet import infer_model_name
+from nfnets_jax.train import checkpointing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "data" / "timm_golden"
@@ -151,7 +151,7 @@ def test_a_huge_claimed_tensor_is_refused_before_anything_is_allocated(tmp_path,
 
 def _tiny_model():
     facts = json.loads((GOLDEN / "golden.json").read_text())
-    model = models.registry.transformed(facts["our_model"], facts["num_classes"], **facts["our_kwargs"])
+    model = models.make_forward(facts["our_model"], facts["num_classes"], facts["our_kwargs"])
     return facts, model
 
 
@@ -311,12 +311,12 @@ def test_read_params_sends_safetensors_to_the_timm_converter(tmp_path):
     copy = tmp_path / "pytorch_model.bin"
     copy.write_bytes((GOLDEN / "weights.safetensors").read_bytes())
     with pytest.raises(TimmWeightsError, match="stages.0.0.conv3.weight has 32 output channels"):
-        pretrained.read_params(str(copy))
+        checkpointing.read_params(str(copy))
     damaged = tmp_path / "model.safetensors"
     damaged.write_bytes(b"\x80\x04garbage")
     with pytest.raises(SafetensorsFormatError):
-        pretrained.read_params(str(damaged))
-    assert checkpoints.looks_like_safetensors(GOLDEN / "weights.safetensors")
+        checkpointing.read_params(str(damaged))
+    assert weights.looks_like_safetensors(GOLDEN / "weights.safetensors")
 
 
 def test_pytorch_pickle_checkpoints_are_refused_not_read_as_npz(tmp_path):
@@ -326,7 +326,7 @@ def test_pytorch_pickle_checkpoints_are_refused_not_read_as_npz(tmp_path):
         archive.writestr("pytorch_model/data.pkl", pickle.dumps({"stem.conv1.weight": None}))
         archive.writestr("pytorch_model/data/0", bytes(16))
     with pytest.raises(ValueError, match="PyTorch pickle checkpoint .* use the same weights as .safetensors"):
-        pretrained.read_params(str(path))
+        checkpointing.read_params(str(path))
 
 
 @pytest.mark.slow  # a fresh interpreter importing jax and TensorFlow: ~40 s on the loaded 2-core box

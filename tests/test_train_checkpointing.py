@@ -18,7 +18,8 @@ import chex
 import numpy as np
 import pytest
 
-from nfnets_jax.train import checkpointing, fakes, loop, metrics_logging, pretrained
+import fakes  # tests/fakes.py
+from nfnets_jax.train import checkpointing, loop, metrics_logging
 
 pytestmark = pytest.mark.slow  # end-to-end training runs (pytest.ini)
 
@@ -51,11 +52,11 @@ class _SlowData(fakes.FakeData):
 def _run(workdir, steps=TOTAL_STEPS, data=None, **overrides):
     config = _config(steps, **overrides)
     data = data or _SlowData()
-    return loop.run(fakes.fake_experiment(config, data, drop_rate=0.2), config, str(workdir), prefetch=1)
+    return loop.run(fakes.fake_experiment(config, data, drop_rate=0.2), str(workdir), prefetch=1)
 
 
 def _final_state(workdir):
-    return pretrained.read_workdir_state(str(workdir))
+    return checkpointing.read_workdir_state(str(workdir))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from nfnets_jax.train import fakes, loop, metrics_logging, pretrained
+import fakes  # tests/fakes.py
+from nfnets_jax.train import checkpointing, loop, metrics_logging
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def finished_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = fakes.fake_config(**{"train.steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 2})
     data = fakes.FakeData(num_classes=6)
-    summary = loop.run(fakes.fake_experiment(config, data), config, workdir)
+    summary = loop.run(fakes.fake_experiment(config, data), workdir)
     return workdir, summary, data
 
 
@@ -51,7 +52,7 @@ def test_tensorboard_events_and_curve_plot_are_written(finished_run):
 @pytest.mark.slow
 def test_final_eval_matches_numpy_on_the_checkpointed_params(finished_run):
     workdir, summary, data = finished_run
-    saved = pretrained.read_workdir_state(workdir)
+    saved = checkpointing.read_workdir_state(workdir)
     assert saved["step"] == 4
     images, labels = data.eval_arrays()
     for prefix, params in (("", saved["params"]), ("ema_", saved["ema_params"])):
@@ -64,7 +65,7 @@ def test_final_eval_matches_numpy_on_the_checkpointed_params(finished_run):
 @pytest.mark.slow
 def test_plain_progress_lines_and_parameter_groups_when_not_a_tty(tmp_path, capsys):
     config = fakes.fake_config(**{"train.steps": 2, "log.every_steps": 1})
-    loop.run(fakes.fake_experiment(config, fakes.FakeData()), config, str(tmp_path))
+    loop.run(fakes.fake_experiment(config, fakes.FakeData()), str(tmp_path))
     out = capsys.readouterr().out
     assert "step 1/2  loss" in out and "step 2/2  loss" in out and "img/s" in out and "ETA" in out
     assert "fake_net/~/linear/w" in out or "fake_net/linear/w" in out  # the parameter-group table

@@ -17,7 +17,8 @@ import pytest
 
 import nfnets_jax.train
 from nfnets_jax import optim
-from nfnets_jax.train import fakes, parallel
+import fakes  # tests/fakes.py
+from nfnets_jax.train import parallel
 from nfnets_jax.train.state import init_train_state
 from nfnets_jax.train.step import make_train_step
 

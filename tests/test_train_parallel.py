@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax.train import fakes, parallel
+import fakes  # tests/fakes.py
+from nfnets_jax.train import parallel
 from nfnets_jax.train.state import init_train_state
 from nfnets_jax.train.step import make_train_step
 

@@ -1,14 +1,14 @@
 """Starting from trained weights: a fresh head, everything else loaded, mismatches listed."""
 
-import importlib.util
 import pathlib
 
 import chex
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpoints
-from nfnets_jax.train import fakes, loop, pretrained
+from nfnets_jax import weights
+import fakes  # tests/fakes.py
+from nfnets_jax.train import checkpointing, loop
 
 HEAD = [r"^[^/]+/~/linear/"]
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def _tree(num_classes, fill):
 
 def test_merge_keeps_the_fresh_head_and_loads_the_rest():
     loaded, fresh = _tree(1000, 1.0), _tree(10, 0.0)  # ImageNet weights, a 10-class target
-    merged = pretrained.merge_pretrained(loaded, fresh, exclude=HEAD)
+    merged = weights.merge_pretrained(loaded, fresh, exclude=HEAD)
     chex.assert_trees_all_equal(merged["net/~/conv"], loaded["net/~/conv"])
     chex.assert_trees_all_equal(merged["net/~/linear"], fresh["net/~/linear"])
 
@@ -31,23 +31,23 @@ def test_merge_lists_every_missing_and_wrong_shaped_parameter():
     loaded = _tree(1000, 1.0)
     loaded["net/~/conv"]["w"] = np.zeros((1, 1, 2, 4), np.float32)
     del loaded["net/~/conv"]["gain"]
-    with pytest.raises(checkpoints.ParamsMismatchError) as error:
-        pretrained.merge_pretrained(loaded, _tree(10, 0.0), exclude=HEAD)
+    with pytest.raises(weights.ParamsMismatchError) as error:
+        weights.merge_pretrained(loaded, _tree(10, 0.0), exclude=HEAD)
     assert "net/~/conv/gain" in str(error.value) and "wrong shape: net/~/conv/w" in str(error.value)
 
 
 def test_read_params_tells_our_npz_from_a_workdir(tmp_path):
     tree = _tree(3, 2.0)
-    checkpoints.save_npz(str(tmp_path / "ours.npz"), tree)
-    chex.assert_trees_all_equal(pretrained.read_params(str(tmp_path / "ours.npz")), tree)
+    weights.save_npz(str(tmp_path / "ours.npz"), tree)
+    chex.assert_trees_all_equal(checkpointing.read_params(str(tmp_path / "ours.npz")), tree)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        pretrained.read_params(str(tmp_path))
+        checkpointing.read_params(str(tmp_path))
 
 
 def _train_source(workdir, num_classes):
     config = fakes.fake_config(**{"train.steps": 2})
-    loop.run(fakes.fake_experiment(config, fakes.FakeData(num_classes=num_classes)), config, workdir)
-    return pretrained.read_workdir_params(workdir)
+    loop.run(fakes.fake_experiment(config, fakes.FakeData(num_classes=num_classes)), workdir)
+    return checkpointing.read_params(workdir)
 
 
 @pytest.mark.slow
@@ -57,10 +57,10 @@ def test_fine_tuning_run_starts_from_the_loaded_weights_and_a_fresh_excluded_par
     # LR 0: after one step the params are still where fine-tuning started them.
     config = fakes.fake_config(**{"train.steps": 1, "optimizer.lr": 0.0})
     experiment = fakes.fake_experiment(config, fakes.FakeData(num_classes=3))
-    source = pretrained.read_params(str(tmp_path / "source"))
-    experiment.initial_params = lambda fresh: pretrained.merge_pretrained(source, fresh, exclude=[r"/b$"])
-    loop.run(experiment, config, str(tmp_path / "finetune"))
-    started = pretrained.read_workdir_state(str(tmp_path / "finetune"))["params"]["fake_net/~/linear"]
+    source = checkpointing.read_params(str(tmp_path / "source"))
+    experiment.initial_params = lambda fresh: weights.merge_pretrained(source, fresh, exclude=[r"/b$"])
+    loop.run(experiment, str(tmp_path / "finetune"))
+    started = checkpointing.read_workdir_state(str(tmp_path / "finetune"))["params"]["fake_net/~/linear"]
     np.testing.assert_array_equal(started["w"], trained["w"])  # loaded
     np.testing.assert_array_equal(started["b"], np.zeros(3))  # hk.Linear's fresh bias
 
@@ -70,10 +70,10 @@ def test_fine_tuning_from_weights_of_another_shape_fails_before_training(tmp_pat
     _train_source(str(tmp_path / "source"), num_classes=5)
     config = fakes.fake_config(**{"train.steps": 1})
     experiment = fakes.fake_experiment(config, fakes.FakeData(num_classes=3))
-    source = pretrained.read_params(str(tmp_path / "source"))
-    experiment.initial_params = lambda fresh: pretrained.merge_pretrained(source, fresh, exclude=[r"/b$"])
-    with pytest.raises(checkpoints.ParamsMismatchError, match=r"wrong shape: fake_net/~/linear/w"):
-        loop.run(experiment, config, str(tmp_path / "finetune"))
+    source = checkpointing.read_params(str(tmp_path / "source"))
+    experiment.initial_params = lambda fresh: weights.merge_pretrained(source, fresh, exclude=[r"/b$"])
+    with pytest.raises(weights.ParamsMismatchError, match=r"wrong shape: fake_net/~/linear/w"):
+        loop.run(experiment, str(tmp_path / "finetune"))
     assert not list((tmp_path / "finetune" / "checkpoints").glob("[0-9]*"))
 
 
@@ -81,14 +81,11 @@ def test_wrong_weights_are_refused_when_the_experiment_is_built(tmp_path):
     # Regression: the names and shapes of `init_from` weights were only checked inside the loop,
     # after the params were initialised, and the error escaped train.py as a traceback. Now
     # build_experiment (inside train.py's one-message error handler) refuses them at the door.
-    from experiments import train  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import builder, config_files  # pylint: disable=import-outside-toplevel
 
-    spec = importlib.util.spec_from_file_location("config_digits", REPO / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_files.load_config(str(REPO / "configs" / "digits.py"))
     bad = {"NFNet/~/linear": {"w": np.zeros((3, 10), np.float32), "b": np.zeros(10, np.float32)}}
-    checkpoints.save_npz(str(tmp_path / "bad.npz"), bad)
+    weights.save_npz(str(tmp_path / "bad.npz"), bad)
     config.checkpoint.init_from = str(tmp_path / "bad.npz")
-    with pytest.raises(checkpoints.ParamsMismatchError, match="missing"):
-        train.build_experiment(config)
+    with pytest.raises(weights.ParamsMismatchError, match="missing"):
+        builder.build_experiment(config)

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from nfnets_jax.train import evaluation, fakes, parallel
+import fakes  # tests/fakes.py
+from nfnets_jax.train import evaluation, parallel
 from nfnets_jax.train.state import init_train_state
 from nfnets_jax.train.step import make_eval_step, make_train_step
 

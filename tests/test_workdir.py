@@ -17,8 +17,10 @@ import time
 import chex
 import pytest
 
-from nfnets_jax.train import (checkpointing, fake_object_store, fakes, loop, metrics_logging, pretrained,
-                              workdir_lock)
+import fake_object_store  # tests/fake_object_store.py
+import fakes  # tests/fakes.py
+from nfnets_jax.runtime import workdir_lock
+from nfnets_jax.train import checkpointing, loop, metrics_logging
 from test_train_checkpointing import _SlowData
 
 STEPS = 12
@@ -32,7 +34,7 @@ def _config(steps=STEPS, lr=0.1):
 
 def _run(workdir, steps=STEPS, sleep=0.0, lr=0.1):
     config = _config(steps, lr)
-    return loop.run(fakes.fake_experiment(config, _SlowData(sleep=sleep), drop_rate=0.2), config,
+    return loop.run(fakes.fake_experiment(config, _SlowData(sleep=sleep), drop_rate=0.2),
                     str(workdir), prefetch=1)
 
 
@@ -148,8 +150,8 @@ def test_train_preempt_resume_and_evaluate_on_an_object_store_url(store, tmp_pat
     assert summary.stopped_by == "completed" and summary.step == STEPS
     assert summary.metrics_file == f"{url}/metrics.jsonl" and summary.plot_file == f"{url}/training_curves.png"
     _run(tmp_path / "local")  # the uninterrupted reference, on a local disk
-    on_store = pretrained.read_workdir_state(url)
-    chex.assert_trees_all_equal(on_store, pretrained.read_workdir_state(str(tmp_path / "local")))
+    on_store = checkpointing.read_workdir_state(url)
+    chex.assert_trees_all_equal(on_store, checkpointing.read_workdir_state(str(tmp_path / "local")))
     backing = store / "bucket" / "runs" / "one"
     assert sorted(os.listdir(backing)) == ["checkpoints", "config.json", "metrics.jsonl", "provenance.json", "tb",
                                            "training_curves.png"]

@@ -143,9 +143,29 @@ def count_params(params: Any) -> int:
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def transformed(name: str, num_classes: int = 1000, **kwargs: Any) -> hk.TransformedWithState:
-    """`hk.transform_with_state` of `f(x, is_training) -> logits`, for analysis tools."""
-    return hk.transform_with_state(lambda x, is_training: create(name, num_classes, **kwargs)(x, is_training))
+def make_forward(name: str, num_classes: int = 1000, kwargs: Mapping[str, Any] | None = None
+                 ) -> hk.TransformedWithState:
+    """The classifier as the runner, the evaluation and analysis tools see it:
+    `forward.apply(params, state, rng, images, is_training=...) -> (logits, state)`.
+
+    The one place where a model name and its kwargs (`config.model`) become a Haiku transform, so
+    that training and evaluation build exactly the same parameter tree. Raises ValueError (listing
+    the valid names) for an unknown `name` at once, rather than at the first trace.
+    """
+    _lookup(name)
+    kwargs = dict(kwargs or {})
+
+    def forward(images: jax.Array, is_training: bool) -> jax.Array:
+        return create(name, num_classes, **kwargs)(images, is_training=is_training)
+
+    return hk.transform_with_state(forward)
+
+
+def abstract_init(forward: hk.TransformedWithState, image_size: int) -> tuple[Any, Any]:
+    """(params, state) of `forward.init` as `jax.ShapeDtypeStruct` trees, nothing computed: for
+    checking loaded weights against the model before anything is initialised."""
+    return jax.eval_shape(lambda: forward.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), is_training=True))
 
 
 def macs_and_params(name: str, imsize: int, **kwargs: Any) -> tuple[int, int]:

@@ -1,24 +1,25 @@
-"""The experiment runner: train state, per-device step, pmap/shard_map backends, checkpoints,
-logging, evaluation and the loop that ties them together. `build_experiment` and `run` (module
-`experiment`) are the entry points, for `experiments/train.py` and for notebooks alike.
+"""The runner: a config becomes an experiment (`builder`), and the loop trains it (`loop`).
 
-Modules, in the order a step meets them: `config_schema` (the shared config and its checks),
-`forward` (config.model -> the Haiku classifier), `state` (TrainState), `step` (the per-device
-train and eval steps), `parallel` (pmap and shard_map backends), `evaluation`, `checkpointing`
-(orbax, SIGTERM), `pretrained` (starting from trained weights), `metrics_logging` (progress,
-TensorBoard, JSONL, plots), `loop` (the training loop), `distributed` (multi-host start-up) and
-`fakes` (a fake model and data for the runner's tests), `experiment` (config -> experiment, and
-`run` from Python).
+    experiment = nfnets_jax.train.build_experiment(config)      # or build_experiment(config, optimizer=...)
+    summary = nfnets_jax.train.run(experiment, workdir, num_steps=200)
+    steps, losses = summary.series("loss")
+
+`experiments/train.py` does exactly this, so what a notebook tries is what the command line and a
+pod run. docs/architecture.md maps the modules.
 """
 
-# The notebook entry points, loaded on first use (they import the data pipeline's TensorFlow).
-_EXPERIMENT_API = ("build_experiment", "run", "config_optimizer", "learning_rate_schedule",
-                   "schedule_args")
+# The entry points, loaded on first use (the builder imports the data pipeline's TensorFlow).
+_BUILDER_API = ("build_experiment", "build_parts", "config_optimizer", "learning_rate_schedule",
+                "schedule_args")
 
 
 def __getattr__(name: str):
-    if name in _EXPERIMENT_API:
-        from nfnets_jax.train import experiment  # pylint: disable=import-outside-toplevel
+    if name in _BUILDER_API:
+        from nfnets_jax.train import builder  # pylint: disable=import-outside-toplevel
 
-        return getattr(experiment, name)
+        return getattr(builder, name)
+    if name == "run":
+        from nfnets_jax.train import loop  # pylint: disable=import-outside-toplevel
+
+        return loop.run
     raise AttributeError(f"module 'nfnets_jax.train' has no attribute {name!r}")

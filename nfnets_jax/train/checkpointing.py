@@ -1,49 +1,56 @@
-"""Orbax checkpoints of the train state: every N steps, keep the last K, on SIGTERM, resume.
+"""The run's checkpoints: save every N steps, keep the last K, find, verify and restore them.
+
+The one place that finds and verifies checkpoints, for every reader: resume (`Checkpointer`),
+evaluation and fine-tuning from a workdir (`read_workdir_state`, `read_params`), and the check at
+the door that a workdir was written by the model about to resume it (`check_resumable`). Weight
+files (DeepMind's, timm's, our `.npz`) are read by `nfnets_jax.weights`; `read_params` takes
+either.
 
 What is saved is the one logical copy of `TrainState` (replicated global arrays; orbax writes a
-replicated array once, from one process, and coordinates multi-process saves), a fingerprint of
-every leaf, and a small JSON record with the step and the position in the data stream. Saves are
-asynchronous (orbax copies the arrays to host, returns, and writes in a background thread) and
-atomic (orbax writes to a temporary directory and commits it when complete), so a run killed
-mid-save resumes from the previous complete checkpoint; the unfinished save it leaves
-(`<step>.orbax-checkpoint-tmp-*`) is never listed as a step and is deleted when the next run
-opens the directory (which it only does while holding the workdir lock, see `workdir_lock`). A
-state with non-finite values is never handed to `save`: the loop checks first, so the last good
-checkpoint is never overwritten.
+replicated array once, from one process, and coordinates multi-process saves) and a small JSON
+record: the step, the position in the data stream (the step: the stream is a function of it),
+the integrity format and a fingerprint of every leaf. Saves are asynchronous (orbax copies the
+arrays to host, returns, and writes in a background thread) and atomic (orbax writes to a
+temporary directory and commits it when complete), so a run killed mid-save resumes from the
+previous complete checkpoint; the unfinished save it leaves (`<step>.orbax-checkpoint-tmp-*`) is
+never listed as a step and is deleted when the next run opens the directory (which it only does
+while holding the workdir lock, see `nfnets_jax.runtime.workdir_lock`). A state with non-finite
+values is never handed to `save`: the loop checks first, so the last good checkpoint is never
+overwritten.
 
 The fingerprint (`fingerprint`) of every leaf is computed on the devices that hold it, by one
-jitted function (one pass over the state at the device's memory bandwidth); only the uint32
-per leaf comes to host, and it is written in the JSON record (`meta["fingerprints"]`). A save
-never copies the state to host for its integrity data, and adds no array to orbax's write: an
-earlier format saved the fingerprints as an orbax item of ~700 scalar arrays, and writing those
-made a save block the loop about twice as long (F0 on an H200, `benchmarks/checkpoint_save.py`).
-Checkpoints of that format (`integrity/` item) and older ones (a CRC32 of each leaf in `meta`)
-are still verified.
+jitted function (one pass over the state at the device's memory bandwidth); only the uint32 per
+leaf comes to host, into the record. A save never copies the state to host for its integrity data.
 
-Restoring trusts nothing on disk: `restore_latest` (resume) and `read_latest` (evaluation and
-fine-tuning from a workdir) walk from the newest step down and skip, with one warning each,
-checkpoints that fail to restore in any way (orbax and TensorStore raise anything from
-`ValueError` to a bare `Exception` for missing, truncated, emptied or garbled files) or that
-restore to the wrong step, shapes, dtypes, non-finite params or a wrong fingerprint. While a
+Restoring trusts nothing on disk. Every field of the record is checked against something
+independent of it (the step against the folder's name and the state's own step counter, the data
+position against the step, the fingerprints against the restored arrays, the format against the
+one this version writes; a record with any other field fails), so no value inside a checkpoint
+can change what a resume does, or switch verification off, unnoticed. `restore_latest` (resume)
+and `read_latest` walk from the newest step down and skip, with one warning each, checkpoints that
+fail to restore in any way (orbax and TensorStore raise anything from `ValueError` to a bare
+`Exception` for missing, truncated, emptied or garbled files) or to verify, and step entries that
+are not readable folders at all (a file, a symlink, a folder without permissions). While a
 checkpoint is tried, orbax's, TensorStore's and asyncio's own logging is held back, so a damaged
 checkpoint costs the user one line, not pages of tracebacks. On resume, skipped checkpoints are
-moved to `corrupt_checkpoints/` next to the checkpoint directory, so that the resumed run can
-save those steps again (readers leave them in place). When no checkpoint survives,
-`CorruptCheckpointError` says what to do; nothing is loaded and nothing starts from scratch
-behind the user's back. A checkpoint whose arrays do not match the model being resumed (a changed
-config) raises `IncompatibleCheckpointError` naming the differences, before anything is moved.
+moved out of orbax's sight (to `corrupt_checkpoints/`, or renamed in place when they cannot be
+moved), so that the resumed run can save those steps again; readers leave them where they are.
+When no checkpoint survives, `CorruptCheckpointError` says what to do; nothing is loaded and
+nothing starts from scratch behind the user's back. A checkpoint whose arrays do not match the
+model being resumed (a changed config) raises `IncompatibleCheckpointError` naming the
+differences, before anything is moved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 import traceback
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,7 +61,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from nfnets_jax.train import workdir as workdir_lib
+from nfnets_jax import weights
+from nfnets_jax.runtime import workdir as workdir_lib
 from nfnets_jax.train.state import TrainState
 
 _log = logging.getLogger(__name__)
@@ -66,10 +74,18 @@ _REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
 # Top-level `TrainState` fields that the loop guarantees finite before every save: non-finite
 # updates are never applied. (The optimizer state is left out: an optax state may hold inf.)
 _FINITE_FIELDS = ("params", "model_state", "ema_params")
-# `meta["integrity"]` of checkpoints whose `meta["fingerprints"]` maps leaf names to `fingerprint`s.
+# `meta["integrity"]` of checkpoints whose `meta["fingerprints"]` maps leaf names to `fingerprint`s:
+# the only format verified. (Two earlier ones, fingerprints as an orbax item and CRC32s computed on
+# the host, were last written before release 0.1.0 and are refused like damage.)
 FINGERPRINT_FORMAT = "uint32-weighted-sum-v2"
-# `meta["integrity"]` of older checkpoints whose `integrity` orbax item holds the fingerprints.
-FINGERPRINT_ITEM_FORMAT = "uint32-weighted-sum-v1"
+# The fields of a checkpoint's JSON record, every one of them verified.
+_RECORD_FIELDS = frozenset({"step", "data_position", "integrity", "fingerprints"})
+# A workdir's folder of step directories.
+CHECKPOINTS_FOLDER = "checkpoints"
+# The sub-folder a checkpoint directory's damaged steps are moved to, next to it.
+CORRUPT_FOLDER = "corrupt_checkpoints"
+# Suffix of a damaged step renamed in place when it cannot be moved (orbax lists digits only).
+_SET_ASIDE_SUFFIX = ".unreadable-"
 # Loggers whose output during a failed restore attempt is noise to the user (orbax logs through
 # absl; asyncio reports the tasks orbax leaves behind when a read fails).
 _NOISY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "jax._src.distributed")
@@ -82,6 +98,10 @@ class CorruptCheckpointError(RuntimeError):
 
 class IncompatibleCheckpointError(ValueError):
     """The newest checkpoint holds arrays of another model (names or shapes differ)."""
+
+
+class CheckpointDirectoryError(RuntimeError):
+    """The checkpoint folder cannot be used as it is (what to do is in the message)."""
 
 
 class _FailedVerification(ValueError):
@@ -115,8 +135,8 @@ def _leaf_fingerprint(leaf: jax.Array) -> jax.Array:
     """
     words = _words(leaf)
     words = words ^ (words >> 16)
-    weights = jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
-    return jnp.sum(words * weights, dtype=jnp.uint32)
+    position_weights = jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+    return jnp.sum(words * position_weights, dtype=jnp.uint32)
 
 
 @jax.jit
@@ -125,12 +145,9 @@ def fingerprint(state: Any) -> Any:
     return jax.tree.map(_leaf_fingerprint, state)
 
 
-_fingerprint_in_one_program = jax.jit(fingerprint)
-
-
 def host_fingerprints(state: Any) -> dict[str, int]:
     """{leaf name: fingerprint} of `state`, computed on device in one program (what a save records)."""
-    return {name: int(_host(value)) for name, value in _named_leaves(_fingerprint_in_one_program(state)).items()}
+    return {name: int(_host(value)) for name, value in _named_leaves(fingerprint(state)).items()}
 
 
 @jax.jit
@@ -153,22 +170,12 @@ def _path_name(path: tuple) -> str:
     return "/".join(_key_name(key) for key in path)
 
 
-def _legacy_crc_key(path: tuple) -> str:
-    """The key under which pre-fingerprint checkpoints recorded a leaf's CRC32 (a `TrainState`
-    keystr, e.g. `.params['net/~/linear']['w']`)."""
-    return f".{_key_name(path[0])}{jax.tree_util.keystr(path[1:])}"
-
-
 def _named_leaves(tree: Any) -> dict[str, Any]:
     return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _host(leaf: Any) -> np.ndarray:
     return np.asarray(leaf.addressable_shards[0].data) if isinstance(leaf, jax.Array) else np.asarray(leaf)
-
-
-def _crc32(array: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 # ---- Verification --------------------------------------------------------------------------------
@@ -181,21 +188,24 @@ def _short(error: BaseException) -> str:
 
 
 def _differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Leaf names and shapes/dtypes that differ between two {name: array-like} maps."""
-    lines = [f"missing from the checkpoint: {name}" for name in sorted(set(expected) - set(found))]
-    lines += [f"not in the model: {name}" for name in sorted(set(found) - set(expected))]
-    for name in sorted(set(found) & set(expected)):
-        have, want = found[name], expected[name]
-        if tuple(have.shape) != tuple(want.shape) or np.dtype(have.dtype) != np.dtype(want.dtype):
-            lines.append(f"{name}: checkpoint {np.dtype(have.dtype)}{list(have.shape)}, model "
-                         f"{np.dtype(want.dtype)}{list(want.shape)}")
-    return lines
+    """Leaf names, shapes and dtypes that differ between a checkpoint and the train state."""
+    return weights.differences(found, expected, found_as="checkpoint", compare_dtypes=True)
 
 
-def _verify(step: int, state: Any, integrity: Any, meta: dict, abstract_state: Any) -> None:
-    """Raises `_FailedVerification` unless `state` is exactly what was saved at `step`."""
-    if int(meta["step"]) != step:
-        raise _FailedVerification(f"its meta record says step {meta['step']}")
+def _verify(step: int, state: Any, meta: Any, abstract_state: Any) -> None:
+    """Raises `_FailedVerification` unless `state` and its record `meta` are exactly what was saved
+    at `step`: every field of the record is checked against something independent of it."""
+    if not isinstance(meta, dict) or set(meta) != _RECORD_FIELDS:
+        fields = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise _FailedVerification(f"its record holds {fields}, not the fields {sorted(_RECORD_FIELDS)}")
+    if meta["integrity"] != FINGERPRINT_FORMAT:
+        raise _FailedVerification(f"its record names the integrity format {meta['integrity']!r}, not "
+                                  f"{FINGERPRINT_FORMAT!r} (the one this version verifies)")
+    if not _is_int(meta["step"]) or meta["step"] != step:
+        raise _FailedVerification(f"its record says step {meta['step']!r}")
+    if not _is_int(meta["data_position"]) or meta["data_position"] != step:
+        raise _FailedVerification(f"its record puts the data stream at {meta['data_position']!r}, not at "
+                                  f"its step {step}")
     wrong = _differences(_named_leaves(state), _named_leaves(abstract_state))
     if wrong:
         raise _FailedVerification(f"its arrays differ from the train state: {wrong[0]}")
@@ -207,40 +217,25 @@ def _verify(step: int, state: Any, integrity: Any, meta: dict, abstract_state: A
     for path, ok in flat:
         if _key_name(path[0]) in _FINITE_FIELDS and not bool(ok):
             raise _FailedVerification(f"{_path_name(path)} holds NaN or inf")
-    if meta.get("integrity") in (FINGERPRINT_FORMAT, FINGERPRINT_ITEM_FORMAT):
-        if meta["integrity"] == FINGERPRINT_FORMAT:
-            saved = meta.get("fingerprints")
-            if not isinstance(saved, dict):
-                raise _FailedVerification("its fingerprints are missing")
-        elif integrity is None:
-            raise _FailedVerification("its fingerprints are missing")
-        else:
-            saved = {name: _host(value) for name, value in _named_leaves(integrity).items()}
-        computed = {name: int(np.asarray(value)) for name, value in _named_leaves(fingerprints).items()}
-        if set(saved) != set(computed):
-            raise _FailedVerification("its fingerprints cover other arrays than its state")
-        mismatched = [name for name in computed if not _same_fingerprint(saved[name], computed[name])]
-        if mismatched:
-            raise _FailedVerification(f"fingerprint mismatch in {mismatched[:3]}")
-        return
-    expected = meta.get("leaf_crc32")
-    if expected is None:  # written before integrity data was recorded: nothing more to compare
-        return
-    host = {_legacy_crc_key(path): _host(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
-    wrong = [path for path, value in host.items() if expected.get(path) != _crc32(value)]
-    if wrong or set(expected) != set(host):
-        raise _FailedVerification(f"CRC32 mismatch in {wrong or 'the set of leaves'}")
+    saved = meta["fingerprints"]
+    if not isinstance(saved, dict):
+        raise _FailedVerification("its fingerprints are missing")
+    computed = {name: int(np.asarray(value)) for name, value in _named_leaves(fingerprints).items()}
+    if set(saved) != set(computed):
+        raise _FailedVerification("its fingerprints cover other arrays than its state")
+    mismatched = [name for name in computed if not _same_fingerprint(saved[name], computed[name])]
+    if mismatched:
+        raise _FailedVerification(f"fingerprint mismatch in {mismatched[:3]}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _same_fingerprint(saved: Any, computed: int) -> bool:
-    """`saved` (a JSON value, or a restored uint32 array) records `computed`; False for anything
-    else a damaged record may hold (a string, a float, null, a list)."""
-    if isinstance(saved, (bool, float, str)) or saved is None:
-        return False
-    try:
-        return int(np.asarray(saved)) == computed and np.asarray(saved).size == 1
-    except (TypeError, ValueError, OverflowError):
-        return False
+    """`saved` (a JSON value) records `computed`; False for anything else a damaged record may hold
+    (a string, a float, null, a list)."""
+    return _is_int(saved) and saved == computed
 
 
 def _is_late_report_into_a_closed_loop(unraisable: Any) -> bool:
@@ -296,11 +291,6 @@ def _quiet_restore_attempt() -> Iterator[None]:
         sys.unraisablehook, threading.excepthook = hooks
 
 
-def _integrity_target(abstract_state: Any) -> Any:
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((), jnp.uint32, sharding=leaf.sharding),
-                        abstract_state)
-
-
 def _metadata_tree(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
     metadata = manager.item_metadata(step)[item]
     return getattr(metadata, "tree", metadata)
@@ -318,50 +308,85 @@ def _restore_one(manager: ocp.CheckpointManager, step_path: epath.Path, step: in
     missing = [name for name in _REQUIRED_FILES if not (step_path / name).exists()]
     if missing:
         raise _FailedVerification(f"{', '.join(missing)} missing")
-    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     if abstract_state is None:
         abstract_state = _on_one_device(_metadata_tree(manager, step, "state"))
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_integrity = meta.get("integrity") == FINGERPRINT_ITEM_FORMAT and (step_path / "integrity").exists()
-    if has_integrity:
-        args["integrity"] = ocp.args.StandardRestore(_integrity_target(abstract_state))
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
-    state, integrity = restored["state"], restored["integrity"] if has_integrity else None
-    _verify(step, state, integrity, meta, abstract_state)
-    return state, meta
+    # Both items in one call: orbax warns about every saved item that a restore leaves out.
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    state, meta = restored["state"], restored["meta"]
+    _verify(step, state, meta, abstract_state)
+    return state, dict(meta)
 
 
-def _check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any, directory: str) -> None:
-    """Raises `IncompatibleCheckpointError` if the step's (readable) metadata describes arrays of
-    another model; unreadable metadata is left to the restore attempt (damage, not a config)."""
+def _incompatibility(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> list[str]:
+    """How the arrays the step's (readable) metadata describes differ from `abstract_state`;
+    [] when they match or the metadata cannot be read (damage is the restore's business)."""
     try:
         with _quiet_restore_attempt():
             saved = _named_leaves(_metadata_tree(manager, step, "state"))
     except Exception:  # pylint: disable=broad-except
-        return
-    if not saved:
-        return
-    differences = _differences(saved, _named_leaves(abstract_state))
+        return []
+    return _differences(saved, _named_leaves(abstract_state)) if saved else []
+
+
+def _raise_if_incompatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                           directory: str) -> None:
+    """Raises `IncompatibleCheckpointError` if step `step` holds another model's arrays."""
+    differences = _incompatibility(manager, step, abstract_state)
     if not differences:
         return
     listed = "\n  ".join(differences[:_MAX_LISTED_DIFFERENCES])
     more = len(differences) - _MAX_LISTED_DIFFERENCES
     raise IncompatibleCheckpointError(
         f"The checkpoint of step {step} in {directory} was written by another model or optimizer "
-        f"({len(differences)} difference(s)):\n  {listed}"
+        f"({len(differences)} of its arrays differ):\n  {listed}"
         f"{f'{chr(10)}  ... and {more} more' if more > 0 else ''}\n"
-        "Resume with the config that wrote it (the workdir's config.json), or use a new workdir. "
-        "Nothing was changed.")
+        "Nothing was changed. To continue that run, use its config (the workdir's config.json); to "
+        "train this model, pass a new --workdir.")
+
+
+def _is_step_name(name: str) -> bool:
+    return name.isdigit()
+
+
+def _unusable_step_entries(directory: epath.Path) -> list[str]:
+    """Names of entries that look like steps (digits) but are not folders orbax can read: a file,
+    a symlink (to anything, a loop included), a folder without read and search permission.
+    Orbax lists only real folders, so it would pass over them, and the next save of that step
+    would then fail on the leftover; they are set aside like any damaged checkpoint."""
+    if workdir_lib.is_url(directory):
+        return []  # object stores hold no symlinks or permission bits
+    names = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        if not _is_step_name(entry.name):
+            continue
+        try:
+            usable = (not entry.is_symlink() and entry.is_dir(follow_symlinks=False)
+                      and os.access(entry.path, os.R_OK | os.X_OK))
+        except OSError:
+            usable = False
+        if not usable:
+            names.append(entry.name)
+    return sorted(names, key=int, reverse=True)
 
 
 def _restore_newest_intact(manager: ocp.CheckpointManager, directory: epath.Path,
-                           abstract_state: Any | None) -> tuple[Any, dict, list[int]] | None:
-    """(state, meta, skipped steps) of the newest step that restores intact, or None when the
-    directory holds no step; warns once per skipped step; raises `CorruptCheckpointError`."""
-    steps = sorted(manager.all_steps(), reverse=True)
+                           abstract_state: Any | None) -> tuple[Any, dict, list[str]] | None:
+    """(state, meta, names of the step entries skipped) of the newest step that restores intact,
+    or None when the directory holds no step; warns once per skipped entry; raises
+    `CorruptCheckpointError` when steps exist and none is intact."""
+    unusable = _unusable_step_entries(directory)
+    for name in unusable:
+        _log.warning("Checkpoint %s is not a readable folder (a file, a symlink or without "
+                     "permissions); skipping it.", directory / name)
+    steps = sorted((step for step in manager.all_steps() if str(step) not in unusable), reverse=True)
     if steps and abstract_state is not None:
-        _check_compatible(manager, steps[0], abstract_state, str(directory))
-    failures: list[tuple[int, str]] = []
+        _raise_if_incompatible(manager, steps[0], abstract_state, str(directory))
+    failures: list[tuple[str, str]] = [(name, "not a readable folder") for name in unusable]
     for step in steps:
         try:
             with _quiet_restore_attempt():
@@ -370,11 +395,11 @@ def _restore_newest_intact(manager: ocp.CheckpointManager, directory: epath.Path
             reason = error if isinstance(error, _FailedVerification) else _short(error)
             _log.warning("Checkpoint %s is unreadable or corrupt (%s); skipping it.",
                          directory / str(step), reason)
-            failures.append((step, str(reason)))
+            failures.append((str(step), str(reason)))
             continue
-        return state, meta, [failed for failed, _ in failures]
+        return state, meta, [name for name, _ in failures]
     if failures:
-        listing = "; ".join(f"step {failed}: {reason}" for failed, reason in failures)
+        listing = "; ".join(f"step {name}: {reason}" for name, reason in failures)
         raise CorruptCheckpointError(
             f"No checkpoint in {directory} could be restored intact ({listing}). Nothing was "
             f"loaded. To start this run from scratch, move the checkpoints aside (e.g. `mv "
@@ -384,8 +409,15 @@ def _restore_newest_intact(manager: ocp.CheckpointManager, directory: epath.Path
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
-    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-            "integrity": ocp.StandardCheckpointHandler()}
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _read_only_manager(path: epath.Path) -> ocp.CheckpointManager:
+    with _quiet_restore_attempt():  # orbax warns that a read-only manager will not save
+        return ocp.CheckpointManager(
+            workdir_lib.checkpoint_location(path),
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers=_item_handlers())
 
 
 def read_latest(directory: str | epath.Path) -> tuple[dict, dict] | None:
@@ -398,16 +430,82 @@ def read_latest(directory: str | epath.Path) -> tuple[dict, dict] | None:
       CorruptCheckpointError: checkpoints exist but none of them is intact.
     """
     path = workdir_lib.as_path(directory)
-    with _quiet_restore_attempt():  # orbax warns that a read-only manager will not save
-        manager = ocp.CheckpointManager(
-            workdir_lib.checkpoint_location(path),
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-            item_handlers=_item_handlers())
+    manager = _read_only_manager(path)
     try:
         found = _restore_newest_intact(manager, path, None)
     finally:
         manager.close()
     return None if found is None else found[:2]
+
+
+# ---- Finding a workdir's checkpoints: resume checks, evaluation, fine-tuning -------------------------
+
+def find_checkpoint_directory(path: str | os.PathLike) -> epath.Path | None:
+    """The folder of step directories of a workdir (`path/checkpoints`), or `path` itself when
+    it is such a folder; None when neither holds a step."""
+    root = workdir_lib.as_path(path)
+    for candidate in (root / CHECKPOINTS_FOLDER, root):
+        try:
+            if candidate.is_dir() and any(_is_step_name(child.name) for child in candidate.iterdir()):
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def check_resumable(workdir: str, abstract_state: Any) -> None:
+    """Raises `IncompatibleCheckpointError` if `workdir`'s newest checkpoint was written by another
+    model or optimizer than `abstract_state` (`jax.eval_shape` of the train state's init).
+
+    Reads metadata only (names, shapes, dtypes; no arrays) and writes nothing, so a changed config
+    is refused at the door in a few lines, before the run takes the workdir. Local and `gs://`
+    workdirs alike. A workdir without (readable) checkpoints passes: there is nothing to compare.
+    """
+    directory = find_checkpoint_directory(workdir)
+    if directory is None:
+        return
+    manager = _read_only_manager(directory)
+    try:
+        usable = [step for step in manager.all_steps()
+                  if str(step) not in _unusable_step_entries(directory)]
+        if usable:
+            _raise_if_incompatible(manager, max(usable), abstract_state, str(directory))
+    finally:
+        manager.close()
+
+
+def _to_numpy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: _to_numpy(value) for key, value in tree.items()}
+    return None if tree is None else np.asarray(tree)
+
+
+def read_workdir_state(workdir: str) -> dict[str, Any]:
+    """The newest intact checkpoint of one of our workdirs as host arrays: `step`, `params`,
+    `ema_params` (None without EMA) and `model_state`, without building the model first.
+
+    Verified as on resume (`read_latest`): a damaged newest checkpoint is skipped with one warning
+    and the next older one is used; if none is intact, `CorruptCheckpointError` says so. Nothing is
+    ever evaluated or fine-tuned from a checkpoint that failed verification.
+    """
+    directory = find_checkpoint_directory(workdir)
+    found = None if directory is None else read_latest(directory)
+    if found is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint (no numbered folders in it or in its "
+                                f"{CHECKPOINTS_FOLDER}/); train first, or pass a weight file.")
+    state, _ = found
+    return {"step": int(np.asarray(state["step"])), "params": _to_numpy(state["params"]),
+            "ema_params": _to_numpy(state.get("ema_params")) or None,
+            "model_state": _to_numpy(state.get("model_state") or {})}
+
+
+def read_params(path: str, *, use_ema: bool = True) -> weights.Params:
+    """Params to start from or evaluate: the EMA (or raw) params of a workdir's newest intact
+    checkpoint, or a weight file of any format `weights.read_weight_file` reads."""
+    if workdir_lib.is_url(path) or os.path.isdir(path):
+        state = read_workdir_state(path)
+        return (state["ema_params"] if use_ema else None) or state["params"]
+    return weights.read_weight_file(path)
 
 
 class Checkpointer:
@@ -452,14 +550,14 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: TrainState, *, data_position: int) -> None:
+    def save(self, step: int, state: TrainState) -> None:
         """Starts saving `state` at `step` (every process must call this; orbax coordinates).
 
         Returns once orbax holds a host copy of the arrays; the files are written in the
         background (`wait()` blocks until they are). The fingerprints are computed first, on
         device (`host_fingerprints`), and written in the JSON record.
         """
-        meta = {"step": int(step), "data_position": int(data_position), "integrity": FINGERPRINT_FORMAT,
+        meta = {"step": int(step), "data_position": int(step), "integrity": FINGERPRINT_FORMAT,
                 "fingerprints": host_fingerprints(state)}
         self._manager.save(
             int(step),
@@ -473,7 +571,7 @@ class Checkpointer:
         `abstract_state` is a tree of `jax.ShapeDtypeStruct` carrying the replicated sharding,
         so restored arrays land directly on every device (re-replicated) with the right dtypes.
         Newer checkpoints that fail to restore or to verify (see module docstring) are skipped
-        with one warning each and moved to `corrupt_checkpoints/`.
+        with one warning each and set aside.
 
         Raises:
           CorruptCheckpointError: checkpoints exist but none of them is intact.
@@ -482,6 +580,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
         found = _restore_newest_intact(self._manager, self._path, abstract_state)
         if found is None:
+            self._set_aside(_unusable_step_entries(self._path))  # leftovers that are not steps at all
             return None
         state, meta, skipped = found
         self._set_aside(skipped)
@@ -489,22 +588,41 @@ class Checkpointer:
             multihost_utils.assert_equal(np.int64(meta["step"]), "processes restored different steps")
         return state, meta
 
-    def _set_aside(self, steps: list[int]) -> None:
-        """Moves failed step directories out of orbax's sight (kept for inspection)."""
-        if not steps:
+    def _set_aside(self, names: list[str]) -> None:
+        """Moves skipped step entries out of orbax's sight, so that this run can save those steps
+        again: into `corrupt_checkpoints/` (kept for inspection), or, when that move is refused
+        (a folder without write permission cannot change parents), renamed in place."""
+        if not names:
             return
         if jax.process_index() == 0:
-            corrupt_dir = self._path.parent / "corrupt_checkpoints"
-            corrupt_dir.mkdir(parents=True, exist_ok=True)
-            for step in steps:
-                source, destination = self._path / str(step), corrupt_dir / str(step)
-                if destination.exists():
-                    destination = corrupt_dir / f"{step}.{time.time_ns()}"
-                source.rename(destination)
-                _log.info("Moved corrupt checkpoint %s to %s.", source, destination)
+            for name in names:
+                self._set_aside_one(name)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("nfnets_jax_checkpoints_set_aside")
         self._manager.reload()
+
+    def _set_aside_one(self, name: str) -> None:
+        source = self._path / name
+        corrupt_dir = self._path.parent / CORRUPT_FOLDER
+        destinations = [corrupt_dir / name, corrupt_dir / f"{name}.{time.time_ns()}",
+                        self._path / f"{name}{_SET_ASIDE_SUFFIX}{time.time_ns()}"]
+        errors = []
+        for destination in destinations:
+            try:
+                if destination.parent == corrupt_dir:
+                    corrupt_dir.mkdir(parents=True, exist_ok=True)
+                if destination.exists():
+                    continue
+                source.rename(destination)
+            except OSError as error:
+                errors.append(f"{type(error).__name__}: {error.strerror or error}")
+                continue
+            _log.info("Moved damaged checkpoint %s to %s.", source, destination)
+            return
+        raise CheckpointDirectoryError(
+            f"The damaged checkpoint {source} cannot be moved aside ({'; '.join(errors[-1:])}): move or "
+            f"delete it by hand (and check that {self._path} is writable), then run again. Nothing "
+            "was lost.")
 
     def wait(self) -> None:
         """Blocks until any in-flight save is complete on disk."""

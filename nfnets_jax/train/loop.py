@@ -1,8 +1,21 @@
-"""The training loop: init or resume, step, log, evaluate, checkpoint, stop cleanly.
+"""The training loop: init or resume, then steps with periodic actions, then finish.
 
-`experiments/train.py` builds an `Experiment` (model, optimizer, data) from the config and hands
-it to `run`; tests hand `run` a fake model and in-memory batches, so the loop is tested without a
-real network (scenic's fake-model pattern).
+    experiment = nfnets_jax.train.build_experiment(config)   # builder.py: config -> Experiment
+    summary = nfnets_jax.train.run(experiment, workdir)      # this module
+
+The loop never reads a config: what it needs arrives built, as `RunSettings` (seed, backend,
+cadences, what to do about a non-finite step) beside the step's own `StepSettings`. Read it in
+three parts, as `_TrainingRun.run` calls them:
+
+1. **init or restore** (`_init_or_restore`): the workdir's newest intact checkpoint, or a fresh
+   state from the seed (with pretrained weights for fine-tuning);
+2. **steps** (`_train`): one compiled step per batch; after each, the periodic actions that are
+   due, from one small table (`_PERIODIC`: log, evaluate, checkpoint, each with its cadence), and a
+   stop request (SIGTERM and friends: save what is worth saving and leave);
+3. **finish** (`_finish`): the final evaluation and the curves.
+
+Tests hand `run` a fake model and in-memory batches, so the loop is tested without a real network
+(scenic's fake-model pattern, `tests/fakes.py`).
 """
 
 from __future__ import annotations
@@ -15,34 +28,76 @@ from typing import Any
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from nfnets_jax import provenance
-from nfnets_jax.train import checkpointing
-from nfnets_jax.train import compile_cache
-from nfnets_jax.train import config_schema
-from nfnets_jax.train import evaluation
-from nfnets_jax.train import metrics_logging
-from nfnets_jax.train import parallel
-from nfnets_jax.train import workdir as workdir_lib
-from nfnets_jax.train import workdir_lock
+from nfnets_jax.runtime import compile_cache, provenance, workdir_lock
+from nfnets_jax.runtime import workdir as workdir_lib
+from nfnets_jax.train import checkpointing, config_schema, evaluation, metrics_logging, parallel
 from nfnets_jax.train.state import TrainState, init_train_state
 from nfnets_jax.train.step import StepSettings, make_eval_step, make_train_step
 
 NONFINITE_MODES = config_schema.NONFINITE_MODES
+BACKENDS = config_schema.BACKENDS
 CONFIG_FILE = "config.json"
 HostBatch = Mapping[str, np.ndarray]
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or a gradient became NaN/inf and `config.nonfinite == 'stop'`."""
+    """The loss or a gradient became NaN/inf and the run's non-finite policy is 'stop'."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What the loop does around the step: the run's length, cadences and policies.
+
+    Built once from the config (`builder.run_settings_from_config`); the loop reads nothing else.
+
+    Attributes:
+      seed: initialises the params and every step's random numbers.
+      backend: 'pmap' or 'shard_map' (`nfnets_jax.train.parallel`).
+      total_steps: optimizer steps of the whole run (the schedule's length).
+      global_batch_size: examples per step over all processes (for images/s).
+      image_shape: (H, W, C) of training images, used to initialise the params.
+      log_every_steps: a train record (JSONL, TensorBoard, progress line) every N steps and at the end.
+      eval_every_steps: an evaluation every N steps (0: only at the end, where there always is one).
+      checkpoint_every_steps: a checkpoint every N steps (and at the end, and on a stop request).
+      checkpoints_kept: how many of the newest checkpoints to keep.
+      nonfinite: 'stop' (raise `NonFiniteError`) or 'skip' (carry on) after a step whose loss or
+        gradients were not finite; either way that update was never applied.
+      config_json: the config as JSON, written to the workdir as `config.json` (None: not written).
+    """
+
+    seed: int
+    backend: str
+    total_steps: int
+    global_batch_size: int
+    image_shape: tuple[int, int, int]
+    log_every_steps: int = 50
+    eval_every_steps: int = 0
+    checkpoint_every_steps: int = 1000
+    checkpoints_kept: int = 3
+    nonfinite: str = "stop"
+    config_json: str | None = None
+
+    def __post_init__(self):
+        problems = [message for ok, message in (
+            (self.backend in BACKENDS, f"backend={self.backend!r}; choose one of {BACKENDS}"),
+            (self.nonfinite in NONFINITE_MODES, f"nonfinite={self.nonfinite!r}; choose one of {NONFINITE_MODES}"),
+            (self.total_steps > 0, f"total_steps={self.total_steps} must be > 0"),
+            (self.log_every_steps > 0, f"log_every_steps={self.log_every_steps} must be > 0"),
+            (self.eval_every_steps >= 0, f"eval_every_steps={self.eval_every_steps} must be >= 0"),
+            (self.checkpoint_every_steps > 0 and self.checkpoints_kept > 0,
+             f"checkpoint_every_steps={self.checkpoint_every_steps} and checkpoints_kept="
+             f"{self.checkpoints_kept} must be > 0"),
+        ) if not ok]
+        if problems:
+            raise ValueError("RunSettings: " + "; ".join(problems))
 
 
 @dataclasses.dataclass
 class Experiment:
-    """What the loop needs that depends on the model and the data.
+    """What the loop needs: the model, the optimizer, the data and the settings of both.
 
     Attributes:
       forward: `hk.transform_with_state` of `(images, is_training) -> logits`.
@@ -50,31 +105,24 @@ class Experiment:
         `optim.with_sam` when SAM is on) or one built in Python. Its learning rate is logged
         from its state (`optim.current_hyperparams`).
       step_settings: loss, precision, EMA and AGC-telemetry settings of the train step.
+      run_settings: the loop's own settings (`RunSettings`).
       train_batches: `start_step -> iterator` of host batches `[local_devices, B, ...]`; the
         stream must be deterministic so that resuming at `start_step` continues it exactly.
       eval_batches: `() -> iterable` over one pass of the eval split (with `mask`), or None.
-      image_shape: (H, W, C) of training images, used to initialise the params.
-      total_steps: the number of optimizer steps of the whole run.
-      global_batch_size: examples per step over all processes (for images/s).
       describe_param_groups: `params -> str` printed at start (AGC / weight decay groups).
       initial_params: `random-init host params -> host params` for runs that start from trained
         weights (fine-tuning: keep the fresh head, load the rest); None keeps the seed's random
         init. Ignored when resuming.
-      config: the experiment config it was built from (`nfnets_jax.train.run` reads the seed,
-        backend and logging intervals there), or None.
     """
 
     forward: hk.TransformedWithState
     optimizer: optax.GradientTransformation
     step_settings: StepSettings
+    run_settings: RunSettings
     train_batches: Callable[[int], Iterator[HostBatch]]
     eval_batches: Callable[[], Any] | None
-    image_shape: tuple[int, int, int]
-    total_steps: int
-    global_batch_size: int
     describe_param_groups: Callable[[hk.Params], str] | None = None
     initial_params: Callable[[Any], hk.Params] | None = None
-    config: ml_collections.ConfigDict | None = None
 
 
 @dataclasses.dataclass
@@ -104,8 +152,273 @@ class RunSummary:
         return np.asarray([p[0] for p in points], np.int64), np.asarray([p[1] for p in points], np.float64)
 
 
-def _abstract(state: TrainState, sharding: jax.sharding.Sharding) -> TrainState:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+def initializer(experiment: Experiment) -> Callable[..., TrainState]:
+    """`(initial_params=None) -> TrainState`: the run's state at step 0 from its seed (pure: jit
+    it, or `jax.eval_shape` it for the shapes a checkpoint of this run holds)."""
+    settings = experiment.run_settings
+    return functools.partial(
+        init_train_state, experiment.forward, experiment.optimizer, seed=settings.seed,
+        sample_images=jnp.zeros((1, *settings.image_shape), jnp.float32),
+        use_ema=experiment.step_settings.ema_decay is not None)
+
+
+def run(experiment: Experiment, workdir: str, *, num_steps: int | None = None,
+        progress_bar: bool | None = None, verbose: bool = True, prefetch: int = 2) -> RunSummary:
+    """Trains `experiment` in `workdir`, resuming from its latest checkpoint; returns the summary,
+    metrics history included (`summary.history`, `summary.series("loss")`).
+
+    Writes what `python -m experiments.train` writes: `config.json`, `provenance.json`,
+    `metrics.jsonl`, TensorBoard events, checkpoints and the curves PNG; nothing in the workdir is
+    read or written before this run holds the workdir's lock.
+
+    Args:
+      experiment: from `build_experiment` (or built by hand, e.g. with a fake model in tests).
+      workdir: a local folder or a `gs://` URL; a workdir with checkpoints is resumed.
+      num_steps: stop this call after that many steps (at most to the end of the schedule), with
+        a checkpoint and an evaluation, so a notebook can train in pieces; the next call resumes.
+      progress_bar: True (a tqdm bar), False (plain lines), None (a bar in notebooks and terminals).
+      verbose: False leaves out the parameter-group table and the per-eval lines.
+      prefetch: batches placed on device ahead of the step.
+    """
+    if num_steps is not None and not num_steps > 0:
+        raise ValueError(f"num_steps must be a positive number of steps (or None: to the end), got {num_steps}.")
+    lock = workdir_lock.acquire_for_run(workdir)
+    try:
+        return _TrainingRun(experiment, workdir_lib.as_path(workdir), num_steps=num_steps, prefetch=prefetch,
+                            progress_bar=progress_bar, verbose=verbose).run()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Periodic:
+    """An action the loop takes every `every` steps (never if 0), and at the last step if `at_end`."""
+
+    name: str
+    every: Callable[[RunSettings], int]
+    at_end: bool
+
+    def due(self, settings: RunSettings, step: int, end_step: int) -> bool:
+        every = self.every(settings)
+        return (every > 0 and step % every == 0) or (self.at_end and step == end_step)
+
+
+# The periodic actions, in the order they run after a step. (The final evaluation is the finish's.)
+_PERIODIC = (
+    _Periodic("log", lambda s: s.log_every_steps, at_end=True),
+    _Periodic("checkpoint", lambda s: s.checkpoint_every_steps, at_end=True),
+    _Periodic("eval", lambda s: s.eval_every_steps, at_end=False),
+)
+
+
+class _TrainingRun:
+    """One call of `run`, in a workdir whose lock it holds."""
+
+    def __init__(self, experiment: Experiment, workdir: workdir_lib.Path, *, num_steps: int | None,
+                 prefetch: int, progress_bar: bool | None, verbose: bool):
+        self.experiment = experiment
+        self.settings = experiment.run_settings
+        self.workdir = workdir
+        self.num_steps = num_steps
+        self.prefetch = prefetch
+        self.progress_bar = progress_bar
+        self.verbose = verbose
+        self.is_main = jax.process_index() == 0
+        self.backend = parallel.make_backend(self.settings.backend)
+        self.history: list[dict[str, Any]] = []
+        self.skipped = 0
+        self.pending: tuple[int, Any] | None = None  # the last step's metrics, checked one step late
+
+    def run(self) -> RunSummary:
+        compile_cache.enable_for_workdir(self.workdir)  # a resumed run reads its compiled step from disk
+        self.checkpointer = checkpointing.Checkpointer(
+            self.workdir / checkpointing.CHECKPOINTS_FOLDER,
+            every_steps=self.settings.checkpoint_every_steps, keep=self.settings.checkpoints_kept)
+        try:
+            state, resumed = self._init_or_restore()
+        except BaseException:
+            self.checkpointer.close()
+            raise
+        self._open_outputs(state, resumed)
+        try:
+            state, step, stopped_by, eval_metrics = self._train(state)
+        except NonFiniteError:
+            self._draw_curves()  # the curves up to the bad step are what the user looks at next
+            raise
+        finally:
+            self.checkpointer.close()
+            self.progress.close()
+            self.writer.close()
+        # After a stop request every second of the notice counts: the next run draws the curves.
+        plot_file = self._draw_curves() if stopped_by == "completed" else None
+        return RunSummary(step=step, stopped_by=stopped_by, eval_metrics=eval_metrics,
+                          checkpoint_dir=self.checkpointer.directory, metrics_file=self.writer.jsonl_path,
+                          plot_file=plot_file, skipped_steps=self.skipped, history=self.history, state=state)
+
+    # ---- 1. init or restore -------------------------------------------------------------------------
+
+    def _init_or_restore(self) -> tuple[TrainState, bool]:
+        """(state, whether it was restored): the newest intact checkpoint, or step 0 from the seed."""
+        init_fn = initializer(self.experiment)
+        abstract_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.backend.replicated),
+            jax.eval_shape(init_fn))
+        restored = self.checkpointer.restore_latest(abstract_state)
+        if restored is not None:
+            return restored[0], True
+        state = _run_once(init_fn, out_shardings=self.backend.replicated)
+        if self.experiment.initial_params is not None:  # fine-tuning: loaded body, the fresh head
+            initial_params = self.experiment.initial_params(parallel.first_replica(state.params))
+            state = _run_once(lambda p: init_fn(initial_params=p), initial_params,
+                              out_shardings=self.backend.replicated)
+        return state, False
+
+    def _open_outputs(self, state: TrainState, resumed: bool) -> None:
+        """The workdir's records of this run, the metric writer and the progress display."""
+        step = int(parallel.first_replica(state.step))
+        if self.is_main:
+            # The records of steps after the resumed one are logged again by this run: drop them.
+            metrics_logging.trim_metrics(self.workdir / metrics_logging.METRICS_FILE, last_step=step)
+            if self.settings.config_json is not None:
+                workdir_lib.write_text_atomically(self.workdir / CONFIG_FILE, self.settings.config_json)
+            provenance.write(self.workdir)  # versions, git commit, devices: what produced this workdir
+        self.writer = metrics_logging.MetricWriter(self.workdir, is_main=self.is_main,
+                                                   resumed_at=step if resumed else None)
+        self.progress = metrics_logging.Progress(self.settings.total_steps, step, is_main=self.is_main,
+                                                 bar=self.progress_bar)
+        if resumed:
+            self.progress.message(f"Resumed from {self.checkpointer.directory} at step {step}.")
+        if self.experiment.describe_param_groups is not None and step == 0 and self.verbose:
+            self.progress.message(self.experiment.describe_param_groups(parallel.first_replica(state.params)))
+
+    # ---- 2. steps and periodic actions ---------------------------------------------------------------
+
+    def _train(self, state: TrainState) -> tuple[TrainState, int, str, dict[str, float]]:
+        """Steps until the end (or `num_steps`, or a stop request); (state, step, stopped_by,
+        last evaluation)."""
+        experiment, settings = self.experiment, self.settings
+        train_fn = self.backend.wrap_train(
+            make_train_step(experiment.forward, experiment.optimizer, experiment.step_settings))
+        self.eval_fn = self.backend.wrap_eval(make_eval_step(experiment.forward))
+        step = start_step = int(parallel.first_replica(state.step))
+        end_step = settings.total_steps if self.num_steps is None else min(settings.total_steps,
+                                                                           step + self.num_steps)
+        from nfnets_jax.data import feeding  # pylint: disable=import-outside-toplevel
+        # The next batches are placed on device while the current step runs, from a daemon thread,
+        # so that a stop request never waits for the input pipeline.
+        batches = feeding.BackgroundBatches(experiment.train_batches(step), self.prefetch,
+                                            self.backend.put_batch)
+        self.timer = metrics_logging.StepTimer(settings.global_batch_size)
+        eval_metrics: dict[str, float] = {}
+        stopped_by = "completed"
+        try:
+            with checkpointing.PreemptionWatcher() as watcher:
+                # Single process: a stop request also ends the wait for a slow batch (the save is
+                # then of the last completed step). Multi-process runs agree on a step boundary.
+                stop_while_waiting = ((lambda: watcher.should_stop(step)) if jax.process_count() == 1
+                                      else None)
+                while step < end_step:
+                    batch = batches.get(stop_while_waiting)
+                    if batch is None:  # a stop request while waiting for data
+                        self._settle_pending()
+                        if self.checkpointer.latest_step() != step:
+                            self._save(step, state)
+                        stopped_by = self._stopped(step)
+                        break
+                    state, metrics = train_fn(state, batch)
+                    step += 1
+                    self.timer.tick()
+                    if step == start_step + 1:
+                        # The first step includes compilation: time it on its own (one sync, once)
+                        # so that later step times and the ETA leave it out.
+                        jax.block_until_ready(metrics)
+                        self.progress.message(
+                            f"First step (compilation included): {self.timer.read_and_reset()[0]:.1f}s")
+                    due = {action.name for action in _PERIODIC if action.due(settings, step, end_step)}
+                    stop_requested = watcher.should_stop(step)
+                    # Check the previous step while this one runs (no sync inside the step); check
+                    # this one now if anything reads or saves the state.
+                    self._settle_pending()
+                    self.pending = (step, metrics)
+                    if due or stop_requested:
+                        self._settle_pending()
+                    if "log" in due:
+                        self._log(step, metrics)
+                    if "checkpoint" in due or stop_requested:
+                        self._save(step, state)
+                    if stop_requested:
+                        stopped_by = self._stopped(step)
+                        break
+                    if "eval" in due and step != end_step:
+                        with self.timer.paused():  # the next step time and ETA leave the eval out
+                            eval_metrics = self._evaluate(step, state)
+                self._settle_pending()
+            if stopped_by == "completed":
+                stopped_by = "completed" if step >= settings.total_steps else "num_steps"
+                eval_metrics = self._evaluate(step, state)  # ---- 3. finish
+        finally:
+            batches.close()
+        return state, step, stopped_by, eval_metrics
+
+    def _settle_pending(self) -> None:
+        """Checks the pending step's on-device non-finite flag (one host sync), if any."""
+        if self.pending is None:
+            return
+        at_step, metrics = self.pending
+        self.pending = None
+        if float(parallel.first_replica(metrics["nonfinite"])) == 0.0:
+            return
+        if self.settings.nonfinite == "stop":
+            last = self.checkpointer.latest_step()
+            raise NonFiniteError(
+                f"Non-finite loss or gradients at step {at_step}: stopping. The update was not "
+                f"applied and no checkpoint was written after it (last good checkpoint: "
+                f"{'none' if last is None else f'step {last}'} in {self.checkpointer.directory}). "
+                "Lower config.optimizer.lr, check config.optimizer.agc.clipping, or set "
+                "config.nonfinite='skip' to skip such updates instead.")
+        self.skipped += 1
+        self.progress.message(f"Non-finite loss or gradients at step {at_step}: update skipped.")
+
+    def _log(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        seconds_per_step, images_per_second = self.timer.read_and_reset()
+        host = parallel.first_replica(metrics)
+        self._record(step, "train", {**host, "step_time": seconds_per_step,
+                                     "images_per_second": images_per_second, "skipped_steps": self.skipped})
+        self.progress.update(step, loss=float(host["loss"]), images_per_second=images_per_second,
+                             seconds_per_step=seconds_per_step)
+
+    def _save(self, step: int, state: TrainState) -> None:
+        with self.timer.paused():
+            self.checkpointer.save(step, self.backend.to_global(state))
+
+    def _stopped(self, step: int) -> str:
+        self.progress.message(f"SIGTERM: saved step {step} to {self.checkpointer.directory}; exiting.")
+        return "preempted"
+
+    def _evaluate(self, step: int, state: TrainState) -> dict[str, float]:
+        if self.experiment.eval_batches is None:
+            return {}
+        results = evaluation.evaluate_raw_and_ema(self.eval_fn, state, self.experiment.eval_batches,
+                                                  self.backend.put_batch)
+        self._record(step, "eval", results)
+        if self.verbose:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_examples")
+            self.progress.message(f"eval @ step {step}: {shown}")
+        return results
+
+    def _record(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
+        """Writes a record (JSONL, TensorBoard) and keeps it for the returned history."""
+        self.writer.write(step, split, scalars)
+        self.history.append({"step": int(step), "split": split,
+                             **{name: float(np.asarray(value)) for name, value in scalars.items()}})
+
+    def _draw_curves(self) -> str | None:
+        """The PNG of the training curves so far (process 0), from the flushed JSONL file."""
+        if not self.is_main or not workdir_lib.as_path(self.writer.jsonl_path).exists():
+            return None
+        return metrics_logging.plot_training_curves(self.writer.jsonl_path,
+                                                    self.workdir / metrics_logging.CURVES_FILE)
 
 
 def _run_once(fn: Callable, *args: Any, out_shardings: Any) -> Any:
@@ -119,223 +432,3 @@ def _run_once(fn: Callable, *args: Any, out_shardings: Any) -> Any:
     lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return lowered.compile(compiler_options=options)(*args)
-
-
-def _prefetch(batches: Iterator[HostBatch], put_batch: Callable, size: int):
-    """Places the next `size` batches on device while the current step runs, from a daemon
-    thread, so that a stop request never waits for the input pipeline (feeding.BackgroundBatches)."""
-    from nfnets_jax.data import feeding  # pylint: disable=import-outside-toplevel
-
-    return feeding.BackgroundBatches(batches, size, put_batch)
-
-
-def run(experiment: Experiment, config: ml_collections.ConfigDict, workdir: str,
-        *, prefetch: int = 2, num_steps: int | None = None, progress_bar: bool | None = None,
-        verbose: bool = True) -> RunSummary:
-    """Trains `experiment` as `config` says, in `workdir`, resuming from its latest checkpoint.
-
-    Reads `config.train.seed`, `config.parallel.backend`, `config.checkpoint.every_steps/keep`,
-    `config.eval.every_steps`, `config.log.every_steps` and `config.nonfinite`.
-
-    `num_steps` stops this call after that many steps (at most to the end of the schedule,
-    `experiment.total_steps`), with a checkpoint and an evaluation, so a notebook can train in
-    pieces; the next call resumes there. `progress_bar`: a tqdm bar (True), plain lines (False)
-    or a bar on terminals and notebooks only (None). `verbose=False` leaves out the parameter
-    group table and the per-eval lines.
-    """
-    if config.nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"config.nonfinite={config.nonfinite!r}; choose one of {NONFINITE_MODES}.")
-    if num_steps is not None and not num_steps > 0:
-        raise ValueError(f"num_steps must be a positive number of steps (or None: to the end), got {num_steps}.")
-    is_main = jax.process_index() == 0
-    # Nothing in the workdir is read or written before this run holds its lock.
-    lock = workdir_lock.acquire_for_run(workdir)
-    try:
-        return _run_locked(experiment, config, workdir_lib.as_path(workdir), is_main, prefetch=prefetch,
-                           num_steps=num_steps, progress_bar=progress_bar, verbose=verbose)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _run_locked(experiment: Experiment, config: ml_collections.ConfigDict, workdir: workdir_lib.Path,
-                is_main: bool, *, prefetch: int, num_steps: int | None, progress_bar: bool | None,
-                verbose: bool) -> RunSummary:
-    compile_cache.enable_for_workdir(workdir)  # a resumed run reads its compiled step from disk
-    backend = parallel.make_backend(config.parallel.backend)
-    checkpointer = checkpointing.Checkpointer(
-        workdir / "checkpoints",
-        every_steps=config.checkpoint.every_steps,
-        keep=config.checkpoint.keep,
-    )
-
-    # ---- State: resume from the workdir's latest checkpoint, or initialise from the seed ----
-    init_fn = functools.partial(
-        init_train_state,
-        experiment.forward,
-        experiment.optimizer,
-        seed=config.train.seed,
-        sample_images=jnp.zeros((1, *experiment.image_shape), jnp.float32),
-        use_ema=experiment.step_settings.ema_decay is not None,
-    )
-    abstract_state = _abstract(jax.eval_shape(init_fn), backend.replicated)
-    try:
-        restored = checkpointer.restore_latest(abstract_state)
-    except BaseException:
-        checkpointer.close()
-        raise
-    if restored is None:
-        state = _run_once(init_fn, out_shardings=backend.replicated)
-        if experiment.initial_params is not None:  # fine-tuning: loaded body, the fresh head
-            initial_params = experiment.initial_params(parallel.first_replica(state.params))
-            state = _run_once(lambda p: init_fn(initial_params=p), initial_params,
-                              out_shardings=backend.replicated)
-        data_position = 0
-    else:
-        state, meta = restored
-        data_position = int(meta["data_position"])
-    resumed_at = int(parallel.first_replica(state.step))
-    if is_main:
-        # The records of steps after the resumed one are logged again by this run: drop them.
-        metrics_logging.trim_metrics(workdir / metrics_logging.METRICS_FILE, last_step=resumed_at)
-        workdir_lib.write_text_atomically(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
-        provenance.write(workdir)  # versions, git commit, devices: what produced this workdir
-    writer = metrics_logging.MetricWriter(workdir, is_main=is_main,
-                                          resumed_at=None if restored is None else resumed_at)
-    step = start_step = int(parallel.first_replica(state.step))
-    end_step = experiment.total_steps if num_steps is None else min(experiment.total_steps, step + num_steps)
-    progress = metrics_logging.Progress(experiment.total_steps, step, is_main=is_main, bar=progress_bar)
-    if restored is not None:
-        progress.message(f"Resumed from {checkpointer.directory} at step {step}.")
-    if experiment.describe_param_groups is not None and step == 0 and verbose:
-        progress.message(experiment.describe_param_groups(parallel.first_replica(state.params)))
-
-    # ---- Compiled steps ----
-    train_fn = backend.wrap_train(
-        make_train_step(experiment.forward, experiment.optimizer, experiment.step_settings))
-    eval_fn = backend.wrap_eval(make_eval_step(experiment.forward))
-
-    def run_eval(at_step: int) -> dict[str, float]:
-        if experiment.eval_batches is None:
-            return {}
-        results = evaluation.evaluate_raw_and_ema(
-            eval_fn, state, experiment.eval_batches, backend.put_batch)
-        record(at_step, "eval", results)
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_examples")
-        if verbose:
-            progress.message(f"eval @ step {at_step}: {shown}")
-        return results
-
-    history: list[dict[str, Any]] = []
-
-    def record(at_step: int, split: str, scalars: Mapping[str, Any]) -> None:
-        """Writes a record (JSONL, TensorBoard) and keeps it for the returned history."""
-        writer.write(at_step, split, scalars)
-        history.append({"step": int(at_step), "split": split,
-                        **{name: float(np.asarray(value)) for name, value in scalars.items()}})
-
-    def check_finite(at_step: int, metrics: Mapping[str, jax.Array]) -> bool:
-        """Host check of one step's on-device flag; the state never took a non-finite update."""
-        if float(parallel.first_replica(metrics["nonfinite"])) == 0.0:
-            return True
-        if config.nonfinite == "stop":
-            last = checkpointer.latest_step()
-            raise NonFiniteError(
-                f"Non-finite loss or gradients at step {at_step}: stopping. The update was not "
-                f"applied and no checkpoint was written after it (last good checkpoint: "
-                f"{'none' if last is None else f'step {last}'} in {checkpointer.directory}). "
-                "Lower config.optimizer.lr, check config.optimizer.agc.clipping, or set "
-                "config.nonfinite='skip' to skip such updates instead."
-            )
-        progress.message(f"Non-finite loss or gradients at step {at_step}: update skipped.")
-        return False
-
-    def draw_curves() -> str | None:
-        """The PNG of the training curves so far (process 0), from the flushed JSONL file."""
-        if not is_main or not workdir_lib.as_path(writer.jsonl_path).exists():
-            return None
-        return metrics_logging.plot_training_curves(writer.jsonl_path, workdir / metrics_logging.CURVES_FILE)
-
-    # ---- Loop ----
-    batches = _prefetch(experiment.train_batches(data_position), backend.put_batch, prefetch)
-    timer = metrics_logging.StepTimer(experiment.global_batch_size)
-    skipped = 0
-    eval_metrics: dict[str, float] = {}
-    stopped_by = "completed"
-    pending: tuple[int, Any] | None = None  # the previous step's metrics, checked one step late
-    try:
-        with checkpointing.PreemptionWatcher() as watcher:
-            # Single process: a SIGTERM also ends the wait for a slow batch (the save is then of
-            # the last completed step). Multi-process runs agree on a step boundary instead.
-            stop_while_waiting = ((lambda: watcher.should_stop(step)) if jax.process_count() == 1
-                                  else None)
-            while step < end_step:
-                batch = batches.get(stop_while_waiting)
-                if batch is None:
-                    if pending is not None and not check_finite(*pending):
-                        skipped += 1
-                    pending = None
-                    if checkpointer.latest_step() != step:
-                        with timer.paused():
-                            checkpointer.save(step, backend.to_global(state), data_position=step)
-                    stopped_by = "preempted"
-                    progress.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
-                    break
-                state, metrics = train_fn(state, batch)
-                step += 1
-                timer.tick()
-                if step == start_step + 1:
-                    # The first step includes compilation: time it on its own (one sync, once) so
-                    # that later step times and the ETA leave it out.
-                    jax.block_until_ready(metrics)
-                    progress.message(f"First step (compilation included): {timer.read_and_reset()[0]:.1f}s")
-                # Check the previous step while this one runs (no sync inside the step).
-                if pending is not None and not check_finite(*pending):
-                    skipped += 1
-                pending = (step, metrics)
-                at_log = step % config.log.every_steps == 0 or step == end_step
-                at_eval = config.eval.every_steps > 0 and step % config.eval.every_steps == 0
-                at_ckpt = step % checkpointer.every_steps == 0 or step == end_step
-                preempted = watcher.should_stop(step)
-                if at_log or at_eval or at_ckpt or preempted:
-                    if not check_finite(*pending):
-                        skipped += 1
-                    pending = None
-                if at_log:
-                    seconds_per_step, images_per_second = timer.read_and_reset()
-                    host = parallel.first_replica(metrics)
-                    record(step, "train", {**host, "step_time": seconds_per_step,
-                                           "images_per_second": images_per_second,
-                                           "skipped_steps": skipped})
-                    progress.update(step, loss=float(host["loss"]), images_per_second=images_per_second,
-                                    seconds_per_step=seconds_per_step)
-                if at_ckpt or preempted:
-                    with timer.paused():
-                        checkpointer.save(step, backend.to_global(state), data_position=step)
-                if preempted:
-                    stopped_by = "preempted"
-                    progress.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
-                    break
-                if at_eval and step != end_step:
-                    with timer.paused():  # the next step time and ETA leave the eval out
-                        eval_metrics = run_eval(step)
-            if pending is not None and not check_finite(*pending):
-                skipped += 1
-        if stopped_by == "completed":
-            if step < experiment.total_steps:
-                stopped_by = "num_steps"
-            eval_metrics = run_eval(step)
-    except NonFiniteError:
-        draw_curves()  # the curves up to the bad step are what the user looks at next
-        raise
-    finally:
-        batches.close()
-        checkpointer.close()
-        progress.close()
-        writer.close()
-
-    # After a SIGTERM every second of the notice counts: the next run draws the curves.
-    plot_file = draw_curves() if stopped_by == "completed" else None
-    return RunSummary(step=step, stopped_by=stopped_by, eval_metrics=eval_metrics,
-                      checkpoint_dir=checkpointer.directory, metrics_file=writer.jsonl_path,
-                      plot_file=plot_file, skipped_steps=skipped, history=history, state=state)

@@ -19,7 +19,7 @@ from typing import IO, Any
 import numpy as np
 from etils import epath
 
-from nfnets_jax.train import workdir as workdir_lib
+from nfnets_jax.runtime import workdir as workdir_lib
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"

@@ -4,35 +4,30 @@ Benchmarks (`benchmarks.compare_timm`, `benchmarks.train_step_throughput`) and t
 (`experiments.memory_plan`) need exactly what `experiments.train` compiles — the model of
 `config.model`, `make_train_step` with AGC → weight decay → SGD from `config.optimizer`, label
 smoothing, compute dtype, EMA — but for one device's batch, and for the memory plan from shapes
-only. This module builds that from the config, so none of them re-implements the step.
-
-The step runs as `jit(shard_map(...))` over a one-device mesh: the per-device function is the one
-every multi-device run executes (its `pmean`s are then identities), and its memory is the memory of
-one device of a data-parallel run at the same per-device batch.
+only. The config is built by the runner's own builder (`builder.build_parts`) and the step is
+wrapped by the runner's shard_map backend over a one-device mesh (`parallel`), so none of them
+re-implements either: the per-device function is the one every multi-device run executes (its
+`pmean`s are then identities), and its memory is the memory of one device of a data-parallel run
+at the same per-device batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
 from collections.abc import Callable
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
 
-from nfnets_jax import models, optim
 from nfnets_jax.models import standardized_inference
+from nfnets_jax.train import builder, config_files, loop, parallel
 from nfnets_jax.train import step as step_lib
-from nfnets_jax.train.forward import make_forward
-from nfnets_jax.train.state import TrainState, init_train_state
+from nfnets_jax.train.state import TrainState
 
-# The optimizer schedule needs a run length; its value does not change the step's cost.
-_NOMINAL_STEPS = 100_000
+# The optimizer schedule needs a data set size; its value does not change the step's cost.
+_NOMINAL_TRAIN_EXAMPLES = 1_281_167  # ImageNet's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,24 +86,12 @@ def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_class
     """
     if per_device_batch < 1:
         raise ValueError(f"per_device_batch must be >= 1, got {per_device_batch}.")
-    model_kwargs = dict(config.model.kwargs.to_dict())
-    if config.train.get("remat", False):
-        model_kwargs["remat"] = True
-    forward = make_forward(config.model.name, num_classes, model_kwargs)
-    opt_config = optim.validate_optimizer_config(config.optimizer)
-    schedule_args = dict(steps_per_epoch=1000.0, total_steps=_NOMINAL_STEPS, batch_size=config.train.batch_size)
-    # SAM (config.optimizer.sam.rho) wraps the chain, as in the runner's build_experiment.
-    optimizer = optim.with_sam_from_config(optim.make_optimizer(opt_config, **schedule_args), opt_config.sam)
-    settings = step_lib.settings_from_config(
-        config, opt_config, num_classes=num_classes,
-        agc_groups=models.stage_regexes(config.model.name, **config.model.kwargs.to_dict()))
     size = image_size or config.data.image_size
-    train_step = step_lib.make_train_step(forward, optimizer, settings)
-    mesh = Mesh(np.asarray([device or jax.devices()[0]]), (step_lib.AXIS_NAME,))
-    train = jax.jit(
-        jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(step_lib.AXIS_NAME)), out_specs=(P(), P()),
-                      check_vma=False),
-        donate_argnums=(0,))
+    parts = builder.build_parts(config, num_classes=num_classes, num_train_examples=_NOMINAL_TRAIN_EXAMPLES,
+                                image_shape=(size, size, 3), device_count=1)
+    forward, settings = parts.forward, parts.step_settings
+    backend = parallel.make_shard_map_backend(devices=[device or jax.devices()[0]])
+    train = backend.wrap_train(step_lib.make_train_step(forward, parts.optimizer, settings))
     compute_dtype = settings.compute_dtype
 
     def evaluate(params: hk.Params, model_state: hk.State, images: jax.Array) -> jax.Array:
@@ -126,10 +109,9 @@ def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_class
         return standardized_inference.apply_with_kernels(
             forward, params, model_state, kernels, images.astype(compute_dtype))[0]
 
-    def init_state() -> TrainState:
-        return init_train_state(forward, optimizer, seed=config.train.seed,
-                                sample_images=jnp.zeros((1, size, size, 3), jnp.float32),
-                                use_ema=settings.ema_decay is not None)
+    experiment = loop.Experiment(forward=forward, optimizer=parts.optimizer, step_settings=settings,
+                                 run_settings=parts.run_settings, train_batches=None, eval_batches=None)
+    init_state = loop.initializer(experiment)
 
     batch_shapes = {
         "images": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), jnp.float32),
@@ -144,10 +126,4 @@ def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_class
 
 def config_from_spec(spec: str) -> ml_collections.ConfigDict:
     """The config of `spec`, a `--config` value such as `configs/nfnet.py:F0` (file[:argument])."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location(f"nfnets_config_{pathlib.Path(path).stem}", path)
-    if module_spec is None or not pathlib.Path(path).is_file():
-        raise ValueError(f"No config file {path!r}; pass e.g. configs/nfnet.py:F0.")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    return config_files.load_config(spec)

@@ -16,7 +16,7 @@ shard_map. Either way the per-device step sees `[per_device_batch, ...]`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -78,9 +78,10 @@ class Backend:
             lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
 
 
-def make_mesh() -> Mesh:
-    """One mesh axis, 'batch', over every device of every process (data parallelism)."""
-    return Mesh(np.asarray(jax.devices()), (AXIS_NAME,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """One mesh axis, 'batch', over `devices` (default: every device of every process; data
+    parallelism)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (AXIS_NAME,))
 
 
 def make_pmap_backend() -> Backend:
@@ -99,15 +100,16 @@ def make_pmap_backend() -> Backend:
     return Backend("pmap", mesh, wrap_train, wrap_eval, feeding.put_for_pmap)
 
 
-def make_shard_map_backend() -> Backend:
-    """`jax.jit(jax.shard_map(...))` over the global mesh; batches become global arrays.
+def make_shard_map_backend(devices: Sequence[jax.Device] | None = None) -> Backend:
+    """`jax.jit(jax.shard_map(...))` over the global mesh (or `devices`: one device is how the
+    benchmarks and the memory plan compile the runner's step); batches become global arrays.
 
     `check_vma=False` gives the step pmap's semantics: the gradient of the replicated params is
     each device's own gradient, which the step then averages with `pmean` (and which SAM perturbs
     per device). With the check on, shard_map's autodiff would already sum the gradient of a
     replicated input over devices, and the step's pmean would leave a sum, not a mean.
     """
-    mesh = make_mesh()
+    mesh = make_mesh(devices)
 
     def wrap_train(step_fn):
         mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS_NAME)), out_specs=(P(), P()),

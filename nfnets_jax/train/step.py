@@ -31,7 +31,6 @@ from jax import lax
 
 from nfnets_jax import losses
 from nfnets_jax import optim
-from nfnets_jax.optim import config as optim_config
 from nfnets_jax.optim import ema as ema_lib
 from nfnets_jax.train.state import TrainState
 
@@ -63,22 +62,6 @@ class StepSettings:
     compute_dtype: Any = jnp.float32
     ema_decay: float | None = None
     agc_groups: Mapping[str, str] | None = None
-
-
-def settings_from_config(config: Any, opt_config: Any, *, num_classes: int,
-                         agc_groups: Mapping[str, str] | None) -> StepSettings:
-    """StepSettings from the experiment config and its validated `config.optimizer`.
-
-    `agc_groups` (label -> regex, e.g. `models.stage_regexes`) name the per-stage clip
-    fractions; they are only reported when the optimizer has an AGC.
-    """
-    return StepSettings(
-        num_classes=num_classes,
-        label_smoothing=config.loss.label_smoothing,
-        compute_dtype=jnp.dtype(config.precision.compute_dtype),
-        ema_decay=opt_config.ema_decay if optim_config.ema_enabled(opt_config) else None,
-        agc_groups=None if agc_groups is None else dict(agc_groups),
-    )
 
 
 def _cast_floating(tree: Any, dtype: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from nfnets_jax.checkpoints.param_tree import Params, ParamTree, flatten_params, unflatten_params
+from nfnets_jax.weights.param_tree import Params, ParamTree, flatten_params, unflatten_params
 
 DTYPES_KEY = "__dtypes__"  # No '/', so it can never collide with a 'module/leaf' key.
 
@@ -121,7 +121,7 @@ def load_npz(path: str | os.PathLike) -> Params:
     if not zipfile.is_zipfile(path):
         raise ValueError(
             f"{path} is not an .npz archive; if it is one of DeepMind's released F*_haiku.npz files"
-            " (a pickle), load it with nfnets_jax.checkpoints.load_deepmind_params"
+            " (a pickle), load it with nfnets_jax.weights.load_deepmind_params"
         )
     _check_declared_sizes(path)
     with np.load(path, allow_pickle=False) as archive:

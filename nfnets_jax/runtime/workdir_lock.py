@@ -26,7 +26,7 @@ import uuid
 
 from etils import epath
 
-from nfnets_jax.train import workdir as workdir_lib
+from nfnets_jax.runtime import workdir as workdir_lib
 
 _log = logging.getLogger(__name__)
 

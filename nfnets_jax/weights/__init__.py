@@ -1,9 +1,15 @@
-"""Parameter files: DeepMind's released weights (loaded safely) and our own plain `.npz`.
+"""Weight files: DeepMind's released weights (loaded safely), timm's, and our own plain `.npz`.
 
+A run's own checkpoints (orbax, the whole train state) are not weight files: they live with the
+runner, `nfnets_jax.train.checkpointing`, which reads these files too when a run starts from them.
+
+- `weight_file`: `read_weight_file`, any of the formats below, told apart by the file's bytes.
 - `deepmind_pickle`: `load_deepmind_params` reads the released dill pickles with a restricted
   unpickler that runs no code from the file (`UnsafeCheckpointError` otherwise);
   `allowlist`: the few globals such a file may name, each re-implemented safely.
-- `param_tree`: '/'-joined param names and `check_params_match` against a model's tree.
+- `param_tree`: '/'-joined param names, `check_params_match` against a model's tree (the one
+  comparison of stored arrays with a model's, `differences`), and the fine-tuning merge
+  (`check_pretrained_fits`, `merge_pretrained`).
 - `npz_format`: `save_npz` / `load_npz`, pickle-free and exact (bfloat16 included).
 - `download`: atomic download with sha256 verification.
 - `released`: `RELEASED_WEIGHTS`, `detect_nfnet_variant`, `fetch_released_params`.
@@ -14,30 +20,33 @@
   `match_timm_standardization` to reproduce timm's outputs rather than DeepMind's.
 """
 
-from nfnets_jax.checkpoints.allowlist import allowed_globals
-from nfnets_jax.checkpoints.deepmind_pickle import UnsafeCheckpointError, load_deepmind_params
-from nfnets_jax.checkpoints.download import ChecksumMismatchError, download, sha256_of_file
-from nfnets_jax.checkpoints.npz_format import load_npz, save_npz
-from nfnets_jax.checkpoints.param_tree import (
+from nfnets_jax.weights.allowlist import allowed_globals
+from nfnets_jax.weights.deepmind_pickle import UnsafeCheckpointError, load_deepmind_params
+from nfnets_jax.weights.download import ChecksumMismatchError, download, sha256_of_file
+from nfnets_jax.weights.npz_format import load_npz, save_npz
+from nfnets_jax.weights.param_tree import (
     Params,
     ParamsMismatchError,
     check_params_match,
+    check_pretrained_fits,
+    differences,
     flatten_params,
+    merge_pretrained,
     unflatten_params,
 )
-from nfnets_jax.checkpoints.released import (
+from nfnets_jax.weights.released import (
     RELEASED_BASE_URL,
     RELEASED_WEIGHTS,
     ReleasedWeights,
     detect_nfnet_variant,
     fetch_released_params,
 )
-from nfnets_jax.checkpoints.safetensors_format import (
+from nfnets_jax.weights.safetensors_format import (
     SafetensorsFormatError,
     looks_like_safetensors,
     read_safetensors,
 )
-from nfnets_jax.checkpoints.timm_nfnet import (
+from nfnets_jax.weights.timm_nfnet import (
     TIMM_NFNET_MODELS,
     TimmWeightsError,
     convert_timm_nfnet,
@@ -45,6 +54,7 @@ from nfnets_jax.checkpoints.timm_nfnet import (
     looks_like_pytorch_checkpoint,
     match_timm_standardization,
 )
+from nfnets_jax.weights.weight_file import read_weight_file
 
 __all__ = [
     "ChecksumMismatchError",
@@ -59,8 +69,10 @@ __all__ = [
     "UnsafeCheckpointError",
     "allowed_globals",
     "check_params_match",
+    "check_pretrained_fits",
     "convert_timm_nfnet",
     "detect_nfnet_variant",
+    "differences",
     "download",
     "fetch_released_params",
     "flatten_params",
@@ -70,7 +82,9 @@ __all__ = [
     "looks_like_pytorch_checkpoint",
     "looks_like_safetensors",
     "match_timm_standardization",
+    "merge_pretrained",
     "read_safetensors",
+    "read_weight_file",
     "save_npz",
     "sha256_of_file",
     "unflatten_params",

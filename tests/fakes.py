@@ -18,9 +18,8 @@ import numpy as np
 import optax
 
 from nfnets_jax import optim
-from nfnets_jax.train import config_schema
+from nfnets_jax.train import builder, config_schema
 from nfnets_jax.train.loop import Experiment
-from nfnets_jax.train.step import settings_from_config
 
 
 def fake_forward(num_classes: int, drop_rate: float = 0.0) -> hk.TransformedWithState:
@@ -111,7 +110,8 @@ class FakeData:
 
 
 def fake_config(**overrides) -> ml_collections.ConfigDict:
-    """A tiny run of the shared schema: f32, 8 examples per step, AGC on, frequent checkpoints.
+    """A tiny run of the shared schema: f32, 8 examples per step, AGC on, frequent checkpoints,
+    nothing mixed (FakeData's batches hold one label each).
 
     `overrides` are dotted paths, e.g. `fake_config(**{"train.steps": 5})`.
     """
@@ -128,39 +128,36 @@ def fake_config(**overrides) -> ml_collections.ConfigDict:
     config.eval.every_steps = 0
     config.eval.batch_size = 8
     config.log.every_steps = 1
+    config.data.augment.mix = "none"  # FakeData mixes nothing (ratio 1)
     config.update_from_flattened_dict(overrides)
     return config
 
 
+STEPS_PER_EPOCH = 10  # a fake data set of 10 batches, for the schedule's epochs
+
+
 def fake_experiment(config: ml_collections.ConfigDict, data: FakeData, *, drop_rate: float = 0.0,
                     optimizer: optax.GradientTransformation | None = None) -> Experiment:
-    """The loop's inputs for a fake model on `data`, built from `config` like the real ones.
+    """The loop's inputs for a fake model on `data`, built from `config` by the runner's own
+    builder (`builder.build_parts`), with the fake model and data in place of the config's.
 
     `optimizer` replaces the config's (AGC -> weight decay -> SGD, in `with_sam` when
     `optimizer.sam.rho` is set), as `build_experiment(config, optimizer=...)` does.
     """
-    opt_config = optim.validate_optimizer_config(config.optimizer)
-    total_steps = config.train.steps
-    batch_size = config.train.batch_size
-    if optimizer is None:
-        chain = optim.make_optimizer(opt_config, **fake_schedule_args(config))
-        optimizer = optim.with_sam_from_config(chain, opt_config.sam)
-    settings = settings_from_config(config, opt_config, num_classes=data.num_classes,
-                                    agc_groups={"head": r"^fake_net/~/linear/"})
+    parts = builder.build_parts(config, num_classes=data.num_classes,
+                                num_train_examples=STEPS_PER_EPOCH * config.train.batch_size,
+                                image_shape=data.image_shape, optimizer=optimizer,
+                                forward=fake_forward(data.num_classes, drop_rate),
+                                agc_groups={"head": r"^fake_net/~/linear/"})
     return Experiment(
-        forward=fake_forward(data.num_classes, drop_rate),
-        optimizer=optimizer,
-        step_settings=settings,
-        train_batches=lambda start: data.train_batches(start, global_batch_size=batch_size),
+        forward=parts.forward, optimizer=parts.optimizer, step_settings=parts.step_settings,
+        run_settings=parts.run_settings,
+        train_batches=lambda start: data.train_batches(start, global_batch_size=config.train.batch_size),
         eval_batches=lambda: data.eval_batches(global_batch_size=config.eval.batch_size),
-        image_shape=data.image_shape,
-        total_steps=total_steps,
-        global_batch_size=batch_size,
-        describe_param_groups=lambda params: optim.describe_param_groups(opt_config, params),
-        config=config,
+        describe_param_groups=lambda params: optim.describe_param_groups(parts.optimizer_config, params),
     )
 
 
 def fake_schedule_args(config: ml_collections.ConfigDict) -> dict:
-    """What `make_optimizer` takes for a fake run: 10 steps per epoch, `config.train.steps`."""
-    return dict(steps_per_epoch=10.0, total_steps=config.train.steps, batch_size=config.train.batch_size)
+    """What `make_optimizer` takes for a fake run (`builder.schedule_args` of the fake data set)."""
+    return builder.schedule_args(config, STEPS_PER_EPOCH * config.train.batch_size)

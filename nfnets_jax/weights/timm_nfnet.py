@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax.checkpoints.param_tree import Params, ParamsMismatchError, ParamTree, flatten_params, unflatten_params
-from nfnets_jax.checkpoints.released import detect_nfnet_variant
-from nfnets_jax.checkpoints.safetensors_format import read_safetensors
+from nfnets_jax.weights.param_tree import Params, ParamsMismatchError, ParamTree, flatten_params, unflatten_params
+from nfnets_jax.weights.released import detect_nfnet_variant
+from nfnets_jax.weights.safetensors_format import read_safetensors
 
 # timm's model names whose weights this module converts -> our registry name.
 TIMM_NFNET_MODELS: Mapping[str, str] = {f"dm_nfnet_f{k}": f"nfnet_f{k}" for k in range(7)}
@@ -192,7 +192,7 @@ def abstract_nfnet_params(model_name: str, num_classes: int) -> ParamTree:
     """Our model's parameter shapes (`jax.ShapeDtypeStruct`s), traced without computing anything."""
     from nfnets_jax.models import registry  # pylint: disable=import-outside-toplevel
 
-    model = registry.transformed(model_name, num_classes)
+    model = registry.make_forward(model_name, num_classes)
     params, _ = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False)
     )

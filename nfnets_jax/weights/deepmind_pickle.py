@@ -27,8 +27,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from nfnets_jax.checkpoints.allowlist import Refusal, resolve, set_array_state, set_dtype_state
-from nfnets_jax.checkpoints.param_tree import Params
+from nfnets_jax.weights.allowlist import Refusal, resolve, set_array_state, set_dtype_state
+from nfnets_jax.weights.param_tree import Params
 
 _EXPLANATION = (
     "DeepMind weight files contain only numpy arrays in nested dicts (and old Haiku mapping "
@@ -111,7 +111,7 @@ def load_deepmind_params(path: str | os.PathLike) -> Params:
         if file.read(4) == b"PK\x03\x04":
             raise ValueError(
                 f"{path} is a NumPy .npz (zip) archive, not one of DeepMind's pickled weight files: "
-                "load it with nfnets_jax.checkpoints.load_npz"
+                "load it with nfnets_jax.weights.load_npz"
             )
         file.seek(0)
         tree = _unpickle(file, path)

@@ -21,9 +21,9 @@ import pathlib
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from nfnets_jax.checkpoints.deepmind_pickle import load_deepmind_params
-from nfnets_jax.checkpoints.download import download, normalize_sha256, sha256_of_file
-from nfnets_jax.checkpoints.param_tree import Params, ParamTree
+from nfnets_jax.weights.deepmind_pickle import load_deepmind_params
+from nfnets_jax.weights.download import download, normalize_sha256, sha256_of_file
+from nfnets_jax.weights.param_tree import Params, ParamTree
 
 RELEASED_BASE_URL = "https://storage.googleapis.com/dm-nfnets"
 

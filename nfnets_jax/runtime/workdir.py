@@ -15,7 +15,7 @@ exclusive create, so the few operations that need those guarantees are here, wri
   `gs://` URLs (TensorStore's own GCS driver writes the arrays).
 
 A filesystem registered with epath under another URL scheme (tests register a fake object store,
-see `nfnets_jax/train/fake_object_store.py`) may say where orbax and TensorStore should write by
+see `tests/fake_object_store.py`) may say where orbax and TensorStore should write by
 defining `checkpoint_location()` and `tensorstore_kvstore()`.
 """
 

@@ -37,7 +37,8 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "ml-collections": ("ml-collections", "ml_collections"),
 }
 
-_CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
+_MAX_UNTRACKED = 50
+_CHECKOUT = pathlib.Path(__file__).resolve().parents[2]  # nfnets_jax/runtime/ -> the checkout
 
 
 def package_versions() -> dict[str, str | None]:
@@ -64,17 +65,23 @@ def _git(*args: str) -> str | None:
 
 
 def git_state() -> dict[str, Any] | None:
-    """The commit of the checkout this code runs from, and whether tracked files differ from it.
+    """The commit of the checkout this code runs from, and whether the tree differs from it.
 
-    None for an installed copy (site-packages) that is not a checkout, even when it sits inside
-    some other git repository.
+    `dirty` is True when tracked files are modified or files that git does not ignore are untracked
+    (a new module or config changes what runs as surely as an edit); `untracked` lists the latter
+    (the first `_MAX_UNTRACKED`). None for an installed copy (site-packages) that is not a checkout,
+    even when it sits inside some other git repository.
     """
     toplevel = _git("rev-parse", "--show-toplevel")
     if not toplevel or pathlib.Path(toplevel).resolve() != _CHECKOUT:
         return None
     commit = _git("rev-parse", "HEAD")
-    changes = _git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(changes) if changes is not None else None}
+    status = _git("status", "--porcelain", "--untracked-files=all")
+    if status is None:
+        return {"commit": commit, "dirty": None, "untracked": None}
+    lines = [line for line in status.splitlines() if line.strip()]
+    untracked = sorted(line[3:] for line in lines if line.startswith("??"))
+    return {"commit": commit, "dirty": bool(lines), "untracked": untracked[:_MAX_UNTRACKED]}
 
 
 def machine() -> dict[str, Any]:
@@ -125,7 +132,7 @@ def write(workdir: str | os.PathLike[str], *, devices: bool = True) -> str:
     The workdir may be a local path or an object-store URL (`gs://...`): it is written through
     the same path abstraction as the rest of the workdir.
     """
-    from nfnets_jax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.runtime import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
     path = workdir_lib.as_path(workdir) / PROVENANCE_FILE
     workdir_lib.write_text_atomically(path, json.dumps(collect(devices=devices), indent=2) + "\n")

@@ -15,7 +15,7 @@ import sys
 
 import jax
 
-from nfnets_jax.train import supervisor
+from nfnets_jax.runtime import supervisor
 
 # How long a peer may stay silent before the job counts it as dead. Spot and preemptible VMs
 # (GCE, TPU VMs, AWS spot) give about 30 s of notice: a host that vanishes within it is detected
