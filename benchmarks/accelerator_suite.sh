@@ -8,7 +8,6 @@
 #                      images/s, ms/step, MFU from XLA's FLOP count against PEAK_TFLOPS
 #                      (default 989, the H100/H200 SXM dense bf16 figure)
 #   profile.jsonl      where one step's time goes, plus trace.json.gz and hlo.txt.gz to read it later
-#   checkpoint.jsonl   how long a save of an F0-sized train state blocks the loop
 #   memory_plan.jsonl  every NFNet config's step memory per device as XLA:GPU compiles it,
 #                      with and without remat (compiled in the background, autotuning off, so it
 #                      does not share the GPU with the timed steps)
