@@ -120,6 +120,9 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object], *,
     you mean") all fail here, before `main` runs. `default_config` is the file used when no
     `--config` is given (the config flag itself must then be defined with no default).
     """
+    from nfnets_jax.runtime import program_output  # pylint: disable=import-outside-toplevel  (no jax)
+
+    program_output.for_program()  # before a config file or absl can speak
     spec = _config_flag_spec(argv[1:])
     user_touched_config = any(arg.startswith("--config") for arg in argv[1:])
     try:
@@ -128,8 +131,9 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object], *,
         if spec is not None:
             _check_config_file(spec)
         remaining = flags.FLAGS(list(argv))
-        load_config()
+        _check_loaded(load_config(), spec)
         check_multihost_flags()
+        check_path_flags_not_empty()
     except UserError as error:
         fail(error)
     except flags.Error as error:
@@ -138,12 +142,44 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object], *,
             fail(f"{error}")
         # A config file's get_config raised (e.g. a variant it does not take): its own message.
         fail(f"bad config ({spec or 'the default'}): {_innermost_message(cause)}")
-    except (AttributeError, KeyError, OSError, SyntaxError, TypeError, ValueError, ImportError,
-            NameError) as error:
+    except SystemExit as error:  # a config file that calls sys.exit() while it is loaded
+        if not user_touched_config:
+            raise
+        fail(f"bad config ({spec or 'an override'}): loading it called sys.exit({error.code!r}); a config "
+             "file defines get_config() and returns the config.")
+    except Exception as error:  # pylint: disable=broad-except  # a config file is the user's code
         if not user_touched_config:
             raise  # not the user's config: a bug, keep the traceback
         fail(f"bad config ({spec or 'an override'}): {_innermost_message(error)}")
     return remaining
+
+
+def _check_loaded(config: object, spec: str | None) -> None:
+    """What `get_config` returned is a config (a ConfigDict with every field of the schema)."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+
+    if config is None and spec is None:
+        return  # a program whose config depends on other flags (experiments.eval's --variant)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"bad config ({spec or 'the default'}): get_config() returned "
+                        f"{type(config).__name__}, not an ml_collections.ConfigDict; start from "
+                        "config_schema.base_config() (see configs/digits.py).")
+    from nfnets_jax.train import config_schema  # pylint: disable=import-outside-toplevel  (no jax)
+
+    missing = config_schema.missing_fields(config)
+    if missing:
+        raise UserError(f"bad config ({spec or 'the default'}): it lacks {len(missing)} field(s) of the "
+                        f"schema ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); start "
+                        "from config_schema.base_config() and change what your recipe changes.")
+
+
+def check_path_flags_not_empty() -> None:
+    """`--workdir=` (or another path flag) given but empty, e.g. an unset shell variable: a
+    mistake, never a request for the default folder."""
+    for name in ("workdir", "weights"):
+        if name in flags.FLAGS and flags.FLAGS[name].present and not flags.FLAGS[name].value:
+            raise UserError(f"--{name}= is empty (an unset shell variable?): pass a path, or leave the "
+                            f"flag out{' for the default' if name == 'workdir' else ''}.")
 
 
 def check_multihost_flags() -> None:
@@ -203,6 +239,22 @@ def initialize_processes(restart_hint: str) -> None:  # pylint: disable=redefine
     distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
                            auto_detect=DISTRIBUTED.value,
                            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT.value)
+    _check_devices()
+
+
+def _check_devices() -> None:
+    """JAX starts its backend (a `JAX_PLATFORMS` naming hardware this host lacks, or a jax build
+    without it, fails here) and the failure is one line."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    try:
+        jax.devices()
+    except RuntimeError as error:
+        platforms = os.environ.get("JAX_PLATFORMS")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fail(f"JAX cannot start a backend{f' for JAX_PLATFORMS={platforms!r}' if platforms else ''} "
+             f"({reason}); unset JAX_PLATFORMS to use what this host has, or install the jax build "
+             "for that hardware (README, Install).")
 
 
 def check_workdir_writable(workdir: str, *, flag: str = "--workdir") -> None:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input pipeline only.
-
-from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from nfnets_jax.runtime import stop_signals  # pylint: disable=wrong-import-position
 
 from nfnets_jax.train import config_files  # pylint: disable=wrong-import-position  (no jax)
 
@@ -75,7 +76,7 @@ def resolve_config():
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         command_line.fail(f"unexpected arguments {argv[1:]}.")
-    logging.set_verbosity(logging.WARNING)
+    stop_signals.leave_at_once("evaluation interrupted; nothing was written")
     # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import config_schema
 
@@ -157,7 +158,13 @@ def main(argv: list[str]) -> None:
                   f"top-5 {100 * results[prefix + 'top_5_acc']:.2f}%  loss {results[prefix + 'loss']:.4f}")
         folder = workdir_lib.as_path(source)  # a local folder or a gs:// workdir
         if folder.is_dir():
-            workdir_lib.write_text_atomically(folder / "eval_results.json", json.dumps(results, indent=2))
+            target = folder / "eval_results.json"
+            try:
+                workdir_lib.write_text_atomically(target, json.dumps(results, indent=2))
+            except Exception as error:  # pylint: disable=broad-except  # read-only, full, no permission
+                reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:200]
+                print(f"warning: the results above could not be saved to {target} ({reason}); "
+                      "nothing else is affected.", file=sys.stderr)
     distributed.shutdown()
 
 

@@ -18,10 +18,10 @@ import os
 import pathlib
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow feeds the input pipeline only.
-
-from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from nfnets_jax.runtime import stop_signals  # pylint: disable=wrong-import-position
 
 from . import command_line  # pylint: disable=wrong-import-position  # multi-host flags
 
@@ -40,7 +40,7 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         command_line.fail(f"unexpected arguments {argv[1:]}; settings go in --config.* flags.")
-    logging.set_verbosity(logging.WARNING)
+    stop_signals.leave_at_once("before training started; nothing was written")  # the loop takes over
     from nfnets_jax.train import config_schema  # pylint: disable=import-outside-toplevel  (no jax)
 
     config = _CONFIG.value  # loaded (and checked) by command_line.parse_flags
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
         summary = loop.run(experiment, workdir)
     except (loop.NonFiniteError, checkpointing.CorruptCheckpointError,
             checkpointing.IncompatibleCheckpointError, checkpointing.CheckpointDirectoryError,
-            workdir_lock.WorkdirBusyError) as error:
+            checkpointing.CheckpointSaveError, workdir_lock.WorkdirLockError) as error:
         command_line.fail(error)
     except Exception as error:  # pylint: disable=broad-except
         if jax.process_count() > 1:  # most likely a peer died: say so, skip the shutdown barrier
@@ -99,7 +99,8 @@ def main(argv: list[str]) -> None:
     if is_main:
         results = summary.eval_metrics
         if summary.stopped_by == "preempted":
-            print(f"Stopped by SIGTERM at step {summary.step}; run the same command to resume.")
+            print(f"Stopped by {stop_signals.signal_name(summary.stop_signal)} at step {summary.step}; "
+                  "run the same command to resume.")
         else:
             accuracy = results.get("ema_top_1_acc", results.get("top_1_acc"))
             which = "EMA" if "ema_top_1_acc" in results else "raw"
@@ -116,7 +117,7 @@ def main(argv: list[str]) -> None:
         # a slow batch, and tearing them down can take longer than the preemption notice.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)  # pylint: disable=protected-access
+        os._exit(stop_signals.exit_status(summary.stop_signal, saved=True))  # pylint: disable=protected-access
 
 
 def parse_flags(argv: list[str]) -> list[str]:

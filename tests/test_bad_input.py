@@ -43,12 +43,24 @@ class _Hostile:
         return (os.system, (f"touch {self.marker}",))
 
 
+INPUT_NAMES = ("syntax_error.py", "no_get_config.py", "not_python.txt", "a_file", "hostile.npz", "huge.npz",
+               "pwned", "new_workdir", "changed_model", "corrupt", "exits.py", "raises.py", "returns_none.py",
+               "partial.py", "strings.npz", "nan.npz", "deep.safetensors")
+
+
 def _write_inputs(root):
     """The files the cases point at."""
-    paths = {name: str(root / name) for name in (
-        "syntax_error.py", "no_get_config.py", "not_python.txt", "a_file", "hostile.npz", "huge.npz",
-        "pwned", "new_workdir", "changed_model", "corrupt")}
+    paths = {name: str(root / name) for name in INPUT_NAMES}
     (root / "syntax_error.py").write_text("def get_config(:\n")
+    (root / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    (root / "raises.py").write_text("def get_config(arg=None):\n    raise RuntimeError('no such recipe')\n")
+    (root / "returns_none.py").write_text("def get_config(arg=None):\n    return None\n")
+    (root / "partial.py").write_text("import ml_collections\ndef get_config(arg=None):\n"
+                                     "    return ml_collections.ConfigDict({'model': {'name': 'nfnet_f0'}})\n")
+    np.savez(paths["strings.npz"], **{"NFNet/~/linear/w": np.array(["a", "b"])})
+    np.savez(paths["nan.npz"], **{"NFNet/~/linear/w": np.array([1.0, np.nan], np.float32)})
+    deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    pathlib.Path(paths["deep.safetensors"]).write_bytes(len(deep).to_bytes(8, "little") + deep)
     (root / "no_get_config.py").write_text("import ml_collections\nCONFIG = ml_collections.ConfigDict()\n")
     (root / "not_python.txt").write_text("model: nfnet\n")
     (root / "a_file").write_text("I am a file\n")
@@ -95,6 +107,17 @@ def _cases(paths):
         "resume_with_changed_model": [digits, f"--workdir={paths['changed_model']}",
                                       "--config.model.kwargs.widths=(32,64,128,256)"],
         "all_checkpoints_corrupt": [f"--workdir={paths['corrupt']}"],
+        "workdir_empty": ["--workdir="],
+        "config_calls_sys_exit": [f"--config={paths['exits.py']}", workdir],
+        "config_get_config_raises": [f"--config={paths['raises.py']}", workdir],
+        "config_returns_none": [f"--config={paths['returns_none.py']}", workdir],
+        "config_partial": [f"--config={paths['partial.py']}", workdir],
+        "seed_too_large": [digits, "--config.train.seed=1180591620717411303424", workdir],
+        "seed_negative": [digits, "--config.train.seed=-1", workdir],
+        "init_from_string_dtype": [digits, f"--config.checkpoint.init_from={paths['strings.npz']}", workdir],
+        "init_from_nan_weights": [digits, f"--config.checkpoint.init_from={paths['nan.npz']}", workdir],
+        "init_from_deep_safetensors": [digits, f"--config.checkpoint.init_from={paths['deep.safetensors']}",
+                                       workdir],
     }
     evaluate = {
         "misspelt_override": ["--config=configs/digits.py", "--config.eval.batch_sise=64"],
@@ -117,6 +140,13 @@ def _cases(paths):
         "process_id_out_of_range": ["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=-1"],
         "negative_heartbeat": ["--heartbeat_timeout_seconds=0"],
         "stray_argument": ["now"],
+        "workdir_empty": ["--workdir="],
+        "weights_empty": ["--weights="],
+        "config_returns_none": [f"--config={paths['returns_none.py']}"],
+        "config_partial": [f"--config={paths['partial.py']}"],
+        "weights_string_dtype": [f"--weights={paths['strings.npz']}"],
+        "weights_nan": [f"--weights={paths['nan.npz']}"],
+        "weights_deep_safetensors": [f"--weights={paths['deep.safetensors']}"],
     }
     return {"train": train, "eval": evaluate}
 
@@ -148,9 +178,7 @@ def outcomes(tmp_path_factory):
     return results, paths, before, _snapshot(root)
 
 
-ALL_CASES = [(command, name) for command, cases in _cases({k: k for k in (
-    "syntax_error.py", "no_get_config.py", "not_python.txt", "a_file", "hostile.npz", "huge.npz",
-    "pwned", "new_workdir", "changed_model", "corrupt")}).items() for name in cases]
+ALL_CASES = [(command, name) for command, cases in _cases({k: k for k in INPUT_NAMES}).items() for name in cases]
 
 
 @pytest.mark.slow
@@ -191,6 +219,19 @@ def test_messages_name_the_fix(outcomes):
     assert "of its arrays differ" in changed and "Nothing was changed" in changed
     assert "--process_id" in train["num_processes_alone"]["stderr"]
     assert "Nothing was loaded" in train["all_checkpoints_corrupt"]["stderr"]
+    assert "--workdir= is empty" in train["workdir_empty"]["stderr"] and "--weights= is empty" in evaluate["weights_empty"]["stderr"]
+    assert "sys.exit(3)" in train["config_calls_sys_exit"]["stderr"]
+    assert "RuntimeError: no such recipe" in train["config_get_config_raises"]["stderr"]
+    for command in (train, evaluate):
+        assert "returned NoneType" in command["config_returns_none"]["stderr"]
+        assert "lacks 10 field(s)" in command["config_partial"]["stderr"]
+    assert "config.train.seed" in train["seed_too_large"]["stderr"] and "config.train.seed" in train["seed_negative"]["stderr"]
+    for case in ("init_from_string_dtype", "weights_string_dtype"):
+        assert "not numbers" in (train.get(case) or evaluate[case])["stderr"], case
+    for case in ("init_from_nan_weights", "weights_nan"):
+        assert "NaN or infinite" in (train.get(case) or evaluate[case])["stderr"], case
+    for case in ("init_from_deep_safetensors", "weights_deep_safetensors"):
+        assert "levels deep" in (train.get(case) or evaluate[case])["stderr"], case
 
 
 def _run_train(args, timeout=TIMEOUT_S, prefix=()):
@@ -330,3 +371,39 @@ class _ReachedTraining(Exception):
 if __name__ == "__main__":
     outcome = _run_cases(sys.argv[1], json.loads(open(sys.argv[2]).read()))
     print(json.dumps(outcome))
+
+
+@pytest.mark.slow
+def test_a_platform_this_host_lacks_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    _assert_one_line_failure(_run_train([f"--workdir={workdir}"], prefix=("env", "JAX_PLATFORMS=tpu")),
+                             "JAX_PLATFORMS='tpu'", "unset JAX_PLATFORMS")
+    assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_a_workdir_whose_lock_cannot_be_taken_is_one_line(tmp_path):
+    """`run.lock` that is a folder (or any lock the filesystem refuses): refused in one line."""
+    workdir = tmp_path / "run"
+    (workdir / "run.lock").mkdir(parents=True)
+    _assert_one_line_failure(_run_train([f"--workdir={workdir}", "--config.train.steps=1",
+                                         "--config.optimizer.warmup_epochs=0"]),
+                             "run.lock is a folder", "Nothing was written")
+    assert sorted(os.listdir(workdir)) == ["run.lock"]
+
+
+def test_a_lock_the_object_store_refuses_is_one_error_naming_the_workdir(monkeypatch):
+    """A gs:// bucket that does not exist, or a store that refuses the conditional write: the
+    lock's failure is a WorkdirLockError naming the lock and the fix, not the store's traceback."""
+    from nfnets_jax.runtime import workdir_lock  # pylint: disable=import-outside-toplevel
+
+    def refuse(*args, **kwargs):
+        raise ValueError('NOT_FOUND: Error opening "gs" kvstore: bucket "no-such-bucket" does not exist '
+                         '[tensorstore_spec=\'{"driver": "gcs"}\']')
+
+    monkeypatch.setattr(workdir_lock, "_acquire", refuse)  # what TensorStore raises; no network here
+    with pytest.raises(workdir_lock.WorkdirLockError) as error:
+        workdir_lock.acquire("gs://no-such-bucket/run")
+    message = str(error.value)
+    assert "gs://no-such-bucket/run/run.lock" in message and 'bucket "no-such-bucket" does not exist' in message
+    assert "tensorstore_spec" not in message and len(message.splitlines()) == 1

@@ -10,6 +10,7 @@ module and parameter counts (tests/data/official_nfnet_facts.json).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import sys
@@ -672,3 +673,48 @@ def test_fetch_released_params_from_a_mirror(tmp_path):
         fetch_released_params("nfnet_f1", cache, base_url=mirror.as_uri())
     with pytest.raises(ValueError, match="released no weights for 'nfnet_f7'"):
         fetch_released_params("nfnet_f7", cache, base_url=mirror.as_uri())
+
+
+# ---- Untrusted JSON in weight files: bounded depth, linear time ------------------------------------
+
+def test_nesting_depth_is_measured_outside_strings_and_matches_a_recursive_count():
+    from nfnets_jax.weights import bounded_json  # pylint: disable=import-outside-toplevel
+
+    def recursive_depth(value):
+        if isinstance(value, dict):
+            return 1 + max((recursive_depth(v) for v in value.values()), default=0)
+        if isinstance(value, list):
+            return 1 + max((recursive_depth(v) for v in value), default=0)
+        return 0
+
+    for value in (1, "x", [], {}, {"a": [1, [2, {"b": "[{[{"}]]}, [[[[]]]], {"}": '"{\\'}, [{"a": {"b": []}}]):
+        text = json.dumps(value).encode()
+        assert bounded_json.nesting_depth(text) == recursive_depth(value), value
+
+
+def test_an_npz_dtype_record_nested_deep_or_not_a_string_is_refused(tmp_path):
+    import zipfile as zip_module  # pylint: disable=import-outside-toplevel
+
+    for record, message in ((np.array('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), "levels deep"),
+                            (np.zeros(3), "one JSON string")):
+        path = tmp_path / "record.npz"
+        np.savez(path, **{"m/w": np.zeros(2, np.float32), weights.npz_format.DTYPES_KEY: record})
+        assert zip_module.is_zipfile(path)
+        with pytest.raises(ValueError, match=message):
+            weights.load_npz(str(path))
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.array(["a", "b"]), "holds <U1 values, not numbers"),
+    (np.array([True, False]), "holds bool values, not numbers"),
+    (np.array([1.0, np.nan], np.float32), "holds 1 NaN or infinite"),
+    (np.array([np.inf], np.float16), "holds 1 NaN or infinite"),
+    (np.array([1.0, np.nan], ml_dtypes.bfloat16), "holds 1 NaN or infinite"),
+])
+def test_a_weight_file_of_anything_but_finite_numbers_is_refused_when_read(tmp_path, values, message):
+    path = str(tmp_path / "w.npz")
+    np.savez(path, **{"NFNet/~/linear/w": values}) if values.dtype.kind == "U" else weights.save_npz(
+        path, {"NFNet/~/linear": {"w": values}})
+    with pytest.raises(ValueError, match=message) as error:
+        weights.read_weight_file(path)
+    assert path in str(error.value) and "NFNet/~/linear/w" in str(error.value)

@@ -29,6 +29,7 @@ import pytest
 import xla_test_flags
 
 import fake_object_store  # tests/fake_object_store.py
+from nfnets_jax.runtime import stop_signals
 import fakes  # tests/fakes.py
 from nfnets_jax.train import checkpointing, loop
 from test_train_checkpointing import _SlowData
@@ -155,7 +156,7 @@ def stopped_at_8(tmp_path_factory):
     """A workdir whose run stopped (as if preempted) at step 8: checkpoints 4 and 8."""
     workdir = tmp_path_factory.mktemp("stopped")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: step == 8)
+        patch.setattr(stop_signals.StopRequests, "should_stop", lambda self, step: step == 8)
         assert _run(workdir).step == 8
     assert _step_dirs(workdir) == [4, 8]
     return workdir

@@ -33,6 +33,7 @@ import pytest
 import xla_test_flags
 
 import fake_object_store  # tests/fake_object_store.py
+from nfnets_jax.runtime import stop_signals
 from nfnets_jax.train import checkpointing
 
 TIMEOUT_S = 600
@@ -145,7 +146,7 @@ def _kill_self_at(step: int, store_root: str) -> None:
     any checkpoint exists and the test would show a fresh start, not a resume)."""
     from nfnets_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
 
-    should_stop = checkpointing.PreemptionWatcher.should_stop
+    should_stop = stop_signals.StopRequests.should_stop
 
     def kill_or_ask(self, current: int) -> bool:
         if current == step:
@@ -155,7 +156,7 @@ def _kill_self_at(step: int, store_root: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return should_stop(self, current)
 
-    checkpointing.PreemptionWatcher.should_stop = kill_or_ask
+    stop_signals.StopRequests.should_stop = kill_or_ask
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import chex
 import numpy as np
 import pytest
 
+from nfnets_jax.runtime import stop_signals
 import fakes  # tests/fakes.py
 from nfnets_jax.train import checkpointing, loop, metrics_logging
 
@@ -73,7 +74,7 @@ def test_keeps_only_the_last_k_checkpoints(uninterrupted):
 
 def test_resume_after_preemption_is_bit_exact(tmp_path, uninterrupted, monkeypatch):
     # Preempt at step 6 (between two periodic saves), then restart in the same workdir.
-    monkeypatch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: step == 6)
+    monkeypatch.setattr(stop_signals.StopRequests, "should_stop", lambda self, step: step == 6)
     first = _run(tmp_path)
     assert first.stopped_by == "preempted" and first.step == 6
     monkeypatch.undo()
@@ -109,38 +110,40 @@ def test_non_finite_step_is_skipped_when_configured(tmp_path, uninterrupted):
                               _final_state(uninterrupted[0])["params"]["fake_net/~/linear"]["w"])
 
 
-def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_bit_exactly(tmp_path):
+@pytest.mark.slow
+def test_a_save_that_cannot_be_written_is_one_line_and_the_previous_checkpoint_stays_the_newest(tmp_path):
+    """A full disk, a quota or a file-size limit (here: RLIMIT_FSIZE, as `ulimit -f` sets it) fails
+    orbax's background write: one line naming the step, the folder and the reason, the newest
+    complete checkpoint unchanged, and the next run resumes from it."""
     workdir = tmp_path / "run"
-    reference_dir = tmp_path / "reference"
-    child = [sys.executable, os.path.abspath(__file__), str(workdir), str(SIGTERM_STEPS)]
-    process = subprocess.Popen(child + ["0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics_file = workdir / "metrics.jsonl"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and process.poll() is None:
-            if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 5:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, process.communicate()[0]
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, output
-    assert "SIGTERM: saved step" in output
-    stopped_at = _final_state(workdir)["step"]
-    assert 5 <= stopped_at < SIGTERM_STEPS
-    # Restart with the same workdir: it resumes and finishes.
-    resumed = subprocess.run(child + ["0"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"Resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
-    _run(reference_dir, steps=SIGTERM_STEPS)
-    final, reference = _final_state(workdir), _final_state(reference_dir)
-    assert final["step"] == reference["step"] == SIGTERM_STEPS
-    chex.assert_trees_all_equal(final["params"], reference["params"])
-    chex.assert_trees_all_equal(final["ema_params"], reference["ema_params"])
+    child = [sys.executable, os.path.abspath(__file__), str(workdir)]
+    first = subprocess.run(child + ["4", "0", "0"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    limited = subprocess.run(child + ["8", "0", "65536"], capture_output=True, text=True, timeout=300)
+    errors = [line for line in limited.stderr.splitlines() if line.strip()]
+    assert limited.returncode == 1 and len(errors) == 1, limited.stdout + limited.stderr
+    assert errors[0].startswith(f"error: Saving the checkpoint of step 8 to {workdir / 'checkpoints'} failed: "
+                                "File too large"), errors[0]
+    assert "The newest complete checkpoint is step 4" in errors[0]
+    assert _final_state(workdir)["step"] == 4
+    resumed = subprocess.run(child + ["8", "0", "0"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "at step 4." in resumed.stdout, resumed.stdout + resumed.stderr
+    assert _final_state(workdir)["step"] == 8
 
 
 if __name__ == "__main__":
-    _run(sys.argv[1], steps=int(sys.argv[2]), data=_SlowData(sleep=float(sys.argv[3])))
+    from nfnets_jax.runtime import program_output  # pylint: disable=import-outside-toplevel
+
+    program_output.for_program()  # as experiments/train.py: library loggers quiet
+    file_size_limit = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    if file_size_limit:  # as `ulimit -f`: a write beyond it fails with EFBIG (Python ignores SIGXFSZ)
+        import resource  # pylint: disable=import-outside-toplevel
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    # With a limit (0: none), larger images: a checkpoint's data file of ~150 KB, over a 64 KB limit
+    # that the run's small metrics files stay under.
+    shape = (32, 32, 3) if len(sys.argv) > 4 else (4, 4, 3)
+    try:
+        _run(sys.argv[1], steps=int(sys.argv[2]), data=_SlowData(sleep=float(sys.argv[3]), image_shape=shape))
+    except checkpointing.CheckpointSaveError as error:  # as experiments/train.py's main
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -18,6 +18,7 @@ import chex
 import pytest
 
 import fake_object_store  # tests/fake_object_store.py
+from nfnets_jax.runtime import stop_signals
 import fakes  # tests/fakes.py
 from nfnets_jax.runtime import workdir_lock
 from nfnets_jax.train import checkpointing, loop, metrics_logging
@@ -144,7 +145,7 @@ def store(tmp_path, monkeypatch):
 def test_train_preempt_resume_and_evaluate_on_an_object_store_url(store, tmp_path, monkeypatch):
     url = "fakegs://bucket/runs/one"
     with monkeypatch.context() as patch:
-        patch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: step == 6)
+        patch.setattr(stop_signals.StopRequests, "should_stop", lambda self, step: step == 6)
         assert _run(url).stopped_by == "preempted"
     summary = _run(url)
     assert summary.stopped_by == "completed" and summary.step == STEPS

@@ -10,7 +10,10 @@ targets ratio·onehot(labels) + (1 − ratio)·onehot(mix_labels). Randomness is
 
 from __future__ import annotations
 
-import tensorflow as tf
+from nfnets_jax.runtime.program_output import import_tensorflow
+
+import_tensorflow()  # TensorFlow's C++ start-up notices held back (runtime/program_output.py)
+import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 
 INPUTS_PER_OUTPUT = {"mixup_cutmix": 2, "mixup": 2, "cutmix": 2, "none": 1}
 

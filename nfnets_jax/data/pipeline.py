@@ -38,7 +38,11 @@ from typing import Iterator, NamedTuple
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
+
+from nfnets_jax.runtime.program_output import import_tensorflow
+
+import_tensorflow()  # TensorFlow's C++ start-up notices held back (runtime/program_output.py)
+import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 from absl import logging
 
 from nfnets_jax.data import mixing, preprocess, randaugment
@@ -376,6 +380,7 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, global_batch_s
     steps = num_eval_steps(total, layout)
     parallel = _parallel(data_config)
 
+    @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph cannot parse its generator
     def preprocess_example(example):
         image = preprocess.eval_preprocess(example["image"], encoded=source.encoded,
                                            image_size=eval_size, mode=mode)

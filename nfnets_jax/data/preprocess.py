@@ -10,7 +10,10 @@ augmentation never depends on how many examples were processed before it (exact 
 
 from __future__ import annotations
 
-import tensorflow as tf
+from nfnets_jax.runtime.program_output import import_tensorflow
+
+import_tensorflow()  # TensorFlow's C++ start-up notices held back (runtime/program_output.py)
+import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 
 CROP_PADDING = 32  # the "32" of resize_crop_32 and of the padded centre crop
 MIN_OBJECT_COVERED = 0.1

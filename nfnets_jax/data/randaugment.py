@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import math
 
-import tensorflow as tf
+from nfnets_jax.runtime.program_output import import_tensorflow
+
+import_tensorflow()  # TensorFlow's C++ start-up notices held back (runtime/program_output.py)
+import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 
 FILL_VALUE = 128  # grey fill for geometric ops and Cutout
 TRANSLATE_CONST = 100  # px at M = 10

@@ -15,7 +15,11 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
+
+from nfnets_jax.runtime.program_output import import_tensorflow
+
+import_tensorflow()  # TensorFlow's C++ start-up notices held back (runtime/program_output.py)
+import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 import tensorflow_datasets as tfds
 
 # ImageNet RGB statistics in [0, 255] units (official `dataset.py:MEAN_RGB`).
@@ -130,8 +134,12 @@ def digits_source(digits_config: ml_collections.ConfigDict) -> Source:
 
     def lookup(split: str):
         split_size(split)
-        return lambda index: {"image": tf.gather(images[split], index),
-                              "label": tf.gather(labels[split], index)}
+
+        @tf.autograph.experimental.do_not_convert  # nothing to convert; AutoGraph cannot parse it
+        def example(index):
+            return {"image": tf.gather(images[split], index), "label": tf.gather(labels[split], index)}
+
+        return example
 
     return Source(name="digits", num_classes=10, encoded=False, fixed_size=True,
                   mean_rgb=(mean,) * 3, stddev_rgb=(std,) * 3, split_size=split_size,

@@ -35,7 +35,11 @@ REFRESH_SECONDS = 15.0
 STALE_AFTER_SECONDS = 90.0
 
 
-class WorkdirBusyError(RuntimeError):
+class WorkdirLockError(RuntimeError):
+    """The workdir's lock cannot be taken; nothing in the workdir was touched (the message says why)."""
+
+
+class WorkdirBusyError(WorkdirLockError):
     """Another live run holds the workdir's lock; nothing in the workdir was touched."""
 
 
@@ -122,10 +126,29 @@ def _is_abandoned(record: dict, *, stale_after_s: float) -> str | None:
 
 def acquire(workdir: str | os.PathLike, *, refresh_s: float = REFRESH_SECONDS,
             stale_after_s: float = STALE_AFTER_SECONDS) -> WorkdirLock:
-    """Takes `workdir`'s lock (creating the workdir), or raises `WorkdirBusyError`.
+    """Takes `workdir`'s lock (creating the workdir), or raises `WorkdirBusyError` (another run
+    holds it) or `WorkdirLockError` (the folder or the lock file cannot be used: a `run.lock`
+    that is a folder, a bucket that does not exist, no permission), each in one message.
 
     Reads nothing else and writes nothing else in the workdir before the lock is held.
     """
+    try:
+        return _acquire(workdir, refresh_s=refresh_s, stale_after_s=stale_after_s)
+    except WorkdirLockError:
+        raise
+    except Exception as error:  # pylint: disable=broad-except  # the filesystem's or TensorStore's
+        path = workdir_lib.as_path(workdir) / LOCK_FILE
+        reason = str(error).split("[tensorstore_spec")[0].strip().splitlines()
+        reason = f"{type(error).__name__}: {reason[0][:300] if reason else ''}"
+        hint = (f"{path} is a folder, not this project's lock file: move it out of the way"
+                if isinstance(error, IsADirectoryError) or (workdir_lib.is_url(path) is False and path.is_dir())
+                else "check that the workdir (and, for gs://, its bucket) exists or can be created, and "
+                     "that you can write to it")
+        raise WorkdirLockError(f"Cannot take the workdir's lock {path} ({reason}); {hint}. Nothing "
+                               "was written.") from None
+
+
+def _acquire(workdir: str | os.PathLike, *, refresh_s: float, stale_after_s: float) -> WorkdirLock:
     directory = workdir_lib.as_path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
@@ -156,22 +179,22 @@ def acquire(workdir: str | os.PathLike, *, refresh_s: float = REFRESH_SECONDS,
 
 def acquire_for_run(workdir: str | os.PathLike) -> WorkdirLock | None:
     """Process 0 takes the lock (returned; None on other processes); every process raises
-    `WorkdirBusyError` if it could not, so that none of them touches the workdir."""
+    `WorkdirLockError` if it could not, so that none of them touches the workdir."""
     import jax  # pylint: disable=import-outside-toplevel
 
     lock, error = None, None
     if jax.process_index() == 0:
         try:
             lock = acquire(workdir)
-        except WorkdirBusyError as busy:
-            error = busy
+        except WorkdirLockError as failure:
+            error = failure
     if jax.process_count() > 1:
         import numpy as np  # pylint: disable=import-outside-toplevel
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
         held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
         if not held and error is None:
-            error = WorkdirBusyError(f"{workdir} is in use by another run (see process 0's message).")
+            error = WorkdirLockError(f"{workdir}: process 0 could not take the workdir's lock (see its message).")
     if error is not None:
         raise error
     return lock

@@ -44,9 +44,10 @@ differences, before anything is moved.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import signal
+import re
 import sys
 import threading
 import time
@@ -89,7 +90,7 @@ _SET_ASIDE_SUFFIX = ".unreadable-"
 # Loggers whose output during a failed restore attempt is noise to the user (orbax logs through
 # absl; asyncio reports the tasks orbax leaves behind when a read fails).
 _NOISY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "jax._src.distributed")
-_MAX_LISTED_DIFFERENCES = 8
+_MAX_LISTED_DIFFERENCES = 4
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -102,6 +103,33 @@ class IncompatibleCheckpointError(ValueError):
 
 class CheckpointDirectoryError(RuntimeError):
     """The checkpoint folder cannot be used as it is (what to do is in the message)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save could not be written (full disk, quota, file-size limit, permissions); the message
+    says which step, where, why, and which checkpoint is still the newest complete one."""
+
+
+# What a failed write's OS error means for the user, by errno.
+_WRITE_FAILURE_HINTS = {
+    errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file-size limit (ulimit -f) is reached", errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied", errno.EROFS: "the filesystem is read-only",
+}
+
+
+def _os_error_code(error: BaseException) -> int | None:
+    """The errno behind a failed write, from the exception chain or TensorStore's message."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        found = re.search(r"os_error_code='?(\d+)|\[Errno (\d+)\]", str(error))
+        if found:
+            return int(found.group(1) or found.group(2))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class _FailedVerification(ValueError):
@@ -239,7 +267,7 @@ def _same_fingerprint(saved: Any, computed: int) -> bool:
 
 
 def _is_late_report_into_a_closed_loop(unraisable: Any) -> bool:
-    """True for the one report a failed orbax read leaves behind after it returned: TensorStore
+    """True for the report a failed orbax read leaves behind after it returned: TensorStore
     finishing a read whose asyncio loop orbax has already closed, which TensorStore's callback
     thread reports as "Event loop is closed" from `call_soon_threadsafe`, seconds later."""
     error = unraisable.exc_value
@@ -249,23 +277,33 @@ def _is_late_report_into_a_closed_loop(unraisable: Any) -> bool:
     return "call_soon_threadsafe" in frames
 
 
-def _drop_late_reports_into_closed_loops() -> None:
-    """Installs, once per process, a `sys.unraisablehook` that drops only the reports
-    `_is_late_report_into_a_closed_loop` describes and passes everything else on.
+def _is_abandoned_orbax_coroutine(unraisable: Any) -> bool:
+    """True for the report of a coroutine of orbax or TensorStore that a failed read or write left
+    unfinished, when it is garbage-collected (later in the run, or at the interpreter's exit,
+    one report per array: hundreds of "Exception ignored in: <coroutine ...>" tracebacks)."""
+    code = getattr(unraisable.object, "cr_code", None)
+    filename = getattr(code, "co_filename", "") or ""
+    return any(f"{os.sep}{package}{os.sep}" in filename for package in ("orbax", "tensorstore"))
 
-    They arrive after the restore attempt that caused them has ended (so its temporary hooks are
-    gone) and carry nothing to act on: the attempt already failed and was reported as one
-    warning. Anything else unraisable still reaches the hook that was there before.
+
+def _drop_late_reports_of_failed_io() -> None:
+    """Installs, once per process, a `sys.unraisablehook` that drops only the reports
+    `_is_late_report_into_a_closed_loop` and `_is_abandoned_orbax_coroutine` describe and passes
+    everything else on.
+
+    They arrive after the read or write that caused them has ended and carry nothing to act on:
+    the failure itself was already reported, as one line. Anything else unraisable still reaches
+    the hook that was there before.
     """
     previous = sys.unraisablehook
-    if getattr(previous, "_nfnets_drops_closed_loop_reports", False):
+    if getattr(previous, "_nfnets_drops_failed_io_reports", False):
         return
 
     def hook(unraisable: Any) -> None:
-        if not _is_late_report_into_a_closed_loop(unraisable):
+        if not (_is_late_report_into_a_closed_loop(unraisable) or _is_abandoned_orbax_coroutine(unraisable)):
             previous(unraisable)
 
-    hook._nfnets_drops_closed_loop_reports = True  # type: ignore[attr-defined]
+    hook._nfnets_drops_failed_io_reports = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
 
 
@@ -274,8 +312,8 @@ def _quiet_restore_attempt() -> Iterator[None]:
     """Holds back what orbax, TensorStore and asyncio print while one checkpoint is tried:
     their loggers, and the exceptions that orbax's abandoned asyncio tasks and threads raise
     when a read fails (reported through `sys.unraisablehook` and `threading.excepthook`), also
-    those that arrive after the attempt (`_drop_late_reports_into_closed_loops`)."""
-    _drop_late_reports_into_closed_loops()
+    those that arrive after the attempt (`_drop_late_reports_of_failed_io`)."""
+    _drop_late_reports_of_failed_io()
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
     hooks = sys.unraisablehook, threading.excepthook
@@ -291,8 +329,21 @@ def _quiet_restore_attempt() -> Iterator[None]:
         sys.unraisablehook, threading.excepthook = hooks
 
 
-def _metadata_tree(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
-    metadata = manager.item_metadata(step)[item]
+def _step_reader() -> ocp.Checkpointer:
+    """Reads one step directory (both items), without a manager: orbax's `CheckpointManager` reads
+    the metadata of every step when it opens a directory and fails on any it cannot read, so
+    readers go step by step, and only the writer opens a manager (once the leftovers are aside)."""
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
+                                                           meta=ocp.JsonCheckpointHandler()))
+
+
+def _metadata_tree(step_path: epath.Path) -> Any:
+    """The saved state's tree of array metadata (names, shapes, dtypes), no array read."""
+    reader = _step_reader()
+    try:
+        metadata = reader.metadata(workdir_lib.checkpoint_location(step_path)).item_metadata["state"]
+    finally:
+        reader.close()
     return getattr(metadata, "tree", metadata)
 
 
@@ -301,40 +352,45 @@ def _on_one_device(tree: Any) -> Any:
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
 
 
-def _restore_one(manager: ocp.CheckpointManager, step_path: epath.Path, step: int,
-                 abstract_state: Any | None) -> tuple[Any, dict]:
+def _restore_one(step_path: epath.Path, step: int, abstract_state: Any | None) -> tuple[Any, dict]:
     """Restores and verifies one step; raises on any failure. `abstract_state=None` restores
     whatever tree the checkpoint holds, onto this process's first device."""
     missing = [name for name in _REQUIRED_FILES if not (step_path / name).exists()]
     if missing:
         raise _FailedVerification(f"{', '.join(missing)} missing")
     if abstract_state is None:
-        abstract_state = _on_one_device(_metadata_tree(manager, step, "state"))
-    # Both items in one call: orbax warns about every saved item that a restore leaves out.
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        abstract_state = _on_one_device(_metadata_tree(step_path))
+    reader = _step_reader()
+    try:
+        restored = reader.restore(workdir_lib.checkpoint_location(step_path), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    finally:
+        reader.close()
     state, meta = restored["state"], restored["meta"]
     _verify(step, state, meta, abstract_state)
     return state, dict(meta)
 
 
-def _incompatibility(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> list[str]:
+def _incompatibility(step_path: epath.Path, abstract_state: Any) -> list[str]:
     """How the arrays the step's (readable) metadata describes differ from `abstract_state`;
     [] when they match or the metadata cannot be read (damage is the restore's business)."""
     try:
         with _quiet_restore_attempt():
-            saved = _named_leaves(_metadata_tree(manager, step, "state"))
+            saved = _named_leaves(_metadata_tree(step_path))
     except Exception:  # pylint: disable=broad-except
         return []
     return _differences(saved, _named_leaves(abstract_state)) if saved else []
 
 
-def _raise_if_incompatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-                           directory: str) -> None:
+def _raise_if_incompatible(directory: epath.Path, step: int, abstract_state: Any) -> None:
     """Raises `IncompatibleCheckpointError` if step `step` holds another model's arrays."""
-    differences = _incompatibility(manager, step, abstract_state)
+    differences = _incompatibility(directory / str(step), abstract_state)
     if not differences:
         return
+    # Params of another shape say most about what changed; the optimizer's copies of them, and
+    # missing and extra arrays, follow.
+    differences.sort(key=lambda line: (not line.startswith(("wrong shape", "wrong dtype")),
+                                       " params/" not in line))
     listed = "\n  ".join(differences[:_MAX_LISTED_DIFFERENCES])
     more = len(differences) - _MAX_LISTED_DIFFERENCES
     raise IncompatibleCheckpointError(
@@ -349,48 +405,52 @@ def _is_step_name(name: str) -> bool:
     return name.isdigit()
 
 
-def _unusable_step_entries(directory: epath.Path) -> list[str]:
-    """Names of entries that look like steps (digits) but are not folders orbax can read: a file,
-    a symlink (to anything, a loop included), a folder without read and search permission.
-    Orbax lists only real folders, so it would pass over them, and the next save of that step
-    would then fail on the leftover; they are set aside like any damaged checkpoint."""
-    if workdir_lib.is_url(directory):
-        return []  # object stores hold no symlinks or permission bits
-    names = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return []
-    for entry in entries:
-        if not _is_step_name(entry.name):
-            continue
+def _step_entries(directory: epath.Path) -> tuple[list[int], list[str]]:
+    """(steps, newest first; names of unusable step entries) of a checkpoint directory.
+
+    An entry named like a step (digits) is unusable when it is not a folder orbax can read: a
+    file, a symlink (to anything, a loop included), a folder without read and search permission.
+    Orbax would pass over some of them and fail on others when opening the directory, and the
+    next save of that step would fail on the leftover; they are set aside like any damaged
+    checkpoint. Unfinished saves (`<step>.orbax-checkpoint-tmp-*`) are not steps.
+    """
+    if workdir_lib.is_url(directory):  # object stores: no symlinks or permission bits
         try:
-            usable = (not entry.is_symlink() and entry.is_dir(follow_symlinks=False)
-                      and os.access(entry.path, os.R_OK | os.X_OK))
+            names = [child.name for child in directory.iterdir() if _is_step_name(child.name)]
         except OSError:
-            usable = False
-        if not usable:
-            names.append(entry.name)
-    return sorted(names, key=int, reverse=True)
+            return [], []
+        return sorted((int(name) for name in names), reverse=True), []
+    try:
+        entries = [entry for entry in os.scandir(directory) if _is_step_name(entry.name)]
+    except OSError:
+        return [], []
+    usable, unusable = [], []
+    for entry in entries:
+        try:
+            ok = (not entry.is_symlink() and entry.is_dir(follow_symlinks=False)
+                  and os.access(entry.path, os.R_OK | os.X_OK))
+        except OSError:
+            ok = False
+        (usable if ok else unusable).append(entry.name)
+    return sorted((int(name) for name in usable), reverse=True), sorted(unusable, key=int, reverse=True)
 
 
-def _restore_newest_intact(manager: ocp.CheckpointManager, directory: epath.Path,
-                           abstract_state: Any | None) -> tuple[Any, dict, list[str]] | None:
+def _restore_newest_intact(directory: epath.Path, abstract_state: Any | None
+                           ) -> tuple[Any, dict, list[str]] | None:
     """(state, meta, names of the step entries skipped) of the newest step that restores intact,
     or None when the directory holds no step; warns once per skipped entry; raises
     `CorruptCheckpointError` when steps exist and none is intact."""
-    unusable = _unusable_step_entries(directory)
+    steps, unusable = _step_entries(directory)
     for name in unusable:
         _log.warning("Checkpoint %s is not a readable folder (a file, a symlink or without "
                      "permissions); skipping it.", directory / name)
-    steps = sorted((step for step in manager.all_steps() if str(step) not in unusable), reverse=True)
     if steps and abstract_state is not None:
-        _raise_if_incompatible(manager, steps[0], abstract_state, str(directory))
+        _raise_if_incompatible(directory, steps[0], abstract_state)
     failures: list[tuple[str, str]] = [(name, "not a readable folder") for name in unusable]
     for step in steps:
         try:
             with _quiet_restore_attempt():
-                state, meta = _restore_one(manager, directory / str(step), step, abstract_state)
+                state, meta = _restore_one(directory / str(step), step, abstract_state)
         except Exception as error:  # pylint: disable=broad-except  # any failure: try the next one
             reason = error if isinstance(error, _FailedVerification) else _short(error)
             _log.warning("Checkpoint %s is unreadable or corrupt (%s); skipping it.",
@@ -412,14 +472,6 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
     return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
-def _read_only_manager(path: epath.Path) -> ocp.CheckpointManager:
-    with _quiet_restore_attempt():  # orbax warns that a read-only manager will not save
-        return ocp.CheckpointManager(
-            workdir_lib.checkpoint_location(path),
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-            item_handlers=_item_handlers())
-
-
 def read_latest(directory: str | epath.Path) -> tuple[dict, dict] | None:
     """(state as a dict of arrays on this process's first device, meta) of the newest intact
     checkpoint in `directory`, verified as on resume; None if it holds no checkpoint.
@@ -429,12 +481,7 @@ def read_latest(directory: str | epath.Path) -> tuple[dict, dict] | None:
     Raises:
       CorruptCheckpointError: checkpoints exist but none of them is intact.
     """
-    path = workdir_lib.as_path(directory)
-    manager = _read_only_manager(path)
-    try:
-        found = _restore_newest_intact(manager, path, None)
-    finally:
-        manager.close()
+    found = _restore_newest_intact(workdir_lib.as_path(directory), None)
     return None if found is None else found[:2]
 
 
@@ -464,14 +511,9 @@ def check_resumable(workdir: str, abstract_state: Any) -> None:
     directory = find_checkpoint_directory(workdir)
     if directory is None:
         return
-    manager = _read_only_manager(directory)
-    try:
-        usable = [step for step in manager.all_steps()
-                  if str(step) not in _unusable_step_entries(directory)]
-        if usable:
-            _raise_if_incompatible(manager, max(usable), abstract_state, str(directory))
-    finally:
-        manager.close()
+    steps, _ = _step_entries(directory)
+    if steps:
+        _raise_if_incompatible(directory, steps[0], abstract_state)
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -527,11 +569,21 @@ class Checkpointer:
             )
         self.every_steps = every_steps
         self._path = workdir_lib.as_path(directory)
+        self._in_flight: int | None = None  # the step of the save orbax may still be writing
+        self._failed = False
         unfinished = sorted(path.name for path in (self._path.iterdir() if self._path.is_dir() else ())
                             if _UNFINISHED_SAVE_MARKER in path.name)
         if unfinished and jax.process_index() == 0:
             _log.warning("Deleting unfinished checkpoint save(s) %s in %s, left by an interrupted run.",
                          ", ".join(unfinished), self._path)
+        # Orbax fails to open a directory holding a step it cannot read: such leftovers go first.
+        unusable = _step_entries(self._path)[1]
+        for name in unusable:
+            if jax.process_index() == 0:
+                _log.warning("Checkpoint %s is not a readable folder (a file, a symlink or without "
+                             "permissions); skipping it.", self._path / name)
+        self._manager = None
+        self._set_aside(unusable)
         self._manager = ocp.CheckpointManager(
             workdir_lib.checkpoint_location(self._path),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -556,14 +608,39 @@ class Checkpointer:
         Returns once orbax holds a host copy of the arrays; the files are written in the
         background (`wait()` blocks until they are). The fingerprints are computed first, on
         device (`host_fingerprints`), and written in the JSON record.
+
+        Raises:
+          CheckpointSaveError: this save, or the one still in flight, could not be written.
         """
         meta = {"step": int(step), "data_position": int(step), "integrity": FINGERPRINT_FORMAT,
                 "fingerprints": host_fingerprints(state)}
-        self._manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        with self._reporting_failed_saves(step):
+            self._manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+        self._in_flight = int(step)
+
+    @contextlib.contextmanager
+    def _reporting_failed_saves(self, step: int | None) -> Iterator[None]:
+        """Turns orbax's failure of an asynchronous save (reported at the next save or wait, with
+        a traceback per array from its background threads) into one `CheckpointSaveError`."""
+        _drop_late_reports_of_failed_io()
+        try:
+            yield
+        except Exception as error:  # pylint: disable=broad-except  # orbax raises anything
+            failed = self._in_flight if self._in_flight is not None else step
+            self._failed = True
+            code = _os_error_code(error)
+            reason = (f"{os.strerror(code)} ({_WRITE_FAILURE_HINTS.get(code, 'an OS error')})" if code
+                      else _short(error))
+            newest = self._manager.latest_step()
+            raise CheckpointSaveError(
+                f"Saving the checkpoint of step {failed} to {self._path} failed: {reason}. The newest "
+                f"complete checkpoint is {'none' if newest is None else f'step {newest}'}; the next run "
+                "removes the unfinished save and resumes from it. Fix the cause (free space, the "
+                "quota, the file-size limit or the folder's permissions), then run the same command.") from None
 
     def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
         """Restores the newest checkpoint that reads back intact, or None when there is none.
@@ -578,9 +655,8 @@ class Checkpointer:
           IncompatibleCheckpointError: the newest checkpoint holds another model's arrays.
         """
         self._manager.wait_until_finished()
-        found = _restore_newest_intact(self._manager, self._path, abstract_state)
+        found = _restore_newest_intact(self._path, abstract_state)
         if found is None:
-            self._set_aside(_unusable_step_entries(self._path))  # leftovers that are not steps at all
             return None
         state, meta, skipped = found
         self._set_aside(skipped)
@@ -599,7 +675,8 @@ class Checkpointer:
                 self._set_aside_one(name)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("nfnets_jax_checkpoints_set_aside")
-        self._manager.reload()
+        if self._manager is not None:
+            self._manager.reload()
 
     def _set_aside_one(self, name: str) -> None:
         source = self._path / name
@@ -625,45 +702,17 @@ class Checkpointer:
             "was lost.")
 
     def wait(self) -> None:
-        """Blocks until any in-flight save is complete on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until any in-flight save is complete on disk (`CheckpointSaveError` if it failed)."""
+        with self._reporting_failed_saves(None):
+            self._manager.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM into a request to save and exit cleanly at the next step boundary.
-
-    Single process: a Python signal handler only sets a flag (nothing unsafe runs inside the
-    handler). Several processes must agree on the step at which they save (the save is
-    collective), so there the decision goes through JAX's preemption sync point: the coordination
-    service started by `jax.distributed.initialize` catches SIGTERM on any process and every
-    process reaches the same sync step (no Python handler is installed then, so as not to replace
-    the service's own).
-    """
-
-    def __init__(self):
-        self._requested = threading.Event()
-        self._previous = None
-        self._multi_process = jax.process_count() > 1
-
-    def __enter__(self) -> "PreemptionWatcher":
-        if not self._multi_process and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        del signum, frame
-        self._requested.set()
-
-    def should_stop(self, step: int) -> bool:
-        """True once a SIGTERM has arrived (on any process, for multi-process runs)."""
-        if self._multi_process:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._requested.is_set()
+        """Waits for the save in flight and closes orbax's manager; after a failed save (already
+        reported), it only cleans up."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                self._manager.close()

@@ -103,6 +103,27 @@ def make_optional_fields_overridable(config: ml_collections.ConfigDict) -> ml_co
     return config
 
 
+def missing_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """Dotted names of the schema's fields (`base_config()`) that `config` lacks; the model's
+    kwargs are the model's own and are not compared."""
+    def walk(reference: ml_collections.ConfigDict, node: object, prefix: str) -> list[str]:
+        missing = []
+        for key, value in reference.items():
+            name = f"{prefix}{key}"
+            if name == "model.kwargs":
+                continue
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                missing.append(name)
+            elif isinstance(value, ml_collections.ConfigDict):
+                missing += walk(value, node[key], f"{name}.")
+        return missing
+
+    return walk(base_config(), config, "")
+
+
+SEED_LIMIT = 2**31  # seeds feed JAX's PRNG, NumPy's and TensorFlow's: one range all of them take
+
+
 def validate_config(config: ml_collections.ConfigDict, *, device_count: int,
                     training: bool = True) -> None:
     """Raises ValueError listing every problem in `config`, with what to change.
@@ -113,6 +134,14 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int,
     """
     from nfnets_jax import models  # pylint: disable=import-outside-toplevel
 
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"Invalid config: get_config() returned {type(config).__name__}, not an "
+                         "ml_collections.ConfigDict; start from config_schema.base_config() (see configs/digits.py).")
+    missing = missing_fields(config)
+    if missing:
+        raise ValueError(f"Invalid config: it lacks {len(missing)} field(s) of the schema ({', '.join(missing[:6])}"
+                         f"{', ...' if len(missing) > 6 else ''}); start from config_schema.base_config() "
+                         "and change what your recipe changes (see configs/digits.py).")
     problems = []
 
     def need(condition: bool, message: str) -> None:
@@ -140,6 +169,9 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int,
     need(config.train.steps is not None or (config.train.epochs or 0) > 0,
          "set config.train.steps or a positive config.train.epochs")
     need(config.train.steps is None or config.train.steps > 0, "config.train.steps must be > 0")
+    seed = config.train.seed
+    need(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT,
+         f"config.train.seed={seed!r} must be an integer in [0, 2**31)")
     need(config.train.warmup_steps is None or config.train.warmup_steps >= 0,
          "config.train.warmup_steps must be >= 0 (or None to use optimizer.warmup_epochs)")
     need(config.parallel.backend in BACKENDS,

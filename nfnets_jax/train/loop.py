@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nfnets_jax.runtime import compile_cache, provenance, workdir_lock
+from nfnets_jax.runtime import compile_cache, provenance, stop_signals, workdir_lock
 from nfnets_jax.runtime import workdir as workdir_lib
 from nfnets_jax.train import checkpointing, config_schema, evaluation, metrics_logging, parallel
 from nfnets_jax.train.state import TrainState, init_train_state
@@ -137,7 +137,7 @@ class RunSummary:
     """
 
     step: int
-    stopped_by: str  # 'completed' | 'preempted' | 'num_steps'
+    stopped_by: str  # 'completed' | 'preempted' (a stop signal) | 'num_steps'
     eval_metrics: dict[str, float]
     checkpoint_dir: str
     metrics_file: str
@@ -145,6 +145,7 @@ class RunSummary:
     skipped_steps: int
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     state: TrainState | None = None
+    stop_signal: int | None = None  # the signal that stopped a 'preempted' run
 
     def series(self, name: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one metric of `history`, e.g. `summary.series("loss")`."""
@@ -232,29 +233,33 @@ class _TrainingRun:
 
     def run(self) -> RunSummary:
         compile_cache.enable_for_workdir(self.workdir)  # a resumed run reads its compiled step from disk
-        self.checkpointer = checkpointing.Checkpointer(
-            self.workdir / checkpointing.CHECKPOINTS_FOLDER,
-            every_steps=self.settings.checkpoint_every_steps, keep=self.settings.checkpoints_kept)
-        try:
-            state, resumed = self._init_or_restore()
-        except BaseException:
-            self.checkpointer.close()
-            raise
-        self._open_outputs(state, resumed)
-        try:
-            state, step, stopped_by, eval_metrics = self._train(state)
-        except NonFiniteError:
-            self._draw_curves()  # the curves up to the bad step are what the user looks at next
-            raise
-        finally:
-            self.checkpointer.close()
-            self.progress.close()
-            self.writer.close()
+        # Stop signals are ours from here: until the first step is taken there is nothing to save,
+        # and a signal ends the process at once (stop_signals).
+        with stop_signals.StopRequests() as self.stop_requests:
+            self.checkpointer = checkpointing.Checkpointer(
+                self.workdir / checkpointing.CHECKPOINTS_FOLDER,
+                every_steps=self.settings.checkpoint_every_steps, keep=self.settings.checkpoints_kept)
+            try:
+                state, resumed = self._init_or_restore()
+            except BaseException:
+                self.checkpointer.close()
+                raise
+            self._open_outputs(state, resumed)
+            try:
+                state, step, stopped_by, eval_metrics = self._train(state)
+            except NonFiniteError:
+                self._draw_curves()  # the curves up to the bad step are what the user looks at next
+                raise
+            finally:
+                self.checkpointer.close()
+                self.progress.close()
+                self.writer.close()
         # After a stop request every second of the notice counts: the next run draws the curves.
         plot_file = self._draw_curves() if stopped_by == "completed" else None
         return RunSummary(step=step, stopped_by=stopped_by, eval_metrics=eval_metrics,
                           checkpoint_dir=self.checkpointer.directory, metrics_file=self.writer.jsonl_path,
-                          plot_file=plot_file, skipped_steps=self.skipped, history=self.history, state=state)
+                          plot_file=plot_file, skipped_steps=self.skipped, history=self.history, state=state,
+                          stop_signal=self.stop_requests.signum if stopped_by == "preempted" else None)
 
     # ---- 1. init or restore -------------------------------------------------------------------------
 
@@ -312,48 +317,49 @@ class _TrainingRun:
         self.timer = metrics_logging.StepTimer(settings.global_batch_size)
         eval_metrics: dict[str, float] = {}
         stopped_by = "completed"
+        watcher = self.stop_requests
         try:
-            with checkpointing.PreemptionWatcher() as watcher:
-                # Single process: a stop request also ends the wait for a slow batch (the save is
-                # then of the last completed step). Multi-process runs agree on a step boundary.
-                stop_while_waiting = ((lambda: watcher.should_stop(step)) if jax.process_count() == 1
-                                      else None)
-                while step < end_step:
-                    batch = batches.get(stop_while_waiting)
-                    if batch is None:  # a stop request while waiting for data
-                        self._settle_pending()
-                        if self.checkpointer.latest_step() != step:
-                            self._save(step, state)
-                        stopped_by = self._stopped(step)
-                        break
-                    state, metrics = train_fn(state, batch)
-                    step += 1
-                    self.timer.tick()
-                    if step == start_step + 1:
-                        # The first step includes compilation: time it on its own (one sync, once)
-                        # so that later step times and the ETA leave it out.
-                        jax.block_until_ready(metrics)
-                        self.progress.message(
-                            f"First step (compilation included): {self.timer.read_and_reset()[0]:.1f}s")
-                    due = {action.name for action in _PERIODIC if action.due(settings, step, end_step)}
-                    stop_requested = watcher.should_stop(step)
-                    # Check the previous step while this one runs (no sync inside the step); check
-                    # this one now if anything reads or saves the state.
+            # Single process: a stop request also ends the wait for a slow batch (the save is
+            # then of the last completed step). Multi-process runs agree on a step boundary.
+            stop_while_waiting = ((lambda: watcher.should_stop(step)) if jax.process_count() == 1
+                                  else None)
+            while step < end_step:
+                batch = batches.get(stop_while_waiting)
+                if batch is None:  # a stop request while waiting for data
                     self._settle_pending()
-                    self.pending = (step, metrics)
-                    if due or stop_requested:
-                        self._settle_pending()
-                    if "log" in due:
-                        self._log(step, metrics)
-                    if "checkpoint" in due or stop_requested:
+                    if self.checkpointer.latest_step() != step:
                         self._save(step, state)
-                    if stop_requested:
-                        stopped_by = self._stopped(step)
-                        break
-                    if "eval" in due and step != end_step:
-                        with self.timer.paused():  # the next step time and ETA leave the eval out
-                            eval_metrics = self._evaluate(step, state)
+                    stopped_by = self._stopped(step)
+                    break
+                state, metrics = train_fn(state, batch)
+                step += 1
+                self.timer.tick()
+                if step == start_step + 1:
+                    # The first step includes compilation: time it on its own (one sync, once)
+                    # so that later step times and the ETA leave it out.
+                    jax.block_until_ready(metrics)
+                    self.progress.message(
+                        f"First step (compilation included): {self.timer.read_and_reset()[0]:.1f}s")
+                    watcher.nothing_to_lose(False)  # from now on a stop saves this run's steps
+                due = {action.name for action in _PERIODIC if action.due(settings, step, end_step)}
+                stop_requested = watcher.should_stop(step)
+                # Check the previous step while this one runs (no sync inside the step); check
+                # this one now if anything reads or saves the state.
                 self._settle_pending()
+                self.pending = (step, metrics)
+                if due or stop_requested:
+                    self._settle_pending()
+                if "log" in due:
+                    self._log(step, metrics)
+                if "checkpoint" in due or stop_requested:
+                    self._save(step, state)
+                if stop_requested:
+                    stopped_by = self._stopped(step)
+                    break
+                if "eval" in due and step != end_step:
+                    with self.timer.paused():  # the next step time and ETA leave the eval out
+                        eval_metrics = self._evaluate(step, state)
+            self._settle_pending()
             if stopped_by == "completed":
                 stopped_by = "completed" if step >= settings.total_steps else "num_steps"
                 eval_metrics = self._evaluate(step, state)  # ---- 3. finish
@@ -393,7 +399,8 @@ class _TrainingRun:
             self.checkpointer.save(step, self.backend.to_global(state))
 
     def _stopped(self, step: int) -> str:
-        self.progress.message(f"SIGTERM: saved step {step} to {self.checkpointer.directory}; exiting.")
+        self.progress.message(f"{self.stop_requests.name}: saved step {step} to {self.checkpointer.directory}; "
+                              "exiting.")
         return "preempted"
 
     def _evaluate(self, step: int, state: TrainState) -> dict[str, float]:

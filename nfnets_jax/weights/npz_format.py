@@ -19,6 +19,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from nfnets_jax.weights import bounded_json
 from nfnets_jax.weights.param_tree import Params, ParamTree, flatten_params, unflatten_params
 
 DTYPES_KEY = "__dtypes__"  # No '/', so it can never collide with a 'module/leaf' key.
@@ -126,7 +127,16 @@ def load_npz(path: str | os.PathLike) -> Params:
     _check_declared_sizes(path)
     with np.load(path, allow_pickle=False) as archive:
         flat = {key: archive[key] for key in archive.files}
-    dtype_record = json.loads(str(flat.pop(DTYPES_KEY))) if DTYPES_KEY in flat else {}
+    record = flat.pop(DTYPES_KEY, None)
+    dtype_record = {}
+    if record is not None:
+        if record.dtype.kind not in "US" or record.shape != ():
+            raise ValueError(f"{path}: the {DTYPES_KEY} record must be one JSON string, got {record.dtype}"
+                             f"{list(record.shape)}")
+        try:  # {param: ml_dtypes name}: one level
+            dtype_record = bounded_json.load_bounded(str(record).encode("utf-8"), max_depth=1)
+        except bounded_json.BoundedJsonError as error:
+            raise ValueError(f"{path}: the {DTYPES_KEY} record is refused: {error}") from None
     if not isinstance(dtype_record, dict):
         raise ValueError(f"{path}: the {DTYPES_KEY} record must be a JSON object, got {dtype_record!r}")
     for key, name in dtype_record.items():

@@ -98,6 +98,34 @@ def check_params_match(loaded: ParamTree, expected: ParamTree) -> None:
         )
 
 
+def check_numbers(params: ParamTree, source: str) -> None:
+    """Raises ValueError naming the first parameter of `params` (loaded from `source`) that is not
+    an array of numbers (strings, bytes, objects, dates, booleans) or holds NaN or inf.
+
+    Weights are checked when they are loaded, so that a bad file is refused in one line naming
+    it, not found at the first step as a "non-finite loss" that points at the learning rate.
+    """
+    for key, value in flatten_params(params).items():
+        array = np.asarray(value)
+        floating = array.dtype.kind == "f" or (array.dtype.kind == "V" and _is_ml_float(array.dtype))
+        if not (floating or array.dtype.kind in "iuc"):
+            raise ValueError(f"{source}: parameter {key} holds {array.dtype} values, not numbers; it is "
+                             "not a weight file this model can use.")
+        if floating and not np.all(np.isfinite(array.astype(np.float32))):
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+            raise ValueError(f"{source}: parameter {key} holds {bad} NaN or infinite value(s); these "
+                             "weights cannot be trained or evaluated. Use an intact copy of the file.")
+
+
+def _is_ml_float(dtype: np.dtype) -> bool:
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+
+    try:
+        return bool(ml_dtypes.finfo(dtype))
+    except (TypeError, ValueError):
+        return False
+
+
 def _split(tree: ParamTree, patterns: Sequence[str]) -> tuple[Params, Params]:
     """(kept, excluded): leaves whose `module/leaf` path matches any pattern are excluded."""
     compiled = [re.compile(p) for p in patterns]

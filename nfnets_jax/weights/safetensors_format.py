@@ -9,13 +9,13 @@ the two ways pretrained NFNets are distributed (DeepMind's are pickles).
 A file is untrusted input, so everything the header claims is checked against the file's real
 size before a single tensor is allocated: the header length, every dtype and shape, that each
 byte range lies inside the data section and has exactly the size its shape needs, and that the
-ranges neither overlap nor leave holes (the format requires the data to be fully indexed). A
-file that fails any check raises `SafetensorsFormatError` naming the file and what is wrong.
+ranges neither overlap nor leave holes (the format requires the data to be fully indexed). The
+header's JSON is parsed in bounded depth and linear time (`bounded_json`). A file that fails any
+check raises `SafetensorsFormatError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -24,9 +24,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from nfnets_jax.weights import bounded_json
+
 # The reference implementation refuses headers over 100 MB; a real header is a few hundred KB.
 MAX_HEADER_BYTES = 100_000_000
 METADATA_KEY = "__metadata__"
+_HEADER_DEPTH = 3  # the header object, an entry object, its shape list
 # Safetensors dtype codes this reader supports (the format stores them little-endian).
 DTYPES: Mapping[str, np.dtype] = {
     "F32": np.dtype("<f4"),
@@ -55,18 +58,11 @@ def _read_header(file: Any, path: str, file_size: int) -> tuple[dict[str, Any], 
             f" prefix (limit {MAX_HEADER_BYTES}); the file is truncated or not safetensors",
         )
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in pairs]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
-        if repeated:
-            raise _fail(path, f"its header names {repeated} more than once")
-        return dict(pairs)
-
     raw = file.read(header_size)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _fail(path, f"its header is not UTF-8 JSON ({error})") from None
+    try:  # a header is {name: {dtype, shape: [...], data_offsets: [...]}, __metadata__: {...}}
+        header = bounded_json.load_bounded(raw, max_depth=_HEADER_DEPTH)
+    except bounded_json.BoundedJsonError as error:
+        raise _fail(path, f"its header is refused: {error}") from None
     if not isinstance(header, dict):
         raise _fail(path, f"its header is a JSON {type(header).__name__}, not an object")
     return header, 8 + header_size

@@ -12,7 +12,7 @@ import os
 
 from nfnets_jax.weights.deepmind_pickle import load_deepmind_params
 from nfnets_jax.weights.npz_format import load_npz
-from nfnets_jax.weights.param_tree import Params
+from nfnets_jax.weights.param_tree import Params, check_numbers
 from nfnets_jax.weights.safetensors_format import looks_like_safetensors
 from nfnets_jax.weights.timm_nfnet import load_timm_nfnet, looks_like_pytorch_checkpoint
 
@@ -26,13 +26,17 @@ def read_weight_file(path: str) -> Params:
     Raises:
       FileNotFoundError: no file at `path`.
       UnsafeCheckpointError, SafetensorsFormatError, TimmWeightsError, ValueError: a file that is
-        not a weight file this package reads safely, each naming what is wrong.
+        not a weight file this package reads safely, or holds anything but finite numbers
+        (`param_tree.check_numbers`), each naming what is wrong.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No weights at {path}: pass a workdir, our .npz, DeepMind's F*_haiku.npz"
                                 " or timm's dm_nfnet_f*.safetensors.")
     if looks_like_safetensors(path) or looks_like_pytorch_checkpoint(path):
-        return load_timm_nfnet(path)  # (refuses the latter: a pickle)
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == _ZIP_MAGIC
-    return load_npz(path) if is_zip else load_deepmind_params(path)
+        params = load_timm_nfnet(path)  # (refuses the latter: a pickle)
+    else:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == _ZIP_MAGIC
+        params = load_npz(path) if is_zip else load_deepmind_params(path)
+    check_numbers(params, path)
+    return params
