@@ -315,18 +315,24 @@ def test_resuming_with_another_model_names_the_differences_and_changes_nothing(s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, damage", [("state_merged_data", "truncated"), ("state/d", "folder"),
-                                          ("state_merged_data", "emptied"), ("state_manifest", "deleted")])
+                                          ("state_merged_data", "emptied"), ("state_manifest", "deleted"),
+                                          ("state", "replaced_by_a_file"), ("meta", "replaced_by_a_file")])
 def test_a_resumed_process_prints_one_warning_not_orbax_tracebacks(kind, damage, stopped_at_8, tmp_path):
     source, _ = stopped_at_8
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
-    _damage(workdir / "checkpoints" / "8", kind, damage)
+    if damage == "replaced_by_a_file":
+        shutil.rmtree(workdir / "checkpoints" / "8" / kind)
+        (workdir / "checkpoints" / "8" / kind).write_text("not a folder")
+    else:
+        _damage(workdir / "checkpoints" / "8", kind, damage)
     result = subprocess.run([sys.executable, os.path.abspath(__file__), str(workdir)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "at step 4." in result.stdout
     assert result.stderr.count("unreadable or corrupt") == 1, result.stderr
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) < 20, result.stderr
 
 

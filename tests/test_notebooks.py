@@ -1,4 +1,4 @@
-"""The notebook interface: the README's optimizer snippet and every notebook, run as they stand."""
+"""Every notebook, run as it stands."""
 
 import os
 import pathlib
@@ -9,29 +9,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("quickstart", "optimizers", "finetune")
-
-
-def _python_block(markdown: str, heading: str) -> str:
-    """The first ```python block of the README section that starts at `heading`."""
-    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
-    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
-
-
-@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
-def test_readme_optimizer_snippet_runs_as_written(capsys):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    code = _python_block(readme, "## Swapping optimizers in a notebook")
-    namespace: dict = {}
-    exec(compile(code, "README.md: Swapping optimizers in a notebook", "exec"), namespace)  # pylint: disable=exec-used
-    # It did what its comments say: SAM around the NFNet chain, three steps, telemetry read back.
-    from nfnets_jax import optim  # pylint: disable=import-outside-toplevel
-
-    assert isinstance(namespace["opt_state"], optim.SAMState)
-    hyperparams = optim.current_hyperparams(namespace["opt_state"])
-    # Warmup of 5 epochs of 100 steps from 0 to 0.1 * 256/256: the third update used 0.1 * 2/500.
-    assert float(hyperparams["learning_rate"]) == pytest.approx(0.1 * 2 / 500, rel=1e-6)
-    assert 0.0 <= float(optim.clip_fraction_metrics(namespace["opt_state"])["agc/clip_fraction"]) <= 1.0
-    assert "agc/clip_fraction" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -1,0 +1,51 @@
+"""The pages under docs/ stay true: what they show as code runs, and their generated tables are
+what the code computes today."""
+
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _python_block(page: str, heading: str) -> str:
+    """The first ```python block of the section of `page` that starts at `heading`."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+@pytest.mark.slow  # over ~5 s on 2 cores: not in the `-m "not slow"` inner loop
+def test_model_zoo_table_rows_are_what_the_code_computes():
+    """docs/models.md's zoo table is pasted output of `experiments.model_table`: it must stay true."""
+    from experiments import model_table  # pylint: disable=import-outside-toplevel
+
+    page = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+    for name in ("nfnet_f0", "nfnet_f3plus", "nf_resnet50", "nf_regnet_b0"):
+        assert model_table.model_row(name) in page.splitlines(), f"docs/models.md row for {name} is stale"
+
+
+@pytest.mark.slow
+def test_the_optimizer_snippet_runs_as_written(capsys):
+    code = _python_block("docs/optimizers.md", "# Swapping optimizers in a notebook")
+    namespace: dict = {}
+    exec(compile(code, "docs/optimizers.md", "exec"), namespace)  # pylint: disable=exec-used
+    # It did what its comments say: SAM around the NFNet chain, three steps, telemetry read back.
+    from nfnets_jax import optim  # pylint: disable=import-outside-toplevel
+
+    assert isinstance(namespace["opt_state"], optim.SAMState)
+    hyperparams = optim.current_hyperparams(namespace["opt_state"])
+    # Warmup of 5 epochs of 100 steps from 0 to 0.1 * 256/256: the third update used 0.1 * 2/500.
+    assert float(hyperparams["learning_rate"]) == pytest.approx(0.1 * 2 / 500, rel=1e-6)
+    assert 0.0 <= float(optim.clip_fraction_metrics(namespace["opt_state"])["agc/clip_fraction"]) <= 1.0
+    assert "agc/clip_fraction" in capsys.readouterr().out
+
+
+def test_the_readme_python_example_names_what_exists():
+    """README's "From Python" lines call the library's public names as they are."""
+    from nfnets_jax import models, train  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import config_files  # pylint: disable=import-outside-toplevel
+
+    assert callable(models.make_forward) and callable(train.build_experiment) and callable(train.run)
+    config = config_files.load_config("digits")
+    assert config.model.name and config_files.load_config("nfnet:F0").data.image_size == 192
