@@ -24,8 +24,6 @@ writes the study as JSON, a Markdown table and a PNG plot (`agc_study.*`) to `--
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -36,7 +34,12 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from absl import flags as absl_flags
+
 from nfnets_jax.analysis import agc_study
+from nfnets_jax.train import config_files
+
+from . import command_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NF_CONFIG = "configs/agc_ablation.py"
@@ -50,16 +53,8 @@ OUTPUT_NAMES = {kind: f"agc_study.{suffix}" for kind, suffix in (("json", "json"
 
 
 def _load_config_module(relative_path: str) -> ModuleType:
-    """A configs/*.py file as a module (config files are not an installed package)."""
-    path = REPO_ROOT / relative_path
-    spec = importlib.util.spec_from_file_location(f"agc_study_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _csv(text: str, kind: type) -> list:
-    return [kind(part) for part in text.split(",") if part.strip()]
+    """A configs/*.py file as a module (the grid constants of configs/agc_ablation.py)."""
+    return config_files.load_module(REPO_ROOT / relative_path)
 
 
 # ---- plan ----------------------------------------------------------------------------------
@@ -259,33 +254,43 @@ def collect(root: str, out: str, metric: str = "top_1_acc") -> dict[str, Any]:
 # ---- command line --------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    plan = commands.add_parser("plan", help="print one experiments.train command per run; write ROOT/plan.json")
-    plan.add_argument("--root", required=True, help="parent of the runs' workdirs")
-    plan.add_argument("--depths", default="50,200", help="NF-/BN-ResNet depths (configs/agc_ablation.py: 50, 200)")
-    plan.add_argument("--batches", default=None, help="batch sizes (default: the config's 256 … 4096)")
-    plan.add_argument("--clippings", default=None, help="λ values (default: the config's 0.01 … 0.16)")
-    plan.add_argument("--seeds", type=int, default=5, help="seeds 0 … N−1 per point (paper: 5)")
-    plan.add_argument("--baselines", default="no_agc,bn",
-                      help="'no_agc' (clipping=0) and/or 'bn' (configs/bn_resnet.py); '' for none")
-    plan.add_argument("--extra_flags", default="", help="flags appended to every command, one quoted string")
-    gather = commands.add_parser("collect", help="aggregate finished runs into tables and the figure")
-    gather.add_argument("--root", required=True, help="the plan's --root")
-    gather.add_argument("--out", required=True, help="directory for agc_study.{json,md,png} (created)")
-    gather.add_argument("--metric", default="top_1_acc", choices=agc_study.METRICS,
-                        help="what the figure and markdown show (the JSON has both when logged)")
-    args = parser.parse_args(argv)
+FLAGS = absl_flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+absl_flags.DEFINE_string("root", None, "plan: parent of the runs' workdirs; collect: the plan's --root.", flag_values=FLAGS)
+absl_flags.DEFINE_list("depths", ["50", "200"], "plan: NF-/BN-ResNet depths (configs/agc_ablation.py: 50, 200).",
+                       flag_values=FLAGS)
+absl_flags.DEFINE_list("batches", None, "plan: batch sizes (default: the config's 256 … 4096).", flag_values=FLAGS)
+absl_flags.DEFINE_list("clippings", None, "plan: λ values (default: the config's 0.01 … 0.16).", flag_values=FLAGS)
+absl_flags.DEFINE_integer("seeds", 5, "plan: seeds 0 … N−1 per point (paper: 5).", lower_bound=1, flag_values=FLAGS)
+absl_flags.DEFINE_list("baselines", list(BASELINES), "plan: 'no_agc' (clipping=0) and/or 'bn' "
+                       "(configs/bn_resnet.py); empty for none.", flag_values=FLAGS)
+absl_flags.DEFINE_string("extra_flags", "", "plan: flags appended to every command, one quoted string.",
+                         flag_values=FLAGS)
+absl_flags.DEFINE_string("out", None, "collect: directory for agc_study.{json,md,png} (created).", flag_values=FLAGS)
+absl_flags.DEFINE_enum("metric", "top_1_acc", list(agc_study.METRICS),
+                       "collect: what the figure and markdown show (the JSON has both when logged).", flag_values=FLAGS)
+COMMANDS = ("plan", "collect")
 
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`plan` or `collect` (the first argument), with this program's flags."""
+    rest = command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
+                                    multihost=False)[1:]
+    if len(rest) != 1 or rest[0] not in COMMANDS:
+        command_line.fail(f"say what to do: one of {COMMANDS} (got {rest or 'nothing'}), e.g. "
+                          "python -m experiments.agc_study plan --root=./workdirs/agc")
+    command, args = rest[0], FLAGS
+    needed = ("root",) if command == "plan" else ("root", "out")
+    missing = [f"--{name}" for name in needed if not args[name].value]
+    if missing:
+        command_line.fail(f"{command} needs {', '.join(missing)}.")
     try:
-        if args.command == "plan":
+        if command == "plan":
             nf_module = _load_config_module(NF_CONFIG)
             result = make_plan(
-                args.root, depths=_csv(args.depths, int),
-                batches=_csv(args.batches, int) if args.batches else list(nf_module.BATCH_SIZES),
-                clippings=_csv(args.clippings, float) if args.clippings else list(nf_module.CLIPPINGS),
-                seeds=args.seeds, baselines=_csv(args.baselines, str),
+                args.root, depths=[int(d) for d in args.depths],
+                batches=[int(b) for b in args.batches] if args.batches else list(nf_module.BATCH_SIZES),
+                clippings=[float(c) for c in args.clippings] if args.clippings else list(nf_module.CLIPPINGS),
+                seeds=args.seeds, baselines=[b for b in args.baselines if b],
                 extra_flags=shlex.split(args.extra_flags))
             os.makedirs(args.root, exist_ok=True)
             plan_path = os.path.join(args.root, PLAN_FILE)
@@ -299,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return result
         summary = collect(args.root, args.out, args.metric)
     except ValueError as error:
-        parser.exit(2, f"error: {error}\n")
+        command_line.fail(error)
     print(json.dumps(summary))
     return summary
 

@@ -110,30 +110,40 @@ def _check_config_file(spec: str) -> None:
         raise UserError(f"--config={spec}: a config is a Python file with get_config(arg=None).")
 
 
-def parse_flags(argv: Sequence[str], load_config: Callable[[], object], *,
-                default_config: str | None = None) -> list[str]:
-    """absl's flag parsing, plus loading the config, with every error as one line (exit 1).
+def parse_flags(argv: Sequence[str], load_config: Callable[[], object] | None = None, *,
+                default_config: str | None = None, flag_values: flags.FlagValues = flags.FLAGS,
+                multihost: bool = True) -> list[str]:
+    """absl's flag parsing, plus loading the config, with every error as one line (exit 1): the
+    one way every program of this project reads its command line.
 
-    Used as `app.run(main, flags_parser=...)`. `load_config` touches the config flag's value, so a
-    config file with a syntax error, without `get_config`, refusing its `:arg`, or an override of
-    a field that does not exist (`--config.train.batch_sise=64`, with ml_collections' own "did
-    you mean") all fail here, before `main` runs. `default_config` is the file used when no
-    `--config` is given (the config flag itself must then be defined with no default).
+    Used as `app.run(main, flags_parser=...)` by `experiments.train` and `experiments.eval`, and as
+    `parse_flags([program, *argv], ..., flag_values=FLAGS, multihost=False)` by programs whose
+    `main(argv)` is also called from Python (each of those defines its flags on its own
+    `flags.FlagValues`, so that any of them can run in one process). `load_config` touches the
+    config flag's value (None: the program has no config), so a config file with a syntax error,
+    without `get_config`, refusing its `:arg`, or an override of a field that does not exist
+    (`--config.train.batch_sise=64`, with ml_collections' own "did you mean") all fail here,
+    before `main` runs. `default_config` is the file used when no `--config` is given (the config
+    flag itself must then be defined with no default).
     """
     from nfnets_jax.runtime import program_output  # pylint: disable=import-outside-toplevel  (no jax)
 
     program_output.for_program()  # before a config file or absl can speak
-    spec = _config_flag_spec(argv[1:])
+    _forget_earlier_parse(flag_values)
+    spec = _config_flag_spec(argv[1:]) if load_config is not None else None
     user_touched_config = any(arg.startswith("--config") for arg in argv[1:])
     try:
-        argv = _config_first(argv, default_config)
-        sys.argv[:] = argv  # ml_collections reads the overrides from sys.argv
-        if spec is not None:
-            _check_config_file(spec)
-        remaining = flags.FLAGS(list(argv))
-        _check_loaded(load_config(), spec)
-        check_multihost_flags()
-        check_path_flags_not_empty()
+        if load_config is not None:
+            argv = _config_first(argv, default_config)
+            sys.argv[:] = argv  # ml_collections reads the overrides from sys.argv
+            if spec is not None:
+                _check_config_file(spec)
+        remaining = flag_values(list(argv))
+        if load_config is not None:
+            _check_loaded(load_config(), spec)
+        if multihost:
+            check_multihost_flags()
+        check_path_flags_not_empty(flag_values)
     except UserError as error:
         fail(error)
     except flags.Error as error:
@@ -152,6 +162,23 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object], *,
             raise  # not the user's config: a bug, keep the traceback
         fail(f"bad config ({spec or 'an override'}): {_innermost_message(error)}")
     return remaining
+
+
+def config_spec(flag_values: flags.FlagValues = flags.FLAGS) -> str:
+    """The `--config` value a program ran with (file[:arg]), for its outputs to name."""
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+    return str(config_flags.get_config_filename(flag_values["config"]))
+
+
+def _forget_earlier_parse(flag_values: flags.FlagValues) -> None:
+    """A program's `main(argv)` may be called again in one process (tests, notebooks): drop the
+    earlier parse, and the `--config.*` override flags ml_collections registered for it."""
+    if not flag_values.is_parsed():
+        return
+    for name in [name for name in flag_values if name.startswith("config.")]:
+        delattr(flag_values, name)
+    flag_values.unparse_flags()
 
 
 def _check_loaded(config: object, spec: str | None) -> None:
@@ -173,11 +200,11 @@ def _check_loaded(config: object, spec: str | None) -> None:
                         "from config_schema.base_config() and change what your recipe changes.")
 
 
-def check_path_flags_not_empty() -> None:
+def check_path_flags_not_empty(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """`--workdir=` (or another path flag) given but empty, e.g. an unset shell variable: a
     mistake, never a request for the default folder."""
-    for name in ("workdir", "weights"):
-        if name in flags.FLAGS and flags.FLAGS[name].present and not flags.FLAGS[name].value:
+    for name in ("workdir", "weights", "out", "root"):
+        if name in flag_values and flag_values[name].present and not flag_values[name].value:
             raise UserError(f"--{name}= is empty (an unset shell variable?): pass a path, or leave the "
                             f"flag out{' for the default' if name == 'workdir' else ''}.")
 

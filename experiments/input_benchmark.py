@@ -1,27 +1,42 @@
-"""Throughput of the NFNet-F0 training input pipeline on this machine's CPUs.
+"""Throughput of a config's training input pipeline on this machine's CPUs (default: NFNet-F0's).
 
-Runs the exact F0 train pipeline (Inception crop fused with JPEG decoding, flip, bicubic
-resize to 192 px, MixUp+CutMix over 2B decoded images -> B, RandAugment 4 layers at magnitude
-5, normalisation) on the synthetic source: ImageNet-sized (500x375) JPEGs, so no dataset is
-needed. Prints one JSON line; `images_per_s_per_core` counts training (output) images per
+Runs the config's exact train pipeline (for F0: Inception crop fused with JPEG decoding, flip,
+bicubic resize to 192 px, MixUp+CutMix over 2B decoded images -> B, RandAugment 4 layers at
+magnitude 5, normalisation) on the synthetic source: ImageNet-sized (500x375) JPEGs, so no dataset
+is needed. Prints one JSON line; `images_per_s_per_core` counts training (output) images per
 wall-clock second divided by the cores this process may use, each image costing two decoded
 JPEGs; `images_per_cpu_second` divides by the CPU time actually used instead, which stays
 meaningful when other jobs share the machine.
 
     python -m experiments.input_benchmark            # F0 defaults
     python -m experiments.input_benchmark --steps=50 --batch_size=128
+    python -m experiments.input_benchmark --config=configs/nfnet.py:F3 --config.data.augment.randaugment_magnitude=15
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import pathlib
+import sys
 import time
 
+from absl import flags
+from ml_collections import config_flags
+
 from nfnets_jax.runtime import provenance
-from nfnets_jax.data import config as data_config_lib
-from nfnets_jax.data import pipeline
+
+from . import command_line
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "nfnet.py"
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config[:arg] whose data section is measured "
+                                          "(default: configs/nfnet.py:F0).", lock_config=True, flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Training images per step.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("steps", 20, "Timed steps.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("warmup_steps", 3, "Untimed steps first.", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("height", 375, "Synthetic JPEG height.", lower_bound=8, flag_values=FLAGS)
+flags.DEFINE_integer("width", 500, "Synthetic JPEG width.", lower_bound=8, flag_values=FLAGS)
 
 
 def _cpu_cores() -> int:
@@ -32,20 +47,13 @@ def _cpu_cores() -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=64, help="training images per step")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--image_size", type=int, default=192, help="train px (F0: 192)")
-    parser.add_argument("--randaugment_magnitude", type=int, default=5)
-    parser.add_argument("--height", type=int, default=375, help="synthetic JPEG height")
-    parser.add_argument("--width", type=int, default=500, help="synthetic JPEG width")
-    args = parser.parse_args(argv)
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
+                             default_config=f"{DEFAULT_CONFIG}:F0", flag_values=FLAGS, multihost=False)
+    from nfnets_jax.data import pipeline  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
-    config = data_config_lib.default_data_config()
+    args = FLAGS
+    config = _CONFIG.value.data.copy_and_resolve_references()
     config.name = "synthetic"
-    config.image_size = args.image_size
-    config.augment.randaugment_magnitude = args.randaugment_magnitude
     config.synthetic.height, config.synthetic.width = args.height, args.width
     iterator = pipeline.make_train_iterator(config, global_batch_size=args.batch_size, seed=0,
                                             process_index=0, process_count=1,
@@ -61,8 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     images = args.steps * args.batch_size
     result = {
         "benchmark": "nfnet_f0_train_input_pipeline",
-        "image_size": args.image_size,
-        "randaugment": f"4x{args.randaugment_magnitude}",
+        "config": command_line.config_spec(FLAGS),
+        "image_size": config.image_size,
+        "randaugment": f"{config.augment.randaugment_layers}x{config.augment.randaugment_magnitude}",
         "mix": config.augment.mix,
         "source_jpeg": f"{args.width}x{args.height}",
         "batch_size": args.batch_size,

@@ -11,17 +11,22 @@ single-device). Any error in any cell fails the command with the cell's tracebac
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
 import time
 from collections.abc import Sequence
 
+from absl import flags as absl_flags
+
+from . import command_line
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = ("quickstart", "optimizers", "finetune")
 SMOKE_VARIABLE = "NFNETS_NOTEBOOK_SMOKE"
+FLAGS = absl_flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+absl_flags.DEFINE_bool("smoke", False, f"Tiny sizes ({SMOKE_VARIABLE}=1); outputs are not saved.", flag_values=FLAGS)
 
 
 def kernel_environment(smoke: bool) -> dict[str, str]:
@@ -61,18 +66,15 @@ def execute(name: str, *, smoke: bool, save: bool, timeout_s: int = 1800) -> flo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"notebooks to run, of {NOTEBOOKS} (default: all)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"tiny sizes ({SMOKE_VARIABLE}=1); outputs are not saved")
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.names) - set(NOTEBOOKS))
+    names = command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
+                                     multihost=False)[1:]
+    unknown = sorted(set(names) - set(NOTEBOOKS))
     if unknown:
-        parser.error(f"no notebook named {unknown}; choose from {NOTEBOOKS}")
-    for name in args.names or NOTEBOOKS:
-        seconds = execute(name, smoke=args.smoke, save=not args.smoke)
-        print(f"{name}: {seconds:.0f}s{'' if args.smoke else ', outputs saved'}", flush=True)
+        command_line.fail(f"no notebook named {unknown}; choose from {NOTEBOOKS}")
+    for name in names or NOTEBOOKS:
+        seconds = execute(name, smoke=FLAGS.smoke, save=not FLAGS.smoke)
+        print(f"{name}: {seconds:.0f}s{'' if FLAGS.smoke else ', outputs saved'}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

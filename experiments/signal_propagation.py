@@ -35,23 +35,36 @@ docs/reproduction.md compares both probes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from nfnets_jax.analysis import signal_propagation
 
+from . import command_line
+
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+flags.DEFINE_string("out", None, "Directory for the PNG and JSON (created).", flag_values=FLAGS)
+flags.DEFINE_list("models", ["nf_resnet50", "bn_resnet50"], "Comma-separated registry names.", flag_values=FLAGS)
+flags.DEFINE_integer("resolution", 224, "Input px (224: ImageNet size).", lower_bound=8, flag_values=FLAGS)
+flags.DEFINE_integer("batch", 16, "N(0,1) images in the batch.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("width", None, "Width multiplier for every model (default: each model's own; ResNets: 4 = "
+                   "the paper's 256…2048 channels).", flag_values=FLAGS)
+flags.DEFINE_list("depths", None, "Blocks per stage for every model, e.g. 1,1,1,1 (default: each variant's own).",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("probe", "gaussian", sorted(signal_propagation.PROBES),
+                  "Input: N(0,1) white noise (the paper's) or image-like smoothed noise.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the input batch.", flag_values=FLAGS)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
+
 PNG_NAME = "signal_propagation.png"
 JSON_NAME = "signal_propagation.json"
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(",") if part)
 
 
 def plot(results: Sequence[signal_propagation.SignalPropagation], png_path: str, title: str) -> str:
@@ -130,32 +143,24 @@ def _summary(result: signal_propagation.SignalPropagation) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory for the PNG and JSON (created)")
-    parser.add_argument("--models", default="nf_resnet50,bn_resnet50", help="comma-separated registry names")
-    parser.add_argument("--resolution", type=int, default=224, help="input px (224: ImageNet size)")
-    parser.add_argument("--batch", type=int, default=16, help="N(0,1) images in the batch")
-    parser.add_argument("--width", type=float, default=None,
-                        help="width multiplier for every model (default: each model's own; "
-                             "ResNets: 4 = the paper's 256…2048 channels)")
-    parser.add_argument("--depths", type=_int_list, default=None,
-                        help="blocks per stage for every model, e.g. 1,1,1,1 (default: each variant's own)")
-    parser.add_argument("--probe", choices=sorted(signal_propagation.PROBES), default="gaussian",
-                        help="input: N(0,1) white noise (the paper's) or image-like smoothed noise")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and of the input batch")
-    args = parser.parse_args(argv)
-
-    names = [name for name in args.models.split(",") if name]
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
+                             multihost=False)
+    args = FLAGS
+    names = [name for name in args.models if name]
     if not names:
-        parser.error("--models needs at least one registry name, e.g. nf_resnet50,bn_resnet50")
+        command_line.fail("--models needs at least one registry name, e.g. nf_resnet50,bn_resnet50")
+    try:
+        depths = None if args.depths is None else tuple(int(part) for part in args.depths)
+    except ValueError:
+        command_line.fail(f"--depths={','.join(args.depths)}: blocks per stage are integers, e.g. 1,1,1,1")
     width = args.width
     if width is not None and float(width).is_integer():
         width = int(width)
     model_kwargs: dict[str, Any] = {}
     if width is not None:
         model_kwargs["width"] = width
-    if args.depths is not None:
-        model_kwargs["depths"] = args.depths
+    if depths is not None:
+        model_kwargs["depths"] = depths
 
     start = time.perf_counter()
     images = signal_propagation.PROBES[args.probe](args.batch, args.resolution, seed=args.seed)
@@ -167,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "resolution": args.resolution,
         "batch": args.batch,
         "width": width,
-        "depths": None if args.depths is None else list(args.depths),
+        "depths": None if depths is None else list(depths),
         "seed": args.seed,
         "input": "N(0,1) NHWC" if args.probe == "gaussian" else "smoothed N(0,1), standardised per channel",
         "probe": args.probe,
@@ -178,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         json.dump({"settings": settings, "results": [r.to_json() for r in results]}, f, indent=1)
     title = (f"Signal propagation at init: {'N(0,1)' if args.probe == 'gaussian' else 'image-like (smoothed)'} input, batch {args.batch}, "
              f"{args.resolution}×{args.resolution} px, {'default widths' if width is None else f'width {width}'}"
-             + ("" if args.depths is None else f", depths {list(args.depths)}"))
+             + ("" if depths is None else f", depths {list(depths)}"))
     png_path = plot(results, os.path.join(args.out, PNG_NAME), title)
 
     summary = {

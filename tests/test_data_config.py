@@ -75,7 +75,8 @@ def test_input_benchmark_smoke(capsys):
 
     from experiments import input_benchmark
     result = input_benchmark.main(["--batch_size=4", "--steps=1", "--warmup_steps=0",
-                                   "--image_size=32", "--height=48", "--width=64"])
+                                   "--config.data.image_size=32", "--height=48", "--width=64"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(line) == result and result["images_per_s_per_core"] > 0
+    assert result["image_size"] == 32 and result["config"].endswith("configs/nfnet.py:F0")
     assert result["provenance"]["versions"]["tensorflow-datasets"]  # what produced the number

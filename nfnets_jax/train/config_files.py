@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import types
 
 import ml_collections
 
@@ -35,6 +36,23 @@ def config_path(spec: str) -> tuple[pathlib.Path, str | None]:
     return file, (arg if separator else None)
 
 
+def load_module(file: str | os.PathLike) -> types.ModuleType:
+    """A config file as a module (its `get_config` and any constants it defines, e.g. a grid).
+
+    Raises:
+      ValueError: no such file, or not a Python file (one line each).
+    """
+    file = pathlib.Path(file)
+    if not file.is_file():
+        raise ValueError(f"No config file {str(file)!r}; the configs are in {configs_folder()}, e.g. nfnet.py:F0.")
+    if file.suffix != ".py":
+        raise ValueError(f"{file}: a config is a Python file with get_config(arg=None).")
+    module_spec = importlib.util.spec_from_file_location(f"nfnets_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """The config of `spec` (see `config_path`): its file's `get_config(arg)`, or `get_config()`.
 
@@ -42,14 +60,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
       ValueError: no such file, not a Python file, or no `get_config` in it (one line each).
     """
     file, arg = config_path(spec)
-    if not file.is_file():
-        raise ValueError(f"No config file {str(file)!r} (from {spec!r}); the configs are in "
-                         f"{configs_folder()}, e.g. nfnet.py:F0.")
-    if file.suffix != ".py":
-        raise ValueError(f"{spec}: a config is a Python file with get_config(arg=None).")
-    module_spec = importlib.util.spec_from_file_location(f"nfnets_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_module(file)
     if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"{file} defines no get_config(arg=None).")
     return module.get_config(arg) if arg is not None else module.get_config()

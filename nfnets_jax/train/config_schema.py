@@ -12,6 +12,7 @@ import os
 import pathlib
 
 import ml_collections
+from ml_collections import config_dict
 
 from nfnets_jax.data import config as data_config_lib
 from nfnets_jax.optim import config as optim_config_lib
@@ -87,7 +88,9 @@ def no_variants(config_file: str, arg: str | None) -> None:
 
 
 def make_optional_fields_overridable(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Holds each `OPTIONAL_FIELDS` entry as a FieldReference of its type (value unchanged).
+    """Holds each `OPTIONAL_FIELDS` entry as a typed reference (value unchanged): a placeholder
+    (`ml_collections.config_dict.placeholder`) while it is None, a typed `FieldReference` of its
+    value otherwise, so that `--config.<field>=...` can set it either way.
 
     A config file that replaces a whole section after `base_config()` (e.g. `config.data =
     digits_data_config()`) calls this again, so that the section's optional fields stay
@@ -98,8 +101,11 @@ def make_optional_fields_overridable(config: ml_collections.ConfigDict) -> ml_co
         node = config
         for name in parents:
             node = node[name]
-        if not isinstance(node._fields.get(leaf), ml_collections.FieldReference):  # pylint: disable=protected-access
-            node[leaf] = ml_collections.FieldReference(node[leaf], field_type=field_type)
+        if isinstance(node._fields.get(leaf), ml_collections.FieldReference):  # pylint: disable=protected-access
+            continue
+        value = node[leaf]
+        node[leaf] = (config_dict.placeholder(field_type) if value is None
+                      else ml_collections.FieldReference(value, field_type=field_type))
     return config
 
 
