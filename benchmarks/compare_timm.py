@@ -142,20 +142,6 @@ def _summary(times: list[float], batch: int) -> dict[str, Any]:
             "step_times_s": [round(t, 4) for t in times]}
 
 
-def _versions() -> dict[str, str]:
-    import haiku  # pylint: disable=import-outside-toplevel
-    import jax  # pylint: disable=import-outside-toplevel
-    import jaxlib  # pylint: disable=import-outside-toplevel
-    import numpy  # pylint: disable=import-outside-toplevel
-    import optax  # pylint: disable=import-outside-toplevel
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, check=False).stdout.strip()
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "dm-haiku": haiku.__version__, "optax": optax.__version__, "numpy": numpy.__version__,
-            "git_commit": commit or "unknown"}
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -304,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     record["host_memory_kept"] = host_memory_kept
     record["loadavg_end"] = loadavg()
     record["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "backend": jax.default_backend()}
-    record["versions"] = {**_versions(), **{f"timm_side_{k}": v for k, v in timm_info["versions"].items()}}
+    record["timm_side_versions"] = timm_info["versions"]  # ours are in record["provenance"]
     record["timm_num_params"] = timm_info["num_params"]
     record["provenance"] = provenance.collect()
     print(json.dumps(record), flush=True)

@@ -103,9 +103,7 @@ def measure(
         "forward_images_per_s": round(batch / forward_median_s, 4),
         "compile_s": round(compile_s, 2),
         "loadavg": loadavg(),
-        "provenance": provenance.collect(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
+        "provenance": provenance.collect(),  # versions, commit, machine, devices
         "reference_images_per_s": REFERENCE["images_per_s"],
         "reference_source": "docs/official_code_notes.md (DeepMind F0, idle 2-core CPU)",
     }
