@@ -24,7 +24,7 @@ import sys
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from nfnets_jax.runtime import stop_signals  # pylint: disable=wrong-import-position
+from nfnets_jax.runtime import program_output, stop_signals  # pylint: disable=wrong-import-position
 
 from nfnets_jax.train import config_files  # pylint: disable=wrong-import-position  (no jax)
 
@@ -76,6 +76,7 @@ def resolve_config():
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         command_line.fail(f"unexpected arguments {argv[1:]}.")
+    program_output.for_program()  # again: app.run resets absl's logging after parsing the flags
     stop_signals.leave_at_once("evaluation interrupted; nothing was written")
     # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import config_schema

@@ -21,7 +21,7 @@ import sys
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from nfnets_jax.runtime import stop_signals  # pylint: disable=wrong-import-position
+from nfnets_jax.runtime import program_output, stop_signals  # pylint: disable=wrong-import-position
 
 from . import command_line  # pylint: disable=wrong-import-position  # multi-host flags
 
@@ -40,6 +40,7 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         command_line.fail(f"unexpected arguments {argv[1:]}; settings go in --config.* flags.")
+    program_output.for_program()  # again: app.run resets absl's logging after parsing the flags
     stop_signals.leave_at_once("before training started; nothing was written")  # the loop takes over
     from nfnets_jax.train import config_schema  # pylint: disable=import-outside-toplevel  (no jax)
 
