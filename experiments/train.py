@@ -8,8 +8,10 @@ its latest checkpoint. Multi-host: pass --coordinator_address/--num_processes/--
 --distributed on a TPU pod (SLURM jobs are detected from the environment); the flags are shared
 with experiments.eval (experiments/command_line.py).
 
-Read top to bottom: flags -> distributed start-up -> config checks -> input -> model and optimizer
--> the loop (nfnets_jax/train/loop.py: init or resume, steps, eval, checkpoints) -> summary.
+Read top to bottom: flags (the config loaded and checked) -> distributed start-up -> the builder
+(nfnets_jax/train/builder.py: the config validated once, then input, model, optimizer, step and
+run settings) and the door checks of the workdir -> the loop (nfnets_jax/train/loop.py: init or
+resume, steps with periodic actions, finish) -> summary. The config is read by the builder only.
 """
 
 from __future__ import annotations
