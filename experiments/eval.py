@@ -110,12 +110,9 @@ def main(argv: list[str]) -> None:
 
     # ---- Checks at the door: config, weights present and matching the model ----
     try:
-        config_schema.validate_config(config, device_count=jax.device_count(), training=False)
-        info = data.dataset_info(config.data)
-        forward, _ = builder.build_forward(config, info.num_classes)
-        size = config.data.eval_image_size
+        parts = builder.build_evaluation(config)  # validates the config (once)
         try:
-            abstract_params, abstract_state = abstract_init(forward, size)
+            abstract_params, abstract_state = abstract_init(parts.forward, parts.image_size)
         except (ValueError, TypeError, IndexError, KeyError) as error:
             raise ValueError(f"config.model ({config.model.name} with kwargs "
                              f"{config.model.kwargs.to_dict()}) does not build: {error}") from error
@@ -135,14 +132,13 @@ def main(argv: list[str]) -> None:
         command_line.fail(error)
 
     # ---- Evaluate on every device, at the config's eval resolution ----
-    backend = parallel.make_backend(config.parallel.backend)
-    eval_fn = backend.wrap_eval(make_eval_step(forward))
+    backend = parallel.make_backend(parts.backend)
+    eval_fn = backend.wrap_eval(make_eval_step(parts.forward))
     try:
         state = backend.replicate(model_state)
         by_tree = evaluation.evaluate_trees(  # one pass over the split serves every tree
             eval_fn, {prefix: (backend.replicate(params), state) for prefix, params in trees.items()},
-            data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size),
-            backend.put_batch)
+            parts.eval_batches(), backend.put_batch)
     except Exception as error:  # pylint: disable=broad-except
         if jax.process_count() > 1:  # most likely a peer died: say so, skip the shutdown barrier
             distributed.leave_after_failure(error, source)
@@ -151,8 +147,8 @@ def main(argv: list[str]) -> None:
                for name, value in metrics.items()}
 
     if is_main:
-        print(f"{config.model.name} from {source} on {config.data.name}:{config.data.eval_split} "
-              f"at {size}px ({int(results['num_examples'])} examples; config {config_name})")
+        print(f"{parts.model_name} from {source} on {parts.data_description} ({int(results['num_examples'])} "
+              f"examples; config {config_name})")
         for prefix in trees:
             label = "EMA params" if prefix else "params"
             print(f"  {label:10s}  top-1 {100 * results[prefix + 'top_1_acc']:.2f}%  "

@@ -219,6 +219,43 @@ def build_experiment(config: ml_collections.ConfigDict, *,
                       describe_param_groups=parts.describe_param_groups, initial_params=initial_params)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluationParts:
+    """What evaluating trained weights needs from a config (`experiments.eval`).
+
+    Attributes:
+      forward: the model of `config.model`, with the data set's number of classes.
+      image_size: the eval resolution (`config.data.eval_image_size`).
+      backend: `config.parallel.backend`.
+      eval_batches: `() -> iterator` over one pass of the eval split, padded and masked.
+      model_name: `config.model.name`.
+      data_description: `<data set>:<split> at <size>px`, for the result line.
+    """
+
+    forward: hk.TransformedWithState
+    image_size: int
+    backend: str
+    eval_batches: Callable[[], Any]
+    model_name: str
+    data_description: str
+
+
+def build_evaluation(config: ml_collections.ConfigDict) -> EvaluationParts:
+    """The eval side of `config`, validated once (without the training batch, which evaluation
+    never builds)."""
+    from nfnets_jax import data  # pylint: disable=import-outside-toplevel  (TensorFlow: lazy)
+
+    config_schema.validate_config(config, device_count=jax.device_count(), training=False)
+    info = data.dataset_info(config.data)
+    forward, _ = build_forward(config, info.num_classes)
+    size = config.data.eval_image_size
+    return EvaluationParts(
+        forward=forward, image_size=size, backend=config.parallel.backend,
+        eval_batches=lambda: data.make_eval_iterator(config.data, global_batch_size=config.eval.batch_size),
+        model_name=config.model.name,
+        data_description=f"{config.data.name}:{config.data.eval_split} at {size}px")
+
+
 def config_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The optimizer `config.optimizer` describes, for the config's data set: AGC -> weight decay ->
     base optimizer with the schedule, inside `optim.with_sam` when `optimizer.sam.rho` is set."""
