@@ -100,6 +100,23 @@ def random_shift(image: tf.Tensor, seed: tf.Tensor, max_shift: int) -> tf.Tensor
     return tf.image.crop_to_bounding_box(padded, offsets[0], offsets[1], height, width)
 
 
+def pad_crop_flip(image: tf.Tensor, seed: tf.Tensor, *, encoded: bool, image_size: int,
+                  max_shift: int) -> tf.Tensor:
+    """Shift by up to `max_shift` px (black padding, random crop of the original size), flip
+    left-right with probability 1/2, resize to `image_size` if the image has another size; float32.
+
+    The usual augmentation of small fixed-size images (CIFAR, Fashion-MNIST: pad 4, crop, flip),
+    where an Inception crop would keep too few pixels to recognise. The images' size must be
+    known when the pipeline is built (TFDS features of fixed shape).
+    """
+    shift_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shifted = random_shift(decode(image, encoded), shift_seed, max_shift)
+    flipped = tf.image.stateless_random_flip_left_right(shifted, flip_seed)
+    if flipped.shape[0] == image_size and flipped.shape[1] == image_size:
+        return flipped
+    return resize_bicubic(flipped, image_size, image_size)
+
+
 def eval_preprocess(image: tf.Tensor, *, encoded: bool, image_size: int,
                     mode: str) -> tf.Tensor:
     """Evaluation preprocessing; float32 [S, S, 3].
