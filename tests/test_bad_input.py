@@ -47,7 +47,9 @@ def _write_inputs(root):
     """The files the cases point at."""
     paths = {name: str(root / name) for name in (
         "syntax_error.py", "no_get_config.py", "not_python.txt", "a_file", "hostile.npz", "huge.npz",
-        "pwned", "new_workdir", "changed_model", "corrupt")}
+        "pwned", "new_workdir", "changed_model", "corrupt", "no_fashion_mnist", "empty_data_dir")}
+    (root / "no_fashion_mnist").mkdir()  # Debian's dataset-fashion-mnist not installed here
+    (root / "empty_data_dir").mkdir()  # nothing prepared: the source would prepare from the files
     (root / "syntax_error.py").write_text("def get_config(:\n")
     (root / "no_get_config.py").write_text("import ml_collections\nCONFIG = ml_collections.ConfigDict()\n")
     (root / "not_python.txt").write_text("model: nfnet\n")
@@ -95,6 +97,10 @@ def _cases(paths):
         "resume_with_changed_model": [digits, f"--workdir={paths['changed_model']}",
                                       "--config.model.kwargs.widths=(32,64,128,256)"],
         "all_checkpoints_corrupt": [f"--workdir={paths['corrupt']}"],
+        "fashion_mnist_not_installed": [
+            "--config=configs/fashion_mnist.py",
+            f"--config.data.fashion_mnist_local.manual_dir={paths['no_fashion_mnist']}",
+            f"--config.data.data_dir={paths['empty_data_dir']}", workdir],
     }
     evaluate = {
         "misspelt_override": ["--config=configs/digits.py", "--config.eval.batch_sise=64"],
@@ -150,7 +156,8 @@ def outcomes(tmp_path_factory):
 
 ALL_CASES = [(command, name) for command, cases in _cases({k: k for k in (
     "syntax_error.py", "no_get_config.py", "not_python.txt", "a_file", "hostile.npz", "huge.npz",
-    "pwned", "new_workdir", "changed_model", "corrupt")}).items() for name in cases]
+    "pwned", "new_workdir", "changed_model", "corrupt", "no_fashion_mnist", "empty_data_dir")}).items()
+             for name in cases]
 
 
 @pytest.mark.slow
@@ -191,6 +198,9 @@ def test_messages_name_the_fix(outcomes):
     assert "parameter(s) differ" in changed and "Nothing was changed" in changed
     assert "--process_id" in train["num_processes_alone"]["stderr"]
     assert "Nothing was loaded" in train["all_checkpoints_corrupt"]["stderr"]
+    fashion = train["fashion_mnist_not_installed"]["stderr"].strip()
+    assert fashion.startswith(f"error: Fashion-MNIST not found at {paths['no_fashion_mnist']}"), fashion
+    assert "apt-get install -y dataset-fashion-mnist" in fashion and len(fashion.splitlines()) == 1
 
 
 def _run_train(args, timeout=TIMEOUT_S, prefix=()):

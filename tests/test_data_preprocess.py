@@ -126,3 +126,14 @@ def test_pad_crop_flip_resizes_to_another_image_size():
     out = preprocess.pad_crop_flip(tf.constant(image), tf.constant([0, 0]), encoded=False,
                                    image_size=16, max_shift=0).numpy()
     np.testing.assert_allclose(out, np.full((16, 16, 3), 100.0), atol=1e-3)  # a flat image stays flat
+
+
+def test_eval_resize_serves_the_whole_image_at_the_new_size():
+    # Left half dark, right half bright: resizing keeps the halves where they were (no crop).
+    image = np.zeros((28, 28, 3), np.uint8)
+    image[:, 14:] = 200
+    out = preprocess.eval_preprocess(tf.constant(image), encoded=False, image_size=56,
+                                     mode="resize").numpy()
+    assert out.shape == (56, 56, 3)
+    np.testing.assert_allclose(out[:, :24], 0.0, atol=1e-3)
+    np.testing.assert_allclose(out[:, 32:], 200.0, atol=1e-3)

@@ -21,7 +21,7 @@ import ml_collections
 
 MIX_MODES = ("mixup_cutmix", "mixup", "cutmix", "none")
 TRAIN_PREPROCESS_MODES = ("inception_crop", "pad_crop_flip")
-EVAL_PREPROCESS_MODES = ("resize_crop_32", "crop_resize", "none")
+EVAL_PREPROCESS_MODES = ("resize_crop_32", "crop_resize", "resize", "none")
 BUILTIN_SOURCES = ("digits", "synthetic")
 
 

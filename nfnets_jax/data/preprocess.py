@@ -123,7 +123,8 @@ def eval_preprocess(image: tf.Tensor, *, encoded: bool, image_size: int,
 
     'resize_crop_32' (NFNets): squash the whole image to (S+32)² (aspect ratio NOT kept), then
     take the central S² at offset 16. 'crop_resize' (ResNets): padded centre crop, then resize
-    to S. 'none': the image as it is, which must already be S×S.
+    to S. 'resize': the whole image resized to S² (small images served larger, as
+    `pad_crop_flip` trains them). 'none': the image as it is, which must already be S×S.
     """
     if mode == "resize_crop_32":
         resized = resize_bicubic(decode(image, encoded), image_size + CROP_PADDING,
@@ -133,11 +134,13 @@ def eval_preprocess(image: tf.Tensor, *, encoded: bool, image_size: int,
     if mode == "crop_resize":
         window = padded_center_crop_window(image_shape(image, encoded), image_size)
         return resize_bicubic(crop(image, encoded, window), image_size, image_size)
+    if mode == "resize":
+        return resize_bicubic(decode(image, encoded), image_size, image_size)
     if mode == "none":
         decoded = tf.cast(decode(image, encoded), tf.float32)
         return tf.ensure_shape(decoded, (image_size, image_size, 3))
     raise ValueError(f"Unknown eval preprocessing {mode!r}; use 'resize_crop_32', "
-                     "'crop_resize' or 'none'.")
+                     "'crop_resize', 'resize' or 'none'.")
 
 
 def normalize(image: tf.Tensor, mean_rgb, stddev_rgb) -> tf.Tensor:
