@@ -45,12 +45,14 @@ class _Hostile:
 
 INPUT_NAMES = ("syntax_error.py", "no_get_config.py", "not_python.txt", "a_file", "hostile.npz", "huge.npz",
                "pwned", "new_workdir", "changed_model", "corrupt", "exits.py", "raises.py", "returns_none.py",
-               "partial.py", "strings.npz", "nan.npz", "deep.safetensors")
+               "partial.py", "strings.npz", "nan.npz", "deep.safetensors", "no_fashion_mnist", "empty_data_dir")
 
 
 def _write_inputs(root):
     """The files the cases point at."""
     paths = {name: str(root / name) for name in INPUT_NAMES}
+    (root / "no_fashion_mnist").mkdir()  # Debian's dataset-fashion-mnist not installed here
+    (root / "empty_data_dir").mkdir()  # nothing prepared: the source would prepare from the files
     (root / "syntax_error.py").write_text("def get_config(:\n")
     (root / "exits.py").write_text("import sys\nsys.exit(3)\n")
     (root / "raises.py").write_text("def get_config(arg=None):\n    raise RuntimeError('no such recipe')\n")
@@ -118,6 +120,10 @@ def _cases(paths):
         "init_from_nan_weights": [digits, f"--config.checkpoint.init_from={paths['nan.npz']}", workdir],
         "init_from_deep_safetensors": [digits, f"--config.checkpoint.init_from={paths['deep.safetensors']}",
                                        workdir],
+        "fashion_mnist_not_installed": [
+            "--config=configs/fashion_mnist.py",
+            f"--config.data.fashion_mnist_local.manual_dir={paths['no_fashion_mnist']}",
+            f"--config.data.data_dir={paths['empty_data_dir']}", workdir],
     }
     evaluate = {
         "misspelt_override": ["--config=configs/digits.py", "--config.eval.batch_sise=64"],
@@ -232,6 +238,9 @@ def test_messages_name_the_fix(outcomes):
         assert "NaN or infinite" in (train.get(case) or evaluate[case])["stderr"], case
     for case in ("init_from_deep_safetensors", "weights_deep_safetensors"):
         assert "levels deep" in (train.get(case) or evaluate[case])["stderr"], case
+    fashion = train["fashion_mnist_not_installed"]["stderr"].strip()
+    assert fashion.startswith(f"error: Fashion-MNIST not found at {paths['no_fashion_mnist']}"), fashion
+    assert "apt-get install -y dataset-fashion-mnist" in fashion and len(fashion.splitlines()) == 1
 
 
 def _run_train(args, timeout=TIMEOUT_S, prefix=()):

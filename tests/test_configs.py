@@ -35,6 +35,7 @@ CONFIG_ARGS = {
     "finetune": ["F0", "F6"],
     "cifar10": [None],
     "digits": [None],
+    "fashion_mnist": [None],
 }
 
 

@@ -93,3 +93,47 @@ def test_resize_crop_32_is_the_central_crop_of_the_squash_at_offset_16():
                                method="bicubic", antialias=False).numpy()
     np.testing.assert_array_equal(out, squashed[16:16 + size, 16:16 + size])
     assert not np.array_equal(out, squashed[15:15 + size, 15:15 + size])
+
+
+def _shifted_copies(image, max_shift):
+    """Every translation of `image` by at most max_shift px (black fill), and of its mirror."""
+    copies = []
+    for source in (image, image[:, ::-1]):
+        padded = np.pad(source, [(max_shift, max_shift), (max_shift, max_shift), (0, 0)])
+        side_y, side_x = image.shape[:2]
+        copies += [padded[dy:dy + side_y, dx:dx + side_x]
+                   for dy in range(2 * max_shift + 1) for dx in range(2 * max_shift + 1)]
+    return copies
+
+
+def test_pad_crop_flip_is_a_shift_of_the_image_or_of_its_mirror_and_seeded():
+    image = np.random.default_rng(0).integers(1, 256, size=(12, 12, 3)).astype(np.uint8)
+    outputs = [preprocess.pad_crop_flip(tf.constant(image), tf.constant([index, 3]), encoded=False,
+                                        image_size=12, max_shift=2).numpy() for index in range(40)]
+    copies = _shifted_copies(image.astype(np.float32), 2)
+    for output in outputs:
+        assert output.dtype == np.float32 and output.shape == (12, 12, 3)
+        assert any(np.array_equal(output, copy) for copy in copies)
+    mirrored = [any(np.array_equal(out, copy) for copy in copies[25:]) for out in outputs]
+    assert 5 < sum(mirrored) < 35  # flipped with probability 1/2
+    again = preprocess.pad_crop_flip(tf.constant(image), tf.constant([7, 3]), encoded=False,
+                                     image_size=12, max_shift=2).numpy()
+    np.testing.assert_array_equal(again, outputs[7])
+
+
+def test_pad_crop_flip_resizes_to_another_image_size():
+    image = np.full((8, 8, 3), 100, np.uint8)
+    out = preprocess.pad_crop_flip(tf.constant(image), tf.constant([0, 0]), encoded=False,
+                                   image_size=16, max_shift=0).numpy()
+    np.testing.assert_allclose(out, np.full((16, 16, 3), 100.0), atol=1e-3)  # a flat image stays flat
+
+
+def test_eval_resize_serves_the_whole_image_at_the_new_size():
+    # Left half dark, right half bright: resizing keeps the halves where they were (no crop).
+    image = np.zeros((28, 28, 3), np.uint8)
+    image[:, 14:] = 200
+    out = preprocess.eval_preprocess(tf.constant(image), encoded=False, image_size=56,
+                                     mode="resize").numpy()
+    assert out.shape == (56, 56, 3)
+    np.testing.assert_allclose(out[:, :24], 0.0, atol=1e-3)
+    np.testing.assert_allclose(out[:, 32:], 200.0, atol=1e-3)

@@ -17,6 +17,7 @@ from typing import Any
 
 _HOME_OF = {
     "default_data_config": "config", "digits_data_config": "config", "validate_data_config": "config",
+    "fashion_mnist_data_config": "config",
     "prefetch_to_device": "feeding", "put_for_pmap": "feeding", "put_for_shard_map": "feeding",
     "DatasetInfo": "pipeline", "batch_layout": "pipeline", "dataset_info": "pipeline",
     "make_eval_iterator": "pipeline", "make_train_iterator": "pipeline",

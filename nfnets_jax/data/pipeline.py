@@ -283,6 +283,10 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
         if source.fixed_size:
             image = preprocess.random_shift(example["image"], element_seed,
                                             int(data_config.digits.max_shift))
+        elif data_config.train_preprocess == "pad_crop_flip":
+            image = preprocess.pad_crop_flip(example["image"], element_seed, encoded=source.encoded,
+                                             image_size=train_size,
+                                             max_shift=int(data_config.max_shift))
         else:
             image = preprocess.train_preprocess(example["image"], element_seed,
                                                 encoded=source.encoded, image_size=train_size)

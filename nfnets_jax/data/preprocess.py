@@ -103,13 +103,31 @@ def random_shift(image: tf.Tensor, seed: tf.Tensor, max_shift: int) -> tf.Tensor
     return tf.image.crop_to_bounding_box(padded, offsets[0], offsets[1], height, width)
 
 
+def pad_crop_flip(image: tf.Tensor, seed: tf.Tensor, *, encoded: bool, image_size: int,
+                  max_shift: int) -> tf.Tensor:
+    """Shift by up to `max_shift` px (black padding, random crop of the original size), flip
+    left-right with probability 1/2, resize to `image_size` if the image has another size; float32.
+
+    The usual augmentation of small fixed-size images (CIFAR, Fashion-MNIST: pad 4, crop, flip),
+    where an Inception crop would keep too few pixels to recognise. The images' size must be
+    known when the pipeline is built (TFDS features of fixed shape).
+    """
+    shift_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shifted = random_shift(decode(image, encoded), shift_seed, max_shift)
+    flipped = tf.image.stateless_random_flip_left_right(shifted, flip_seed)
+    if flipped.shape[0] == image_size and flipped.shape[1] == image_size:
+        return flipped
+    return resize_bicubic(flipped, image_size, image_size)
+
+
 def eval_preprocess(image: tf.Tensor, *, encoded: bool, image_size: int,
                     mode: str) -> tf.Tensor:
     """Evaluation preprocessing; float32 [S, S, 3].
 
     'resize_crop_32' (NFNets): squash the whole image to (S+32)² (aspect ratio NOT kept), then
     take the central S² at offset 16. 'crop_resize' (ResNets): padded centre crop, then resize
-    to S. 'none': the image as it is, which must already be S×S.
+    to S. 'resize': the whole image resized to S² (small images served larger, as
+    `pad_crop_flip` trains them). 'none': the image as it is, which must already be S×S.
     """
     if mode == "resize_crop_32":
         resized = resize_bicubic(decode(image, encoded), image_size + CROP_PADDING,
@@ -119,11 +137,13 @@ def eval_preprocess(image: tf.Tensor, *, encoded: bool, image_size: int,
     if mode == "crop_resize":
         window = padded_center_crop_window(image_shape(image, encoded), image_size)
         return resize_bicubic(crop(image, encoded, window), image_size, image_size)
+    if mode == "resize":
+        return resize_bicubic(decode(image, encoded), image_size, image_size)
     if mode == "none":
         decoded = tf.cast(decode(image, encoded), tf.float32)
         return tf.ensure_shape(decoded, (image_size, image_size, 3))
     raise ValueError(f"Unknown eval preprocessing {mode!r}; use 'resize_crop_32', "
-                     "'crop_resize' or 'none'.")
+                     "'crop_resize', 'resize' or 'none'.")
 
 
 def normalize(image: tf.Tensor, mean_rgb, stddev_rgb) -> tf.Tensor:

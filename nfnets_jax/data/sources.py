@@ -1,9 +1,13 @@
 """Where examples come from: TFDS datasets, a deterministic synthetic source, scikit-learn digits.
 
+Fashion-MNIST is one of the TFDS datasets: `fashion_mnist_local` (fashion_mnist.py) is a TFDS
+builder over local idx files, prepared offline on first use; then it is read like any other.
+
 Every source serves `{'image', 'label'}` examples from absolute index ranges of a split, so that
 the pipeline can give each process its own contiguous slice (official `dataset.py:_shard`) and read
 each epoch in a seeded order. Images are either JPEG bytes (`encoded=True`, decoded later
-together with the crop, as the official `dataset.py` does) or uint8 `[H, W, 3]` arrays.
+together with the crop, as the official `dataset.py` does) or uint8 `[H, W, 3]` arrays
+(grayscale datasets have their one channel replicated to three: every model takes RGB input).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from nfnets_jax.runtime.program_output import import_tensorflow
 import_tensorflow()  # TensorFlow's C++ start-up notices held back (runtime/program_output.py)
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 import tensorflow_datasets as tfds
+
+from nfnets_jax.data import fashion_mnist  # registers the `fashion_mnist_local` TFDS builder
 
 # ImageNet RGB statistics in [0, 255] units (official `dataset.py:MEAN_RGB`).
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -69,8 +75,11 @@ def make_source(data_config: ml_collections.ConfigDict) -> Source:
         return digits_source(data_config.digits)
     if data_config.name == "synthetic":
         return synthetic_source(data_config.synthetic)
-    return tfds_source(data_config.name, data_config.data_dir,
-                       splits=(data_config.train_split, data_config.eval_split))
+    splits = (data_config.train_split, data_config.eval_split)
+    if data_config.name == fashion_mnist.NAME:
+        return fashion_mnist_source(data_config.data_dir, data_config.fashion_mnist_local.manual_dir,
+                                    splits)
+    return tfds_source(data_config.name, data_config.data_dir, splits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,11 +258,20 @@ def _resolve_split(builder, split: str, count_fn) -> tuple[str, int, int]:
     return name, start, end
 
 
-def tfds_source(name: str, data_dir: str | None, splits: tuple[str, ...] = ("train",)) -> Source:
+def tfds_source(name: str, data_dir: str | None, splits: tuple[str, ...] = ("train",), *,
+                mean_rgb: tuple[float, float, float] = IMAGENET_MEAN_RGB,
+                stddev_rgb: tuple[float, float, float] = IMAGENET_STDDEV_RGB) -> Source:
     """A prepared TFDS dataset; raises DatasetUnavailableError saying how to prepare it if not.
 
     Never downloads: preparing ImageNet needs the manual tar files and hours of work, which
-    belongs in an explicit `tfds build`, not in a training run.
+    belongs in an explicit `tfds build`, not in a training run (`fashion_mnist_source` prepares
+    its dataset itself, from local files, before calling this).
+
+    Args:
+      name: TFDS name, e.g. 'imagenet2012', 'cifar10', 'fashion_mnist_local'.
+      data_dir: TFDS data_dir (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+      splits: split specs the run reads; checked to be prepared before anything else happens.
+      mean_rgb, stddev_rgb: normalisation statistics in [0, 255] units (default ImageNet's).
     """
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -269,13 +287,18 @@ def tfds_source(name: str, data_dir: str | None, splits: tuple[str, ...] = ("tra
     encoded = getattr(features["image"], "encoding_format", None) == "jpeg"
     decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
 
+    # An ordered dataset (`disable_shuffling`, fashion_mnist_local) keeps its files in order:
+    # TFDS refuses to shuffle them, and the train stream's record shuffle does the mixing.
+    shuffle_files = not builder.info.disable_shuffling
+
     def as_dataset(split, shuffle_seed=None):
         # The file order must not change between iterations: the train stream re-iterates this
         # dataset once per epoch, and a resumed stream starts at a later epoch, so a per-iteration
         # reshuffle (TFDS's default) would give it another file order than the fresh stream.
         try:
             return builder.as_dataset(
-                split=split, decoders=decoders, shuffle_files=shuffle_seed is not None,
+                split=split, decoders=decoders,
+                shuffle_files=shuffle_files and shuffle_seed is not None,
                 read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed,
                                             shuffle_reshuffle_each_iteration=False,
                                             try_autocache=False))
@@ -299,14 +322,45 @@ def tfds_source(name: str, data_dir: str | None, splits: tuple[str, ...] = ("tra
         _, start, end = resolve(split)
         return end - start
 
+    # Grayscale images (MNIST-like) get their channel replicated: the models take RGB input, and
+    # RGB with equal channels keeps RandAugment's colour ops and pretrained stems meaningful.
+    grey = not encoded and features["image"].shape[-1] == 1
+
     def read(split: str, start: int, end: int, shuffle_seed: int | None) -> tf.data.Dataset:
         split_name, offset, _ = resolve(split)
         instruction = tfds.core.ReadInstruction(split_name, from_=offset + start,
                                                 to=offset + end, unit="abs")
         dataset = as_dataset(instruction, shuffle_seed)
-        return dataset.map(lambda ex: {"image": ex["image"],
-                                       "label": tf.cast(ex["label"], tf.int32)})
+        return dataset.map(lambda ex: {
+            "image": tf.image.grayscale_to_rgb(ex["image"]) if grey else ex["image"],
+            "label": tf.cast(ex["label"], tf.int32)})
 
     return Source(name=name, num_classes=int(features["label"].num_classes), encoded=encoded,
-                  fixed_size=False, mean_rgb=IMAGENET_MEAN_RGB, stddev_rgb=IMAGENET_STDDEV_RGB,
+                  fixed_size=False, mean_rgb=tuple(mean_rgb), stddev_rgb=tuple(stddev_rgb),
                   split_size=split_size, read=read)
+
+
+def fashion_mnist_source(data_dir: str | None, manual_dir: str,
+                         splits: tuple[str, ...] = ("train", "test")) -> Source:
+    """Fashion-MNIST through TFDS (`fashion_mnist_local`), prepared on first use, then reused.
+
+    Preparing reads the four idx files in `manual_dir` (never the network), checks their
+    checksums and writes TFRecords under `data_dir` in seconds: so, unlike ImageNet, it happens
+    here rather than in an explicit `tfds build`. TFDS writes into a temporary folder and renames
+    it when complete, so an interrupted preparation leaves nothing that looks prepared. Missing
+    files are one line naming the Debian package, before anything is written.
+
+    Normalised by the training pixels' mean and standard deviation (equal for the three
+    replicated channels), so inputs have unit variance as the NF signal-propagation analysis
+    assumes (paper §2).
+    """
+    builder = tfds.builder(fashion_mnist.NAME, data_dir=data_dir)
+    if not builder.is_prepared():
+        message = fashion_mnist.missing_files_message(manual_dir)
+        if message:
+            raise DatasetUnavailableError(message)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return tfds_source(fashion_mnist.NAME, data_dir, splits,
+                       mean_rgb=(fashion_mnist.TRAIN_MEAN,) * 3,
+                       stddev_rgb=(fashion_mnist.TRAIN_STDDEV,) * 3)
