@@ -230,13 +230,15 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
         return results
 
     use_remat = remat == "on"
-    results = compile_all(use_remat, ["step"] if remat == "auto" else programs, {})
+    results = compile_all(use_remat, ["step"], {})
     if remat == "auto" and not _fits(results["step"], target):
-        use_remat, results = True, {}
-    results = compile_all(use_remat, programs, results)
-    step = results.get("step") or {}
-    problem = estimate_problem(None if step.get("estimate_ms") is None else step["estimate_ms"] / 1e3,
-                               step.get("flops"), tpu.peak_bf16_tflops) if "refused" not in step else step["refused"]
+        use_remat = True
+        results = compile_all(use_remat, ["step"], {})
+    step = results["step"]
+    problem = step.get("refused") or estimate_problem(
+        None if step["estimate_ms"] is None else step["estimate_ms"] / 1e3, step["flops"], tpu.peak_bf16_tflops)
+    if problem is None:  # a target without a usable estimate is not compiled further
+        results = compile_all(use_remat, programs, results)
     return {
         "config": spec, "model": config.model.name, "target": target, "device": device.device_kind,
         "image_size": config.data.image_size, "per_device_batch": batch,
