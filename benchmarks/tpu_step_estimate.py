@@ -21,6 +21,7 @@ bare` its guard, device means and RNG folding.
     python -m benchmarks.tpu_step_estimate                                    # F0–F6, every target
     python -m benchmarks.tpu_step_estimate --only nfnet.py:F0 --targets tpu-v3
     python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl   # JSON lines -> Markdown
+    python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl --into docs/tpu_step_cost.md
 
 How to read it (docs/tpu_step_cost.md): the estimate is a roofline-style model of the compiled
 program, not a wall time (the paper measured 73.3 ms per F0 step on a TPUv3), so compare programs
@@ -265,7 +266,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     step and what its extras cost, bytes accessed and peak memory of the runner's step, compile times."""
     head = ("| config | target | px | batch | remat | runner's step (ms) | bare step (ms) | runner / bare | "
             "metrics (ms) | guard, means, RNG (ms) | fwd+bwd (ms) | forward (ms) | step TFLOP | step GB accessed | "
-            "step peak GiB | compile s, step / bare |")
+            "step peak GiB | compile s, step / bare | compiled with |")
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
     for row in rows:
@@ -277,15 +278,38 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             lines.append(prefix + f"no estimate ({row['no_estimate_because']}) |" + " — |" * (columns - 6))
             continue
         extras = row["runner_over_bare"]
-        ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.1f}")
+        ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.2f}")
         lines.append(prefix + " | ".join([
             f"**{ms('step')}**", ms("bare"), _number(extras["ratio"], "{:.3f}×"),
             _number(extras["metrics_ms"], "{:+.2f}"), _number(extras["guard_means_rng_ms"], "{:+.2f}"),
             ms("fwd_bwd"), ms("forward"), _number(_scaled(step.get("flops"), 1e-12), "{:.2f}"),
             _number(_scaled(step.get("bytes_accessed"), 1e-9), "{:.2f}"), _number(step.get("peak_gib"), "{:.2f}"),
             f"{_number(step.get('compile_s'), '{:.0f}')} / {_number(bare.get('compile_s'), '{:.0f}')}",
+            _choices_cell(row.get("choices") or {}),
         ]) + " |")
     return "\n".join(lines)
+
+
+TABLE_START, TABLE_END = "<!-- generated table: start -->", "<!-- generated table: end -->"
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON rows of a file of the benchmark's output (other lines are skipped)."""
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip().startswith("{")]
+
+
+def with_table(page: str, table: str) -> str:
+    """`page` with the text between its TABLE_START and TABLE_END markers replaced by `table`."""
+    start, end = page.find(TABLE_START), page.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the page has no {TABLE_START} ... {TABLE_END} markers to put the table between.")
+    return page[:start + len(TABLE_START)] + "\n" + table + "\n" + page[end:]
+
+
+def _choices_cell(choices: dict[str, Any]) -> str:
+    recompute = str(choices.get("activation_backward", "")).startswith("recomputed")
+    return f"{choices.get('grouped_convs_as', '?')} convs, activations {'recomputed' if recompute else 'kept'}"
 
 
 def _scaled(value: float | None, factor: float) -> float | None:
@@ -316,10 +340,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remat", choices=["auto", "off", "on"], default="auto",
                         help="auto: remat where the runner's step does not fit the target with headroom")
     parser.add_argument("--table", metavar="JSONL", help="print the Markdown table of a file of JSON lines and exit")
+    parser.add_argument("--into", metavar="MD", help="with --table: write it between the page's generated-table "
+                        "markers instead of printing it")
     args = parser.parse_args(argv)
     if args.table:
-        with open(args.table, encoding="utf-8") as lines:
-            print(markdown_table([json.loads(line) for line in lines if line.strip().startswith("{")]))
+        table = markdown_table(read_rows(args.table))
+        if not args.into:
+            print(table)
+            return
+        with open(args.into, encoding="utf-8") as page:
+            text = page.read()
+        try:
+            text = with_table(text, table)
+        except ValueError as error:
+            parser.error(f"{args.into}: {error}")
+        with open(args.into, "w", encoding="utf-8") as page:
+            page.write(text)
         return
     specs = [s.strip() for s in args.only.split(",") if s.strip()]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]

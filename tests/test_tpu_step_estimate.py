@@ -4,6 +4,7 @@ attributed, the bare step it is compared with, and the table of the docs page.""
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -48,7 +49,9 @@ def _row(target, valid=True):
     program = {"estimate_ms": 36.7, "flops": 1.32e12, "bytes_accessed": 11.05e9, "peak_gib": 6.1, "compile_s": 355.0}
     programs = {name: dict(program) for name in estimate_lib.PROGRAMS}
     programs["bare"]["estimate_ms"] = 36.0
+    choices = {"grouped_convs_as": "xla", "activation_backward": "XLA's choice"}
     return {"config": "nfnet.py:F0", "target": target, "image_size": 192, "per_device_batch": 32, "remat": False,
+            "choices": choices,
             "estimate_valid": valid, "no_estimate_because": None if valid else "the compiler's estimate is -394 s",
             "programs": programs,
             "runner_over_bare": estimate_lib.runner_extras(programs) if valid else None}
@@ -57,9 +60,9 @@ def _row(target, valid=True):
 def test_the_docs_table_has_one_full_line_per_row_and_says_no_estimate_where_there_is_none():
     table = estimate_lib.markdown_table([_row("tpu-v3"), _row("tpu-v4", valid=False)]).splitlines()
     assert len(table) == 4 and len({line.count("|") for line in table}) == 1
-    assert "| nfnet.py:F0 | tpu-v3 | 192 | 32 | off | **36.7** | 36.0 | 1.019× |" in table[2]
-    assert "11.05" in table[2] and "355 / 355" in table[2]
-    assert "no estimate (the compiler's estimate is -394 s)" in table[3] and "36.7" not in table[3]
+    assert "| nfnet.py:F0 | tpu-v3 | 192 | 32 | off | **36.70** | 36.00 | 1.019× |" in table[2]
+    assert "11.05" in table[2] and "355 / 355" in table[2] and "xla convs, activations kept" in table[2]
+    assert "no estimate (the compiler's estimate is -394 s)" in table[3] and "36.70" not in table[3]
 
 
 def test_bad_arguments_are_one_error_before_any_compile(capsys):
@@ -76,6 +79,28 @@ def test_the_table_mode_reads_json_lines(tmp_path, capsys):
     estimate_lib.main(["--table", str(path)])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and "tpu-v5e" in out[3]
+
+
+def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, capsys):
+    rows, page = tmp_path / "rows.jsonl", tmp_path / "page.md"
+    rows.write_text(json.dumps(_row("tpu-v3")) + "\n")
+    page.write_text(f"# Title\n\n{estimate_lib.TABLE_START}\nold table\n{estimate_lib.TABLE_END}\n\nafter\n")
+    estimate_lib.main(["--table", str(rows), "--into", str(page)])
+    text = page.read_text()
+    table = estimate_lib.markdown_table(estimate_lib.read_rows(rows))
+    assert text == f"# Title\n\n{estimate_lib.TABLE_START}\n{table}\n{estimate_lib.TABLE_END}\n\nafter\n"
+    page.write_text("no markers")
+    with pytest.raises(SystemExit):
+        estimate_lib.main(["--table", str(rows), "--into", str(page)])
+    assert "markers" in capsys.readouterr().err and page.read_text() == "no markers"
+
+
+def test_the_docs_page_shows_the_table_of_its_json_lines():
+    docs = pathlib.Path(REPO_ROOT) / "docs"
+    rows = estimate_lib.read_rows(docs / "tpu_step_cost.jsonl")
+    assert rows and {"nfnet.py:F0"} <= {row["config"] for row in rows}
+    page = (docs / "tpu_step_cost.md").read_text(encoding="utf-8")
+    assert estimate_lib.with_table(page, estimate_lib.markdown_table(rows)) == page
 
 
 @pytest.mark.slow
