@@ -82,7 +82,7 @@ def test_the_table_mode_reads_json_lines(tmp_path, capsys):
 
 
 def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, capsys):
-    rows, page = tmp_path / "rows.jsonl", tmp_path / "page.md"
+    rows, page = tmp_path / "rows.jsonl", tmp_path / "page.markdown"
     rows.write_text(json.dumps(_row("tpu-v3")) + "\n")
     page.write_text(f"# Title\n\n{estimate_lib.TABLE_START}\nold table\n{estimate_lib.TABLE_END}\n\nafter\n")
     estimate_lib.main(["--table", str(rows), "--into", str(page)])
