@@ -68,6 +68,9 @@ class TpuTarget:
 
     topology: str  # its name for `get_topology_desc`; the plan compiles for the topology's first device
     label: str
+    # Dense bf16 peak of that one device (TFLOP/s, Google Cloud's TPU system-architecture pages):
+    # a floor under any run-time estimate (`benchmarks.tpu_step_estimate` checks it).
+    peak_bf16_tflops: float
     options: tuple[tuple[str, str], ...] = ()  # further `get_topology_desc` options, as (name, value)
 
 
@@ -75,11 +78,11 @@ class TpuTarget:
 # A TPUv4 chip's two cores run as one device ("megacore", 32 GiB) on a v4 host, but libtpu's
 # deviceless v4 topology lists them as separate 16 GiB devices unless asked for megacore chips.
 TPU_TARGETS: dict[str, TpuTarget] = {
-    "tpu-v3": TpuTarget("v3:2x2", "TPUv3 core"),
-    "tpu-v4": TpuTarget("v4:2x2x1", "TPUv4 chip", (("chip_config_name", "megacore"),)),
-    "tpu-v5e": TpuTarget("v5e:2x2", "TPUv5e chip"),
-    "tpu-v5p": TpuTarget("v5p:2x2x1", "TPUv5p chip"),
-    "tpu-v6e": TpuTarget("v6e:2x2", "TPUv6e chip"),
+    "tpu-v3": TpuTarget("v3:2x2", "TPUv3 core", 123.0 / 2),
+    "tpu-v4": TpuTarget("v4:2x2x1", "TPUv4 chip", 275.0, (("chip_config_name", "megacore"),)),
+    "tpu-v5e": TpuTarget("v5e:2x2", "TPUv5e chip", 197.0),
+    "tpu-v5p": TpuTarget("v5p:2x2x1", "TPUv5p chip", 459.0),
+    "tpu-v6e": TpuTarget("v6e:2x2", "TPUv6e chip", 918.0),
 }
 HERE = "here"
 
@@ -92,6 +95,13 @@ _DEVICELESS_TPU_ENV = {
     "TPU_WORKER_HOSTNAMES": "localhost",
     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
 }
+
+
+def prepare_deviceless_compiles() -> None:
+    """Sets libtpu's deviceless variables and keeps JAX off any TPU (call before JAX starts)."""
+    for key, value in _DEVICELESS_TPU_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # run nothing on a TPU, even on a TPU host
 
 
 def check_target(target: str) -> TpuTarget | None:
@@ -199,6 +209,7 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
     """
     import jax  # pylint: disable=import-outside-toplevel
 
+    from nfnets_jax.analysis.step_cost import memory_of  # pylint: disable=import-outside-toplevel
     from nfnets_jax.models.flops import xla_flops  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
@@ -229,10 +240,8 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
                    temp_gib=temporaries, peak_gib=nan, gflops=None, compile_s=time.perf_counter() - start,
                    compiled_for=device.device_kind, out_of_memory=message, peak_at_least_gib=peak_at_least)
     compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
+    memory = memory_of(compiled)
     gib = 1024.0**3
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-            - memory.alias_size_in_bytes)
     flops = xla_flops(compiled)
     step_s = None
     if time_steps > 0:
@@ -245,8 +254,8 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
         step_s = (time.perf_counter() - start) / time_steps
     return Row(config=spec, model=config.model.name, image_size=config.data.image_size, per_device_batch=batch,
                compute_dtype=config.precision.compute_dtype, remat=remat,
-               argument_gib=memory.argument_size_in_bytes / gib, output_gib=memory.output_size_in_bytes / gib,
-               temp_gib=memory.temp_size_in_bytes / gib, peak_gib=peak / gib,
+               argument_gib=memory["argument_size_in_bytes"] / gib, output_gib=memory["output_size_in_bytes"] / gib,
+               temp_gib=memory["temp_size_in_bytes"] / gib, peak_gib=memory["peak_estimate"] / gib,
                gflops=None if flops is None else flops / 1e9, compile_s=compile_s, step_s=step_s,
                compiled_for=(device.device_kind if device is not None else jax.devices()[0].device_kind))
 
@@ -297,9 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     if tpu is not None:
         if args.time_steps:
             parser.error("--time_steps needs the device itself; with a TPU --target the plan only compiles.")
-        for key, value in _DEVICELESS_TPU_ENV.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # run nothing on a TPU, even on a TPU host
+        prepare_deviceless_compiles()
 
     import jax  # pylint: disable=import-outside-toplevel
 

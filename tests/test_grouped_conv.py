@@ -163,11 +163,38 @@ def test_impl_changes_neither_parameters_nor_macs():
 
 
 def test_auto_splits_few_groups_on_cpu_and_unknown_names_are_rejected():
-    assert jax.default_backend() == "cpu"  # conftest pins the tests to the CPU.
-    assert grouped_conv.resolve_impl("auto", 6) == "split"
-    assert grouped_conv.resolve_impl("auto", grouped_conv.AUTO_SPLIT_MAX_GROUPS + 1) == "xla"
-    assert grouped_conv.resolve_impl("split", 100) == "split"
-    assert grouped_conv.resolve_impl("xla", 6) == "xla"
+    assert grouped_conv.resolve_impl("auto", 6, "cpu") == "split"
+    assert grouped_conv.resolve_impl("auto", grouped_conv.AUTO_SPLIT_MAX_GROUPS + 1, "cpu") == "xla"
+    assert grouped_conv.resolve_impl("auto", 6, "tpu") == grouped_conv.resolve_impl("auto", 6, "cuda") == "xla"
+    assert grouped_conv.resolve_impl("split", 100, "tpu") == "split"
+    assert grouped_conv.resolve_impl("xla", 6, "cpu") == "xla"
     conv = hk.transform(lambda a: layers.WSConv2D(4, 3, grouped_conv_impl="fast")(a))
     with pytest.raises(ValueError, match="grouped_conv_impl"):
         conv.init(None, jnp.zeros((1, 4, 4, 4)))
+
+
+def _lowered_for(platform, fn, *args):
+    """The StableHLO text of `fn` lowered for `platform`; lowering needs no device of that kind."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_auto_is_chosen_for_the_platform_the_program_is_lowered_for():
+    """Not for the backend this process runs on (the CPU here): lowered for a TPU or a GPU, a 1×1
+    conv and a 2-group 3×3 conv stay XLA convolutions; lowered for the CPU, the 1×1 conv is a
+    matrix product and the grouped conv two dense convolutions."""
+    x = jnp.ones((2, 6, 6, 8))
+    pointwise, grouped = jnp.ones((1, 1, 8, 4)), jnp.ones((3, 3, 2, 8))
+
+    def two_convs(a):
+        return grouped_conv.conv2d_same(grouped_conv.conv2d_same(a, pointwise, 1), grouped, 1, 2)
+
+    cpu = _lowered_for("cpu", two_convs, x)
+    assert cpu.count("dot_general") == 1 and cpu.count("stablehlo.convolution") == 2
+    assert "feature_group_count = 2" not in cpu
+    for platform in ("tpu", "cuda"):
+        lowered = _lowered_for(platform, two_convs, x)
+        assert "dot_general" not in lowered and lowered.count("stablehlo.convolution") == 2
+        assert lowered.count("feature_group_count = 2") == 1
+    # Same numbers whichever platform's choice runs (here: the CPU's, against the plain op).
+    want = plain_grouped_conv(plain_grouped_conv(x, pointwise, 1, 1), grouped, 1, 2)
+    np.testing.assert_allclose(jax.jit(two_convs)(x), want, **TOLERANCE)

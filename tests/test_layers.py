@@ -271,3 +271,15 @@ def test_scaled_activation_derivatives_are_gamma_times_the_raw_ones(name):
     np.testing.assert_allclose(jax.vmap(jax.grad(scaled))(x), want, rtol=1e-6, atol=2e-6)
     np.testing.assert_allclose(jax.jvp(scaled, (x,), (jnp.ones_like(x),))[1], want, rtol=1e-6, atol=2e-6)
     np.testing.assert_allclose(jax.jit(scaled)(x), gamma * raw(x), rtol=1e-6, atol=2e-6)
+
+
+def test_activation_recompute_is_chosen_for_the_platform_the_program_is_lowered_for():
+    """The backward pass recomputes the nonlinearity (jax.checkpoint: an optimization barrier in
+    the lowered program) only when compiled for the CPU, whatever backend this process runs on."""
+    gelu = layers.scaled_activation("gelu")
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(gelu(x))))
+    x = jnp.linspace(-3.0, 3.0, 16, dtype=jnp.float32)
+    lowered = {platform: grad.trace(x).lower(lowering_platforms=(platform,)).as_text()
+               for platform in ("cpu", "tpu", "cuda")}
+    assert "optimization_barrier" in lowered["cpu"]
+    assert "optimization_barrier" not in lowered["tpu"] and "optimization_barrier" not in lowered["cuda"]

@@ -5,6 +5,7 @@ Expectations are computed without the step: a plain `jax.grad` of the global-bat
 """
 
 import functools
+from unittest import mock
 
 import chex
 import jax
@@ -162,3 +163,36 @@ def test_raw_and_ema_are_evaluated_in_one_pass_over_the_eval_split():
         for name in ("top_1_acc", "top_5_acc", "loss"):
             assert results[prefix + name] == alone[name], prefix + name
     assert results["ema_loss"] != results["loss"]
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_the_finiteness_check_flags_exactly_the_non_finite_elements(platform):
+    """Both forms of the check (`step._all_finite`: the CPU's `all`, the others' sum of x·0), each
+    run here on the CPU by calling the function its platform's branch is lowered from."""
+    from nfnets_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+    def check(tree):
+        if platform == "cpu":
+            return jax.jit(step_lib._all_finite)(tree)
+        # Lowered for a TPU, the same call compiles the sum; run that program's branch on the CPU.
+        with mock.patch.object(step_lib.lax, "platform_dependent",
+                               lambda *args, cpu, default: default(*args)):
+            return jax.jit(step_lib._all_finite)(tree)
+
+    finite = {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,), jnp.bfloat16), "count": jnp.array(7, jnp.int32)}
+    assert bool(check(finite)) and bool(check({}))
+    # Finite but huge: its squared norm overflows float32, and it is still finite.
+    assert bool(check({**finite, "w": jnp.full((3, 4), 3e38, jnp.float32)}))
+    for bad in (np.inf, -np.inf, np.nan):
+        assert not bool(check({**finite, "w": finite["w"].at[2, 1].set(bad)}))
+        assert not bool(check({**finite, "b": finite["b"].at[0].set(bad)}))
+
+
+def test_the_finiteness_check_is_chosen_for_the_platform_the_step_is_lowered_for():
+    from nfnets_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+    tree = {"w": jnp.ones((3, 4)), "b": jnp.ones((4,))}
+    lowered = {platform: jax.jit(step_lib._all_finite).trace(tree).lower(lowering_platforms=(platform,)).as_text()
+               for platform in ("cpu", "tpu")}
+    assert "stablehlo.is_finite" in lowered["cpu"] and "stablehlo.and" in lowered["cpu"]
+    assert "stablehlo.multiply" in lowered["tpu"] and "stablehlo.and" not in lowered["tpu"]

@@ -10,7 +10,8 @@ multiples of 32 this equals the official count exactly; elsewhere it uses the tr
 sizes (ceil), where the official code used fractional sizes.
 
 `xla_flops` reads the other count the benchmarks report beside it: XLA's own, of a compiled program
-(all of its work, elementwise included, as the compiler's cost model counts it).
+(all of its work, elementwise included, as the compiler's cost model counts it); `xla_cost` reads
+the whole of that cost analysis (FLOPs, bytes accessed, XLA:TPU's run-time estimate).
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def _sub_jaxprs(eqn: jex_core.JaxprEqn):
 
 
 def jaxpr_macs(jaxpr: jex_core.Jaxpr) -> int:
-    """Sum of conv and matmul MACs in `jaxpr`, recursing into nested jaxprs (jit, custom_jvp)."""
+    """Sum of conv and matmul MACs in `jaxpr`, recursing into nested jaxprs (jit, custom_jvp).
+
+    A `cond` runs one of its branches, so it counts as its largest branch: the model's
+    `lax.platform_dependent` choices (`grouped_conv.conv2d_same`) trace one branch per platform,
+    each computing the same convolution, and only one of them is ever lowered.
+    """
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -61,6 +67,8 @@ def jaxpr_macs(jaxpr: jex_core.Jaxpr) -> int:
             total += _conv_macs(eqn)
         elif name == "dot_general":
             total += _dot_macs(eqn)
+        elif name == "cond":
+            total += max(jaxpr_macs(branch.jaxpr) for branch in eqn.params["branches"])
         else:
             for sub in _sub_jaxprs(eqn):
                 total += jaxpr_macs(sub)
@@ -80,10 +88,20 @@ def traced_counts(init_fn: Callable, imsize: int) -> tuple[int, Any]:
     return jaxpr_macs(closed.jaxpr), shapes
 
 
-def xla_flops(compiled: Any) -> float | None:
-    """FLOPs of a compiled program by XLA's cost analysis (`jax.stages.Compiled`), None where the
-    backend gives none. Some jax versions return the analysis as a one-element list."""
+def xla_cost(compiled: Any) -> dict[str, float | None]:
+    """XLA's cost analysis of a compiled program (`jax.stages.Compiled`): `flops`, `bytes_accessed`
+    (what its ops read and write in device memory) and `optimal_seconds`, the compiler's own
+    performance-model estimate of its run time, which XLA:TPU gives and XLA:CPU does not. None
+    for what the backend does not report. Some jax versions return the analysis as a one-element
+    list."""
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
-    flops = (analysis or {}).get("flops")
-    return None if flops is None else float(flops)
+    analysis = analysis or {}
+    keys = {"flops": "flops", "bytes_accessed": "bytes accessed", "optimal_seconds": "optimal_seconds"}
+    return {name: None if analysis.get(key) is None else float(analysis[key]) for name, key in keys.items()}
+
+
+def xla_flops(compiled: Any) -> float | None:
+    """FLOPs of a compiled program by XLA's cost analysis (`xla_cost`), None where the backend
+    gives none."""
+    return xla_cost(compiled)["flops"]

@@ -21,16 +21,20 @@ handle grouped convolutions natively and well, so there we keep XLA's op.
   the whole activation map that takes 13–20× its forward (F0 stage 2, 512→128 channels: dW 1.96 s
   against 0.14 s as a matrix product, `python -m benchmarks.grouped_conv_grads --shape
   8,24,512,1,1,1,128`).
-- `"auto"` (default): `"split"` when JAX's default backend is the CPU and the conv has at most
-  `AUTO_SPLIT_MAX_GROUPS` groups, `"xla"` otherwise. The cap is there because the split graph
-  holds one dense conv per group: NFNets have 1–8 groups of 128 channels and split cheaply, but
-  NF-RegNets have dozens of groups of 8 (B0: 4–92), and splitting those makes compilation
-  ~6× slower (B0 forward: 21 s instead of 3 s of CPU; its training step at batch 2, 64 px: 137 s
-  instead of 24 s wall on a loaded box) for a step that is ~9× faster, which pays off only over
-  long runs: ask for `"split"` explicitly then. The choice is made at trace time from `jax.default_backend()`; when you place a
-  computation on a backend other than the default (e.g. `jax.jit(..., device=cpu)` on a GPU
-  host) pass the implementation explicitly. Either choice gives the same numbers; only speed
-  differs.
+- `"auto"` (default): chosen for the platform the computation is compiled for, when it is
+  lowered (`jax.lax.platform_dependent`), not for the backend this process happens to run on:
+  on the CPU `"split"` for convs of at most `AUTO_SPLIT_MAX_GROUPS` groups (and 1×1 convs as
+  matrix products), `"xla"` otherwise; on GPU and TPU always `"xla"`. The cap is there because
+  the split graph holds one dense conv per group: NFNets have 1–8 groups of 128 channels and
+  split cheaply, but NF-RegNets have dozens of groups of 8 (B0: 4–92), and splitting those makes
+  compilation ~6× slower (B0 forward: 21 s instead of 3 s of CPU; its training step at batch 2,
+  64 px: 137 s instead of 24 s wall on a loaded box) for a step that is ~9× faster, which pays
+  off only over long runs: ask for `"split"` explicitly then. On a TPU the split layout costs
+  memory traffic instead: XLA:TPU's F0 train step, compiled with the CPU's choices, reads and
+  writes ~0.8 GB more per step than with XLA's own convs (docs/tpu_step_cost.md). So a step
+  compiled for a TPU from a CPU host (`experiments.memory_plan --target`,
+  `benchmarks.tpu_step_estimate`) gets the TPU's choice. Either choice gives the same numbers;
+  only speed differs.
 
 Dense 3×3 convolutions take the same path under every implementation; dense 1×1 convolutions are
 matrix products under `"split"` (so on the CPU by default) and XLA convolutions under `"xla"`.
@@ -53,14 +57,19 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 AUTO_SPLIT_MAX_GROUPS = 16
 
 
-def resolve_impl(impl: str, feature_group_count: int = 1) -> str:
-    """`"xla"` or `"split"` for `impl`; `"auto"` picks `"split"` on the CPU backend for convs of
-    at most `AUTO_SPLIT_MAX_GROUPS` groups (see module doc)."""
+def check_impl(impl: str) -> None:
+    """Rejects an unknown implementation name with the list of valid ones."""
     if impl not in GROUPED_CONV_IMPLS:
         raise ValueError(f"Unknown grouped_conv_impl {impl!r}; choose one of {list(GROUPED_CONV_IMPLS)}.")
+
+
+def resolve_impl(impl: str, feature_group_count: int, platform: str) -> str:
+    """`"xla"` or `"split"` for `impl` on `platform` (a lowering platform: "cpu", "tpu", "cuda",
+    ...); `"auto"` picks `"split"` on the CPU for convs of at most `AUTO_SPLIT_MAX_GROUPS` groups,
+    else `"xla"` (see module doc)."""
+    check_impl(impl)
     if impl == "auto":
-        on_cpu = jax.default_backend() == "cpu"
-        return "split" if on_cpu and feature_group_count <= AUTO_SPLIT_MAX_GROUPS else "xla"
+        return "split" if platform == "cpu" and feature_group_count <= AUTO_SPLIT_MAX_GROUPS else "xla"
     return impl
 
 
@@ -71,9 +80,20 @@ def conv2d_same(
 
     `kernel` is (kh, kw, in_ch // groups, out_ch); output channels [g·out_ch/groups, (g+1)·out_ch/groups)
     see input channels [g·in_ch/groups, (g+1)·in_ch/groups) only. `impl` picks how a grouped
-    conv is computed (module doc); it never changes what is computed.
+    conv is computed (module doc); it never changes what is computed. With `"auto"` the choice is
+    the lowering platform's: where the CPU's and the others' differ, both are traced and only the
+    one of the platform the program is compiled for is lowered.
     """
-    impl = resolve_impl(impl, feature_group_count)
+    check_impl(impl)
+    if impl == "auto":
+        on_cpu = resolve_impl(impl, feature_group_count, "cpu")
+        elsewhere = resolve_impl(impl, feature_group_count, "tpu")
+        if _computes_alike(on_cpu, elsewhere, kernel, feature_group_count):
+            return conv2d_same(x, kernel, stride, feature_group_count, elsewhere)
+        return jax.lax.platform_dependent(
+            x, kernel,
+            cpu=lambda a, w: conv2d_same(a, w, stride, feature_group_count, on_cpu),
+            default=lambda a, w: conv2d_same(a, w, stride, feature_group_count, elsewhere))
 
     def dense(inputs: jax.Array, weights: jax.Array, groups: int = 1) -> jax.Array:
         return jax.lax.conv_general_dilated(
@@ -104,6 +124,13 @@ def conv2d_same(
         for g in range(feature_group_count)
     ]
     return jnp.concatenate(outputs, axis=-1)
+
+
+def _computes_alike(impl_a: str, impl_b: str, kernel: jax.Array, feature_group_count: int) -> bool:
+    """Whether two implementations build the same program for this conv: the same name, or a
+    dense conv wider than 1×1, which every implementation computes as one XLA convolution."""
+    dense_spatial = feature_group_count == 1 and kernel.shape[:2] != (1, 1)
+    return impl_a == impl_b or dense_spatial
 
 
 def _pointwise_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, feature_group_count: int) -> jax.Array:

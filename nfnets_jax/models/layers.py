@@ -74,19 +74,34 @@ def raw_activation(name: str) -> Activation:
     return _RAW_ACTIVATIONS[name]
 
 
+# Platforms (lowering platform names) on which the backward pass recomputes the activations from
+# their inputs rather than keeping XLA's intermediates (`scaled_activation`).
+RECOMPUTE_ACTIVATIONS_ON = ("cpu",)
+
+
 def scaled_activation(name: str) -> Activation:
     """γ·f(x): the variance-preserving nonlinearity the NF models use (official `base.py:nonlinearities`).
 
     `"identity"` is accepted and has no gain, as in the official table.
 
-    The backward pass keeps only the activation's input and recomputes the nonlinearity from it
-    (`jax.checkpoint`): the values are the same, and on XLA:CPU the F0 training step is ~3–4%
-    faster than when XLA keeps the tanh-GELU's intermediates (`python -m benchmarks.compare_timm`).
+    How the backward pass gets f's derivative depends on the platform the step is compiled for
+    (`jax.lax.platform_dependent`, resolved when the program is lowered): on the CPU it keeps
+    only the activation's input and recomputes the nonlinearity from it (`jax.checkpoint`), which
+    made XLA:CPU's F0 training step ~3–4% faster than keeping the tanh-GELU's intermediates
+    (`python -m benchmarks.compare_timm`); on GPU and TPU it leaves the choice to XLA, as the
+    official code does: on a TPU the recompute adds memory passes that XLA:TPU cannot fuse into
+    the convolutions around it (docs/tpu_step_cost.md). The values are the same either way.
     """
     if name == "identity":
         return lambda x: x
     fn, gamma = raw_activation(name), ACTIVATION_GAMMAS[name]
-    return jax.checkpoint(lambda x: fn(x) * gamma)
+
+    def scaled(x: jax.Array) -> jax.Array:
+        return fn(x) * gamma
+
+    recomputed = jax.checkpoint(scaled)
+    per_platform = {platform: recomputed for platform in RECOMPUTE_ACTIVATIONS_ON}
+    return lambda x: jax.lax.platform_dependent(x, **per_platform, default=scaled)
 
 
 class WSConv2D(hk.Module):
@@ -99,11 +114,11 @@ class WSConv2D(hk.Module):
     Kernels are HWIO: (kh, kw, in_ch // groups, out_ch).
 
     `grouped_conv_impl` (`"auto"`, `"xla"`, `"split"`) chooses how a grouped conv is computed,
-    never what: `"auto"` splits it into per-group dense convs on the CPU backend (up to 16
+    never what: `"auto"` splits it into per-group dense convs when compiled for a CPU (up to 16
     groups), where XLA's native grouped-conv weight gradient is 10–1000× slower, and keeps XLA's
-    grouped conv on GPU/TPU (see `grouped_conv`); on the CPU it also computes 1×1 convs as matrix
-    products, whose weight gradient XLA:CPU runs 13–20× faster. Parameters and their names do not
-    depend on it.
+    grouped conv when compiled for a GPU or TPU (see `grouped_conv`); for the CPU it also computes
+    1×1 convs as matrix products, whose weight gradient XLA:CPU runs 13–20× faster. Parameters and
+    their names do not depend on it.
     """
 
     def __init__(
@@ -117,7 +132,7 @@ class WSConv2D(hk.Module):
         name: str | None = None,
     ):
         super().__init__(name=name)
-        grouped_conv.resolve_impl(grouped_conv_impl)  # Rejects unknown names at construction.
+        grouped_conv.check_impl(grouped_conv_impl)  # Rejects unknown names at construction.
         self.output_channels = output_channels
         self.kernel_shape = kernel_shape
         self.stride = stride

@@ -20,6 +20,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from nfnets_jax.models import standardized_inference
 from nfnets_jax.train import builder, config_files, loop, parallel
@@ -47,6 +48,10 @@ class OneDeviceStep:
       batch_shapes: the batch as `jax.ShapeDtypeStruct`s (per-device batch × image size).
       forward: the Haiku forward the step uses.
       num_classes: classes of the model's head.
+      optimizer: the optax chain the step applies (AGC -> weight decay -> SGD, maybe inside SAM).
+      settings: the step's settings (compute dtype, label smoothing, EMA decay, ...).
+      backend: the runner's shard_map backend over the one-device mesh `train` is compiled for
+        (its device: `device` of `build`); `backend.wrap_train` wraps other steps the same way.
     """
 
     train: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
@@ -57,6 +62,9 @@ class OneDeviceStep:
     batch_shapes: dict[str, jax.ShapeDtypeStruct]
     forward: hk.TransformedWithState
     num_classes: int
+    optimizer: optax.GradientTransformation
+    settings: step_lib.StepSettings
+    backend: parallel.Backend
 
     def abstract_state(self) -> TrainState:
         """The state's shapes and dtypes; nothing is computed or allocated."""
@@ -121,7 +129,8 @@ def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_class
     }
     return OneDeviceStep(train=train, evaluate=jax.jit(evaluate), standardized_kernels=jax.jit(standardized_kernels),
                          evaluate_with_kernels=jax.jit(evaluate_with_kernels), init_state=init_state,
-                         batch_shapes=batch_shapes, forward=forward, num_classes=num_classes)
+                         batch_shapes=batch_shapes, forward=forward, num_classes=num_classes,
+                         optimizer=parts.optimizer, settings=settings, backend=backend)
 
 
 def config_from_spec(spec: str) -> ml_collections.ConfigDict:

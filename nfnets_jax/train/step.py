@@ -79,8 +79,28 @@ def _pmean_floating(tree: Any, axis_name: str) -> Any:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    """Whether every element of every leaf is finite.
+
+    Compiled for a GPU or TPU it is read from one sum per floating leaf: x·0 is 0 for a finite x
+    and NaN for ±inf or NaN (IEEE 754), so the sum is NaN exactly when some element is not finite
+    (and it cannot overflow, unlike a norm). XLA:TPU fuses such a sum into the pass that already
+    reads the gradients (AGC's norms, the logged norm), where `jnp.all(jnp.isfinite(x))` took a
+    pass of its own over every gradient: 0.57 ms of F0's 36.7 ms step by the TPU compiler's
+    estimate (docs/tpu_step_cost.md). Compiled for the CPU it stays the `all` of `isfinite`,
+    whose program XLA:CPU runs as before (`jax.lax.platform_dependent`, chosen when lowered).
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+
+    def every_element_finite(*arrays):
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+    def sum_times_zero_finite(*arrays):
+        sums = [jnp.sum(x * 0, dtype=jnp.float32) for x in arrays if jnp.issubdtype(x.dtype, jnp.floating)]
+        return jnp.isfinite(sum(sums, jnp.float32(0)))
+
+    return lax.platform_dependent(*leaves, cpu=every_element_finite, default=sum_times_zero_finite)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

@@ -1,0 +1,401 @@
+"""What a train step costs on a TPU by the TPU compiler's own performance model, without a TPU.
+
+libtpu's compiler (the `tpu-plan` extra, as in `experiments.memory_plan --target`) compiles a
+program for one TPU device *deviceless*, and the compiled executable's cost analysis carries the
+compiler's own estimate of its run time, `optimal_seconds`, beside the FLOPs and the bytes its ops
+read and write in HBM. This benchmark compiles, per config and TPU target:
+
+    step          the runner's train step (`train.one_device_step`: the step `experiments.train`
+                  compiles, with its device means, non-finite guard, metrics and EMA)
+    step_state    the same step with its metrics dropped (XLA removes what computes only them)
+    bare          loss -> gradient -> the same optax chain -> EMA, and nothing else
+    fwd_bwd       the model's forward and backward alone: compute-dtype params in, label-smoothed
+                  cross-entropy, gradients summed over the (one-device) mesh out
+    forward       the training forward alone (logits)
+
+and prints one JSON line per config and target with each program's estimate (ms), FLOPs, bytes
+accessed, peak memory (XLA's memory analysis) and compile time, and the runner's extras over the
+bare step attributed by difference: `step − step_state` is what its metrics cost, `step_state −
+bare` its guard, device means and RNG folding.
+
+    python -m benchmarks.tpu_step_estimate                                    # F0–F6, every target
+    python -m benchmarks.tpu_step_estimate --only nfnet.py:F0 --targets tpu-v3
+    python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl   # JSON lines -> Markdown
+    python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl --into docs/tpu_step_cost.md
+
+How to read it (docs/tpu_step_cost.md): the estimate is a roofline-style model of the compiled
+program, not a wall time (the paper measured 73.3 ms per F0 step on a TPUv3), so compare programs
+with each other under it. A target's estimate is only used where it is plausible: positive and no
+faster than the program's FLOPs at the device's bf16 peak; libtpu 0.0.42.1's TPUv4 megacore gives
+negative estimates, and such a target is reported as "no estimate", never as a ratio.
+
+Choices that differ per platform (grouped and 1×1 convolutions, recomputing activations in the
+backward pass) are made for the platform the program is lowered for (`jax.lax.platform_dependent`
+in `models.grouped_conv` and `models.layers`), so a TPU compile from this CPU host gets the TPU's;
+each row records them. The recipe's per-device batch is the memory plan's (NFNets: 4096 over 128
+devices); `--remat auto` (default) turns on per-block remat where the runner's step does not fit
+the target's memory with the plan's headroom, as the recipes do on a TPUv3 core for F4–F6.
+
+Each config and target runs in a fresh process, one at a time: a full-size deviceless compile
+takes minutes and several GB of host memory (F0: ~3 min and ~8 GB per program on 2 cores; F5–F6
+up to ~10 min and ~24 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from experiments import memory_plan
+
+PROGRAMS = ("step", "step_state", "bare", "fwd_bwd", "forward")
+DEFAULT_SPECS = tuple(f"nfnet.py:F{k}" for k in range(7))
+# HBM of one JAX device of each target (GiB; a TPUv4 chip runs its two cores as one device).
+TARGET_HBM_GIB = {"tpu-v3": 16.0, "tpu-v4": 32.0, "tpu-v5e": 16.0, "tpu-v5p": 95.0, "tpu-v6e": 32.0}
+
+
+def estimate_problem(optimal_seconds: float | None, flops: float | None, peak_tflops: float) -> str | None:
+    """Why a compiler's run-time estimate cannot be used (None when it can).
+
+    A usable estimate exists, is finite and positive, and is no faster than the program's FLOPs
+    at the device's peak: a roofline model can only add time to that bound.
+    """
+    if optimal_seconds is None:
+        return "the compiler gave no run-time estimate"
+    if not math.isfinite(optimal_seconds) or optimal_seconds <= 0:
+        return f"the compiler's estimate is {optimal_seconds:.3g} s"
+    if flops:
+        floor = flops / (peak_tflops * 1e12)
+        if optimal_seconds < floor:
+            return (f"the compiler's estimate ({optimal_seconds * 1e3:.3g} ms) is below the program's FLOPs "
+                    f"at peak ({floor * 1e3:.3g} ms)")
+    return None
+
+
+def runner_extras(programs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The runner's step over the bare step, in estimated ms, split by the programs' differences:
+    `metrics` = step − step_state, `guard_means_rng` = step_state − bare, and `ratio` = step / bare.
+    None where a program has no estimate."""
+    ms = {name: (programs.get(name) or {}).get("estimate_ms") for name in ("step", "step_state", "bare")}
+    if any(value is None for value in ms.values()):
+        return {"ratio": None, "extra_ms": None, "metrics_ms": None, "guard_means_rng_ms": None}
+    return {"ratio": ms["step"] / ms["bare"], "extra_ms": ms["step"] - ms["bare"],
+            "metrics_ms": ms["step"] - ms["step_state"], "guard_means_rng_ms": ms["step_state"] - ms["bare"]}
+
+
+def platform_choices(config: Any, platform: str) -> dict[str, Any]:
+    """How the model computes when compiled for `platform` (never what): read from the policies the
+    model itself applies, so the table says which were used."""
+    from nfnets_jax.models import grouped_conv, layers  # pylint: disable=import-outside-toplevel
+
+    impl = config.model.kwargs.get("grouped_conv_impl", "auto")
+    return {
+        "grouped_conv_impl": impl,
+        "grouped_convs_as": grouped_conv.resolve_impl(impl, 2, platform),  # NFNets have 1–8 groups
+        "activation_backward": ("recomputed (jax.checkpoint)" if platform in layers.RECOMPUTE_ACTIVATIONS_ON
+                                else "XLA's choice"),
+        "weight_standardisation_derivative": "hand-written JVP (every platform)",
+    }
+
+
+def bare_train_step(forward, optimizer, settings) -> Callable:
+    """loss -> gradient -> the optimizer -> EMA, nothing else: the reference the runner's step is
+    compared with (no device means, no non-finite guard, no metrics, the state's key used as is).
+    The loss and the casts are the runner's (`train.step.make_train_step`): params cast to the
+    compute dtype for the forward, logits back to float32, label-smoothed cross-entropy on the
+    MixUp/CutMix targets."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import optax  # pylint: disable=import-outside-toplevel
+
+    from nfnets_jax import losses  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.optim import ema as ema_lib  # pylint: disable=import-outside-toplevel
+
+    def loss_fn(params, model_state, rng, images, targets):
+        compute_params = jax.tree.map(lambda p: p.astype(settings.compute_dtype), params)
+        logits, _ = forward.apply(compute_params, model_state, rng, images.astype(settings.compute_dtype),
+                                  is_training=True)
+        return jnp.mean(losses.softmax_cross_entropy(logits.astype(jnp.float32), targets, settings.label_smoothing))
+
+    def step(state, batch):
+        targets = losses.mixed_targets(batch["labels"], batch["mix_labels"], batch["ratio"], settings.num_classes)
+        grads = jax.grad(loss_fn)(state.params, state.model_state, state.rng, batch["images"], targets)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if settings.ema_decay is not None and ema_params is not None:
+            ema_params = ema_lib.ema_update(ema_params, params, state.step, settings.ema_decay)
+        return state._replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+
+    return step
+
+
+def build_programs(step) -> dict[str, tuple[Callable, tuple]]:
+    """name -> (jitted program, abstract arguments) for every entry of PROGRAMS, all over the same
+    one-device mesh as the runner's step (`step`: a `train.one_device_step.OneDeviceStep`); the
+    steps are wrapped as the runner wraps its own (`step.backend.wrap_train`, state donated)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+    from nfnets_jax import losses  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+    axis, settings = step_lib.AXIS_NAME, step.settings
+    state = step.abstract_state()
+    images, labels = step.batch_shapes["images"], step.batch_shapes["labels"]
+    compute_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, settings.compute_dtype), state.params)
+
+    def on_mesh(fn, in_specs):
+        return jax.jit(jax.shard_map(fn, mesh=step.backend.mesh, in_specs=in_specs, out_specs=P(), check_vma=False))
+
+    def logits(params, model_state, batch_images):
+        out, _ = step.forward.apply(params, model_state, jax.random.PRNGKey(0),
+                                    batch_images.astype(settings.compute_dtype), is_training=True)
+        return out.astype(jnp.float32)
+
+    def summed_grads(params, model_state, batch_images, batch_labels):
+        targets = jax.nn.one_hot(batch_labels, step.num_classes, dtype=jnp.float32)
+        loss = lambda p: jnp.mean(losses.softmax_cross_entropy(
+            logits(p, model_state, batch_images), targets, settings.label_smoothing))
+        return jax.lax.psum(jax.grad(loss)(params), axis)
+
+    bare = bare_train_step(step.forward, step.optimizer, settings)
+    return {
+        "step": (step.train, (state, step.batch_shapes)),
+        "step_state": (jax.jit(lambda s, b: step.train(s, b)[0], donate_argnums=(0,)), (state, step.batch_shapes)),
+        "bare": (step.backend.wrap_train(lambda s, b: (bare(s, b), {})), (state, step.batch_shapes)),
+        "fwd_bwd": (on_mesh(summed_grads, (P(), P(), P(axis), P(axis))),
+                    (compute_params, state.model_state, images, labels)),
+        "forward": (on_mesh(logits, (P(), P(), P(axis))), (compute_params, state.model_state, images)),
+    }
+
+
+def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
+    """Compiles `program` for its abstract `args` and reads the compiled executable's analyses
+    (`models.flops.xla_cost`, `analysis.step_cost.memory_of`); a TPU compiler's refusal to fit
+    the device is recorded, not raised."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from nfnets_jax.analysis.step_cost import memory_of  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.models.flops import xla_cost  # pylint: disable=import-outside-toplevel
+
+    start, start_cpu = time.perf_counter(), time.process_time()
+    try:
+        compiled = program.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return {"refused": str(error).strip().splitlines()[0][:400], "compile_s": time.perf_counter() - start}
+    # Wall time, and this process's CPU time (all threads), which other jobs on a shared host
+    # disturb far less.
+    compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+    cost, memory = xla_cost(compiled), memory_of(compiled)
+    seconds = cost["optimal_seconds"]
+    return {"estimate_ms": None if seconds is None else seconds * 1e3, "flops": cost["flops"],
+            "bytes_accessed": cost["bytes_accessed"], "peak_gib": memory["peak_estimate"] / 1024.0**3,
+            "compile_s": compile_s, "compile_cpu_s": compile_cpu_s}
+
+
+def _fits(result: dict[str, Any], target: str) -> bool:
+    return "refused" not in result and result["peak_gib"] <= memory_plan.HEADROOM * TARGET_HBM_GIB[target]
+
+
+def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str,
+             programs: Sequence[str] = PROGRAMS) -> dict[str, Any]:
+    """One JSON row: every program of `spec` compiled for one device of `target` (deviceless)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+
+    tpu = memory_plan.TPU_TARGETS[target]
+    device = memory_plan.target_device(tpu)
+    config = memory_plan.load_config(spec)
+    file_name = spec.partition(":")[0]
+    batch = per_device_batch or max(1, config.train.batch_size // memory_plan.RECIPE_DEVICES.get(file_name, 1))
+
+    def compile_all(use_remat: bool, names: Sequence[str], done: dict[str, Any]) -> dict[str, Any]:
+        config.train.remat = use_remat
+        built = build_programs(one_device_step.build(config, batch, device=device))
+        results = dict(done)
+        for name in names:
+            if name not in results:
+                results[name] = measure_program(*built[name])
+        return results
+
+    use_remat = remat == "on"
+    results = compile_all(use_remat, ["step"], {})
+    if remat == "auto" and not _fits(results["step"], target):
+        use_remat = True
+        results = compile_all(use_remat, ["step"], {})
+    step = results["step"]
+    problem = step.get("refused") or estimate_problem(
+        None if step["estimate_ms"] is None else step["estimate_ms"] / 1e3, step["flops"], tpu.peak_bf16_tflops)
+    if problem is None:  # a target without a usable estimate is not compiled further
+        results = compile_all(use_remat, programs, results)
+    return {
+        "config": spec, "model": config.model.name, "target": target, "device": device.device_kind,
+        "image_size": config.data.image_size, "per_device_batch": batch,
+        "compute_dtype": config.precision.compute_dtype, "remat": use_remat,
+        "choices": platform_choices(config, device.platform),
+        "estimate_valid": problem is None, "no_estimate_because": problem,
+        "programs": results, "runner_over_bare": runner_extras(results) if problem is None else None,
+        "jax": jax.__version__, "libtpu": _version("libtpu"),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ---- The Markdown table of docs/tpu_step_cost.md, from the JSON lines ----
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per config and target: the estimate of each program (ms), the runner over the bare
+    step and what its extras cost, bytes accessed and peak memory of the runner's step, compile times."""
+    head = ("| config | target | px | batch | remat | runner's step (ms) | bare step (ms) | runner / bare | "
+            "metrics (ms) | guard, means, RNG (ms) | fwd+bwd (ms) | forward (ms) | step TFLOP | step GB accessed | "
+            "step peak GiB | compile s (CPU s), step / bare | compiled with |")
+    columns = head.count("|") - 1
+    lines = [head, "|" + "---|" * columns]
+    for row in rows:
+        programs = row["programs"]
+        step, bare = programs.get("step", {}), programs.get("bare", {})
+        prefix = (f"| {row['config']} | {row['target']} | {row['image_size']} | {row['per_device_batch']} | "
+                  f"{'on' if row['remat'] else 'off'} | ")
+        if not row["estimate_valid"]:
+            lines.append(prefix + f"no estimate ({row['no_estimate_because']}) |" + " — |" * (columns - 6))
+            continue
+        extras = row["runner_over_bare"]
+        ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.2f}")
+        lines.append(prefix + " | ".join([
+            f"**{ms('step')}**", ms("bare"), _number(extras["ratio"], "{:.3f}×"),
+            _number(extras["metrics_ms"], "{:+.2f}"), _number(extras["guard_means_rng_ms"], "{:+.2f}"),
+            ms("fwd_bwd"), ms("forward"), _number(_scaled(step.get("flops"), 1e-12), "{:.2f}"),
+            _number(_scaled(step.get("bytes_accessed"), 1e-9), "{:.2f}"), _number(step.get("peak_gib"), "{:.2f}"),
+            f"{_compile_time(step)} / {_compile_time(bare)}",
+            _choices_cell(row.get("choices") or {}),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+TABLE_START, TABLE_END = "<!-- generated table: start -->", "<!-- generated table: end -->"
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON rows of a file of the benchmark's output (other lines are skipped)."""
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip().startswith("{")]
+
+
+def with_table(page: str, table: str) -> str:
+    """`page` with the text between its TABLE_START and TABLE_END markers replaced by `table`."""
+    start, end = page.find(TABLE_START), page.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the page has no {TABLE_START} ... {TABLE_END} markers to put the table between.")
+    return page[:start + len(TABLE_START)] + "\n" + table + "\n" + page[end:]
+
+
+def _compile_time(program: dict[str, Any]) -> str:
+    cpu = program.get("compile_cpu_s")
+    return _number(program.get("compile_s"), "{:.0f}") + ("" if cpu is None else f" ({cpu:.0f})")
+
+
+def _choices_cell(choices: dict[str, Any]) -> str:
+    recompute = str(choices.get("activation_backward", "")).startswith("recomputed")
+    return f"{choices.get('grouped_convs_as', '?')} convs, activations {'recomputed' if recompute else 'kept'}"
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+def _number(value: float | None, template: str) -> str:
+    return "—" if value is None else template.format(value)
+
+
+# ---- Command line ----
+
+def _child_command(spec: str, target: str, args: argparse.Namespace) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks.tpu_step_estimate", "--only", spec, "--targets", target,
+               "--remat", args.remat, "--programs", ",".join(args.programs)]
+    if args.per_device_batch:
+        command += ["--per_device_batch", str(args.per_device_batch)]
+    return command
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(DEFAULT_SPECS), help="comma-separated config specs")
+    parser.add_argument("--targets", default=",".join(memory_plan.TPU_TARGETS),
+                        help="comma-separated TPU targets: " + ", ".join(memory_plan.TPU_TARGETS))
+    parser.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated, of " + ", ".join(PROGRAMS))
+    parser.add_argument("--per_device_batch", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--remat", choices=["auto", "off", "on"], default="auto",
+                        help="auto: remat where the runner's step does not fit the target with headroom")
+    parser.add_argument("--table", metavar="JSONL", help="print the Markdown table of a file of JSON lines and exit")
+    parser.add_argument("--into", metavar="MD", help="with --table: write it between the page's generated-table "
+                        "markers instead of printing it")
+    args = parser.parse_args(argv)
+    if args.table:
+        table = markdown_table(read_rows(args.table))
+        if not args.into:
+            print(table)
+            return
+        with open(args.into, encoding="utf-8") as page:
+            text = page.read()
+        try:
+            text = with_table(text, table)
+        except ValueError as error:
+            parser.error(f"{args.into}: {error}")
+        with open(args.into, "w", encoding="utf-8") as page:
+            page.write(text)
+        return
+    specs = [s.strip() for s in args.only.split(",") if s.strip()]
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.programs = [p.strip() for p in args.programs.split(",") if p.strip()]
+    unknown = [t for t in targets if t not in memory_plan.TPU_TARGETS]
+    if unknown:
+        parser.error(f"unknown --targets {unknown}; choose from {list(memory_plan.TPU_TARGETS)}.")
+    if set(args.programs) - set(PROGRAMS) or not args.programs:
+        parser.error(f"--programs must be some of {list(PROGRAMS)}.")
+    missing = [s for s in specs if not (memory_plan.CONFIGS / s.partition(":")[0]).is_file()]
+    if missing or not specs:
+        parser.error(f"no config file for {missing or '--only'} in {memory_plan.CONFIGS}; e.g. {DEFAULT_SPECS[0]}")
+    if args.per_device_batch is not None and args.per_device_batch < 1:
+        parser.error("--per_device_batch must be >= 1")
+    try:
+        memory_plan.check_target(targets[0])
+    except ValueError as error:
+        parser.error(str(error))
+    if len(specs) * len(targets) > 1:  # one config and target per process (host memory, see module doc)
+        for spec in specs:
+            for target in targets:
+                child = subprocess.run(_child_command(spec, target, args), stdout=subprocess.PIPE, text=True,
+                                       check=False)
+                print(child.stdout, end="", flush=True)
+                if child.returncode:
+                    sys.exit(f"error: {spec} on {target} failed (exit {child.returncode}); its error is above.")
+        return
+    memory_plan.prepare_deviceless_compiles()
+    row = estimate(specs[0], targets[0], per_device_batch=args.per_device_batch, remat=args.remat,
+                   programs=args.programs)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()

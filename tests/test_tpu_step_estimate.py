@@ -1,0 +1,144 @@
+"""`benchmarks.tpu_step_estimate`: which TPU estimates are usable, how the runner's extras are
+attributed, the bare step it is compared with, and the table of the docs page."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import tpu_step_estimate as estimate_lib
+from experiments import memory_plan
+from nfnets_jax.train import one_device_step
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEEDS_LIBTPU = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="needs libtpu: pip install -c requirements/lock.txt -e \".[tpu-plan]\"")
+
+
+def test_only_a_positive_estimate_no_faster_than_the_flops_at_peak_is_usable():
+    flops = 1.32e12  # an F0 step at 32 images: 21.5 ms at a TPUv3 core's 61.5 TFLOP/s
+    assert estimate_lib.estimate_problem(0.0378, flops, 61.5) is None
+    assert estimate_lib.estimate_problem(flops / 61.5e12, flops, 61.5) is None  # exactly the roofline
+    assert "below the program's FLOPs at peak" in estimate_lib.estimate_problem(0.0100, flops, 61.5)
+    # libtpu 0.0.42.1's TPUv4 megacore: a negative estimate, never a number to divide by.
+    assert "-378" in estimate_lib.estimate_problem(-378.0, flops, 275.0)
+    assert estimate_lib.estimate_problem(0.0, flops, 275.0) is not None
+    assert estimate_lib.estimate_problem(float("nan"), flops, 275.0) is not None
+    assert "no run-time estimate" in estimate_lib.estimate_problem(None, flops, 61.5)
+
+
+def test_the_runner_over_the_bare_step_is_split_into_metrics_and_the_rest():
+    programs = {"step": {"estimate_ms": 40.0}, "step_state": {"estimate_ms": 39.0}, "bare": {"estimate_ms": 37.5}}
+    extras = estimate_lib.runner_extras(programs)
+    assert extras["ratio"] == pytest.approx(40.0 / 37.5)
+    assert extras["extra_ms"] == pytest.approx(2.5)
+    assert extras["metrics_ms"] == pytest.approx(1.0)
+    assert extras["guard_means_rng_ms"] == pytest.approx(1.5)
+    assert extras["metrics_ms"] + extras["guard_means_rng_ms"] == pytest.approx(extras["extra_ms"])
+    refused = {**programs, "bare": {"refused": "RESOURCE_EXHAUSTED: ..."}}
+    assert set(estimate_lib.runner_extras(refused).values()) == {None}
+
+
+def _row(target, valid=True):
+    program = {"estimate_ms": 36.7, "flops": 1.32e12, "bytes_accessed": 11.05e9, "peak_gib": 6.1, "compile_s": 355.0}
+    programs = {name: dict(program) for name in estimate_lib.PROGRAMS}
+    programs["bare"]["estimate_ms"] = 36.0
+    choices = {"grouped_convs_as": "xla", "activation_backward": "XLA's choice"}
+    return {"config": "nfnet.py:F0", "target": target, "image_size": 192, "per_device_batch": 32, "remat": False,
+            "choices": choices,
+            "estimate_valid": valid, "no_estimate_because": None if valid else "the compiler's estimate is -394 s",
+            "programs": programs,
+            "runner_over_bare": estimate_lib.runner_extras(programs) if valid else None}
+
+
+def test_the_docs_table_has_one_full_line_per_row_and_says_no_estimate_where_there_is_none():
+    table = estimate_lib.markdown_table([_row("tpu-v3"), _row("tpu-v4", valid=False)]).splitlines()
+    assert len(table) == 4 and len({line.count("|") for line in table}) == 1
+    assert "| nfnet.py:F0 | tpu-v3 | 192 | 32 | off | **36.70** | 36.00 | 1.019× |" in table[2]
+    assert "11.05" in table[2] and "355 / 355" in table[2] and "xla convs, activations kept" in table[2]
+    assert "no estimate (the compiler's estimate is -394 s)" in table[3] and "36.70" not in table[3]
+
+
+def test_bad_arguments_are_one_error_before_any_compile(capsys):
+    for argv in (["--targets", "tpu-v9"], ["--programs", "step,train"], ["--only", "nope.py:F0"],
+                 ["--per_device_batch", "0"]):
+        with pytest.raises(SystemExit):
+            estimate_lib.main(argv)
+        assert "error:" in capsys.readouterr().err
+
+
+def test_the_table_mode_reads_json_lines(tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("# a comment line\n" + "\n".join(json.dumps(_row(t)) for t in ("tpu-v3", "tpu-v5e")) + "\n")
+    estimate_lib.main(["--table", str(path)])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and "tpu-v5e" in out[3]
+
+
+def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, capsys):
+    rows, page = tmp_path / "rows.jsonl", tmp_path / "page.markdown"
+    rows.write_text(json.dumps(_row("tpu-v3")) + "\n")
+    page.write_text(f"# Title\n\n{estimate_lib.TABLE_START}\nold table\n{estimate_lib.TABLE_END}\n\nafter\n")
+    estimate_lib.main(["--table", str(rows), "--into", str(page)])
+    text = page.read_text()
+    table = estimate_lib.markdown_table(estimate_lib.read_rows(rows))
+    assert text == f"# Title\n\n{estimate_lib.TABLE_START}\n{table}\n{estimate_lib.TABLE_END}\n\nafter\n"
+    page.write_text("no markers")
+    with pytest.raises(SystemExit):
+        estimate_lib.main(["--table", str(rows), "--into", str(page)])
+    assert "markers" in capsys.readouterr().err and page.read_text() == "no markers"
+
+
+def test_the_docs_page_shows_the_table_of_its_json_lines():
+    docs = pathlib.Path(REPO_ROOT) / "docs"
+    rows = estimate_lib.read_rows(docs / "tpu_step_cost.jsonl")
+    assert rows and {"nfnet.py:F0"} <= {row["config"] for row in rows}
+    page = (docs / "tpu_step_cost.md").read_text(encoding="utf-8")
+    assert estimate_lib.with_table(page, estimate_lib.markdown_table(rows)) == page
+
+
+@pytest.mark.slow
+def test_the_bare_step_is_the_runners_step_without_its_extras():
+    """Independent of the benchmark's code: one step of each from the same state and batch gives the
+    same params, optimizer state and EMA (the digits NFNet without dropout, so no RNG is drawn and
+    the runner's key folding cannot matter; its device mean over one device is the identity)."""
+    config = memory_plan.load_config("digits.py")
+    config.model.kwargs.drop_rate = 0.0
+    step = one_device_step.build(config, 8)
+    programs = estimate_lib.build_programs(step)
+    state, batch = jax.jit(step.init_state)(), step.random_batch()
+    copy = lambda tree: jax.tree.map(np.array, tree)
+    runner_state, _ = step.train(jax.tree.map(jax.numpy.array, copy(state)), batch)
+    bare_state, no_metrics = programs["bare"][0](jax.tree.map(jax.numpy.array, copy(state)), batch)
+    for name in ("params", "opt_state", "ema_params"):
+        want, got = copy(getattr(runner_state, name)), copy(getattr(bare_state, name))
+        assert jax.tree.structure(want) == jax.tree.structure(got)
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert int(bare_state.step) == int(runner_state.step) == 1 and no_metrics == {}
+
+
+@pytest.mark.slow
+@NEEDS_LIBTPU
+def test_every_program_is_compiled_for_the_tpu_and_the_runner_costs_at_least_the_bare_step():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.tpu_step_estimate", "--only", "digits.py",
+                             "--targets", "tpu-v3", "--per_device_batch", "16"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["device"] == "TPU v3" and row["estimate_valid"]
+    # Compiled for a TPU from this CPU host: the TPU's choices, not the CPU's.
+    assert row["choices"]["grouped_convs_as"] == "xla" and row["choices"]["activation_backward"] == "XLA's choice"
+    programs = row["programs"]
+    ms = {name: programs[name]["estimate_ms"] for name in estimate_lib.PROGRAMS}
+    assert ms["forward"] < ms["fwd_bwd"] < ms["bare"] <= ms["step_state"] <= ms["step"]
+    # The backward pass does about twice the forward's convolution FLOPs.
+    assert 2.5 < programs["fwd_bwd"]["flops"] / programs["forward"]["flops"] < 3.5
+    assert row["runner_over_bare"]["ratio"] == pytest.approx(ms["step"] / ms["bare"])
