@@ -11,10 +11,10 @@ registered checksums, cannot use them, and it would download from the network an
 This builder reads the files from a manual folder instead (TFDS's `manual_dir`), never from the
 network, and checks them with its own checksums: the SHA-256 of each *decompressed* idx payload,
 which holds for Debian's files and for Zalando's originals alike (a re-compression cannot change
-it). `download_and_prepare` writes the usual TFRecord copy under the data_dir, once; `tfds.load`
-and the input pipeline (`sources.tfds_source`) then read that copy as they read any other TFDS
-dataset. Importing this module registers the builder with TFDS (`tfds build fashion_mnist_local
---imports nfnets_jax.data.fashion_mnist --manual_dir=...` works too).
+it). `download_and_prepare` writes the usual TFRecord copy under the data_dir, once; the input
+pipeline (`sources.tfds_source`) then reads that copy as it reads any other TFDS dataset.
+Importing this module registers the builder, so `tfds.load("fashion_mnist_local", data_dir=...)`
+works too.
 
 Images are stored as they are, 28×28×1; the pipeline replicates the grey channel to RGB
 (`sources.tfds_source`) because every model here takes 3-channel NHWC input.
