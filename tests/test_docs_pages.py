@@ -49,3 +49,14 @@ def test_the_readme_python_example_names_what_exists():
     assert callable(models.make_forward) and callable(train.build_experiment) and callable(train.run)
     config = config_files.load_config("digits")
     assert config.model.name and config_files.load_config("nfnet:F0").data.image_size == 192
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "docs").glob("*.md")
+                                        if "<!-- generated: runs start -->" in p.read_text()))
+def test_every_rendered_run_section_is_what_its_json_records_say(page):
+    from experiments import generated_section, run_record  # pylint: disable=import-outside-toplevel
+    text = generated_section.section((ROOT / "docs" / page).read_text(), run_record.SECTION)
+    names = run_record.rendered_from(text)
+    assert text == run_record.render_section(str(ROOT / "docs"), names), (
+        f"docs/{page} differs from its records: python -m experiments.run_record --page=docs/{page} "
+        f"--records={','.join('docs/' + n for n in names)}")
