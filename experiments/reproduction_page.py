@@ -166,7 +166,7 @@ def _spp(record: dict[str, Any], doc_dir: str) -> str:
 
 TITLES = {
     "agc": "1. AGC makes large-batch, large-LR training stable (paper §4, Fig. 2)",
-    "nf_vs_bn": "2. Normalizer-free matches BatchNorm and is cheaper (paper §3, §5)",
+    "nf_vs_bn": "2. Normalizer-free vs BatchNorm: accuracy and cost (paper §3, §5)",
     "cost": "3. The cost of AGC and of the modified SAM (paper §4, §6.1)",
     "spp": "4. Signal propagation with an image-like probe (NF-ResNet paper §4)",
 }

@@ -96,15 +96,15 @@ def test_a_page_is_rendered_between_its_markers_and_names_its_records(tmp_path, 
     results.mkdir()
     (results / "a.json").write_text(json.dumps(_record(0.9, 0.8)))
     (results / "a.png").write_bytes(b"png")
-    page = tmp_path / "page.md"
+    page = tmp_path / "page.markdown"
     page.write_text("# Title\n\nbefore\n<!-- generated: runs start -->\nold\n<!-- generated: runs end -->\nafter\n")
     monkeypatch.chdir(tmp_path)
-    run_record.main(["--page=page.md", "--records=results/a.json"])
+    run_record.main(["--page=page.markdown", "--records=results/a.json"])
     text = page.read_text()
     assert text.startswith("# Title\n\nbefore\n<!-- generated: runs start -->\n<!-- rendered from: results/a.json -->\n")
     assert text.endswith("<!-- generated: runs end -->\nafter\n") and "old" not in text
     assert "![Training curves of the run shown](results/a.png)" in text
     page.write_text("no markers")
     with pytest.raises(SystemExit):
-        run_record.main(["--page=page.md", "--records=results/a.json"])
+        run_record.main(["--page=page.markdown", "--records=results/a.json"])
     assert page.read_text() == "no markers"
