@@ -60,3 +60,13 @@ def test_every_rendered_run_section_is_what_its_json_records_say(page):
     assert text == run_record.render_section(str(ROOT / "docs"), names), (
         f"docs/{page} differs from its records: python -m experiments.run_record --page=docs/{page} "
         f"--records={','.join('docs/' + n for n in names)}")
+
+
+def test_the_readme_quotes_the_tpu_step_estimate_of_its_json_line():
+    import json  # pylint: disable=import-outside-toplevel
+    rows = [json.loads(line) for line in (ROOT / "docs" / "tpu_step_cost.jsonl").read_text().splitlines()
+            if line.startswith("{")]
+    f0_v3 = [r for r in rows if r["config"] == "nfnet.py:F0" and r["target"] == "tpu-v3"][-1]
+    row = [line for line in (ROOT / "README.md").read_text().splitlines() if "TPUv3 core (32 images" in line][0]
+    assert f"**{f0_v3['programs']['step']['estimate_ms']:.2f} ms**" in row
+    assert f"adds {100 * (f0_v3['runner_over_bare']['ratio'] - 1):.1f}% over a bare step" in row
