@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     compile_cache.enable(cache_dir)
     import jax  # pylint: disable=import-outside-toplevel
 
-    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import config_files, one_device_step  # pylint: disable=import-outside-toplevel
 
-    config = one_device_step.config_from_spec(args.config)
+    config = config_files.load_config(args.config)
     config.precision.compute_dtype = "float32"
     config.optimizer.ema_decay = 0.0  # timm's step keeps no EMA
     config.data.image_size = args.res

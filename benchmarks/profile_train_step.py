@@ -53,7 +53,7 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.models import flops as flops_lib  # noqa: E402  pylint: disable=wrong-import-position
-from nfnets_jax.train import one_device_step  # noqa: E402  pylint: disable=wrong-import-position
+from nfnets_jax.train import config_files, one_device_step  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? (\w[\w-]*)\(")
@@ -186,7 +186,7 @@ def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype
     """Traces `steps` calls of pass `which` (one of `PASSES`); with `keep_dir`, also writes the trace and
     the compiled HLO there (`trace.json.gz`, `hlo.txt.gz`) so that a trace from another machine (a
     GPU) can be read later."""
-    config = one_device_step.config_from_spec(config_spec)
+    config = config_files.load_config(config_spec)
     config.precision.compute_dtype = dtype
     config.optimizer.ema_decay = 0.0
     config.data.image_size = res

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.models import flops as flops_lib
-from nfnets_jax.train import one_device_step
+from nfnets_jax.train import config_files, one_device_step
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def forward_macs_per_image(step: one_device_step.OneDeviceStep, image_size: int)
 def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: float | None,
             remat: bool = False) -> dict[str, Any]:
     """Compiles, warms up and times the train step; returns the JSON record."""
-    config = one_device_step.config_from_spec(config_spec)
+    config = config_files.load_config(config_spec)
     config.precision.compute_dtype = dtype
     config.train.remat = remat
     step = one_device_step.build(config, batch)

@@ -135,11 +135,11 @@ def all_config_specs() -> list[str]:
 
 def load_config(spec: str):
     """The config of `file.py:arg` from configs/ (a trailing `+` swaps NFNet-Fk for Fk+)."""
-    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import config_files  # pylint: disable=import-outside-toplevel
 
     file_name, _, arg = spec.partition(":")
     plus = arg.endswith("+")
-    config = one_device_step.config_from_spec(f"{CONFIGS / file_name}:{arg.rstrip('+')}")
+    config = config_files.load_config(f"{CONFIGS / file_name}:{arg.rstrip('+')}")
     if plus:
         if file_name != "nfnet.py":
             raise ValueError(f"{spec}: only NFNet configs have '+' (wide) variants.")

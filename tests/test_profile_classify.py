@@ -43,9 +43,9 @@ def test_every_convolution_and_dot_lands_in_its_bucket():
 def _forward_macs(config_spec: str, batch: int, res: int) -> int:
     """Multiply-adds of the eval forward's convs and dots, counted on its jaxpr (models/flops.py)."""
     from nfnets_jax.models import flops  # pylint: disable=import-outside-toplevel
-    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import config_files, one_device_step  # pylint: disable=import-outside-toplevel
 
-    config = one_device_step.config_from_spec(config_spec)
+    config = config_files.load_config(config_spec)
     config.data.image_size = res
     step = one_device_step.build(config, batch)
     state = step.abstract_state()
