@@ -182,11 +182,11 @@ def build_programs(step) -> dict[str, tuple[Callable, tuple]]:
 
 def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     """Compiles `program` for its abstract `args` and reads the compiled executable's analyses
-    (`models.flops.xla_cost`, `analysis.step_cost.memory_of`); a TPU compiler's refusal to fit
+    (`models.flops.xla_cost`, `analysis.compiled_memory`); a TPU compiler's refusal to fit
     the device is recorded, not raised."""
     import jax  # pylint: disable=import-outside-toplevel
 
-    from nfnets_jax.analysis.step_cost import memory_of  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.analysis.compiled_memory import compiled_memory  # pylint: disable=import-outside-toplevel
     from nfnets_jax.models.flops import xla_cost  # pylint: disable=import-outside-toplevel
 
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -199,10 +199,10 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     # Wall time, and this process's CPU time (all threads), which other jobs on a shared host
     # disturb far less.
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    cost, memory = xla_cost(compiled), memory_of(compiled)
+    cost, memory = xla_cost(compiled), compiled_memory(compiled)
     seconds = cost["optimal_seconds"]
     return {"estimate_ms": None if seconds is None else seconds * 1e3, "flops": cost["flops"],
-            "bytes_accessed": cost["bytes_accessed"], "peak_gib": memory["peak_estimate"] / 1024.0**3,
+            "bytes_accessed": cost["bytes_accessed"], "peak_gib": memory.peak_gib,
             "compile_s": compile_s, "compile_cpu_s": compile_cpu_s}
 
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
+from nfnets_jax.analysis.compiled_memory import compiled_memory
 from nfnets_jax.models import flops as flops_lib
 from nfnets_jax.train import config_files, one_device_step
 
@@ -65,7 +66,7 @@ def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: f
     compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
     compile_s = time.perf_counter() - start
     flops = flops_lib.xla_flops(compiled)
-    memory = compiled.memory_analysis()
+    memory = compiled_memory(compiled)
     model_flops = 3 * 2 * forward_macs_per_image(step, config.data.image_size) * batch
     state, data = jax.jit(step.init_state)(), step.random_batch()
     state, _ = jax.block_until_ready(compiled(state, data))  # warm-up
@@ -91,8 +92,7 @@ def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: f
         "achieved_tflops": round(achieved, 2),
         "peak_tflops": peak_tflops,
         "mfu": None if not peak_tflops else round(achieved / peak_tflops, 4),
-        "peak_memory_gib": round((memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**30, 2),
+        "peak_memory_gib": round(memory.peak_gib, 2),
         "compile_s": round(compile_s, 1), "loss_finite": bool(metrics["nonfinite"] == 0),
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
     }

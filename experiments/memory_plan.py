@@ -209,7 +209,7 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
     """
     import jax  # pylint: disable=import-outside-toplevel
 
-    from nfnets_jax.analysis.step_cost import memory_of  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.analysis.compiled_memory import GIB, compiled_memory  # pylint: disable=import-outside-toplevel
     from nfnets_jax.models.flops import xla_flops  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
@@ -240,8 +240,7 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
                    temp_gib=temporaries, peak_gib=nan, gflops=None, compile_s=time.perf_counter() - start,
                    compiled_for=device.device_kind, out_of_memory=message, peak_at_least_gib=peak_at_least)
     compile_s = time.perf_counter() - start
-    memory = memory_of(compiled)
-    gib = 1024.0**3
+    memory = compiled_memory(compiled)
     flops = xla_flops(compiled)
     step_s = None
     if time_steps > 0:
@@ -254,8 +253,8 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
         step_s = (time.perf_counter() - start) / time_steps
     return Row(config=spec, model=config.model.name, image_size=config.data.image_size, per_device_batch=batch,
                compute_dtype=config.precision.compute_dtype, remat=remat,
-               argument_gib=memory["argument_size_in_bytes"] / gib, output_gib=memory["output_size_in_bytes"] / gib,
-               temp_gib=memory["temp_size_in_bytes"] / gib, peak_gib=memory["peak_estimate"] / gib,
+               argument_gib=memory.argument_bytes / GIB, output_gib=memory.output_bytes / GIB,
+               temp_gib=memory.temp_bytes / GIB, peak_gib=memory.peak_gib,
                gflops=None if flops is None else flops / 1e9, compile_s=compile_s, step_s=step_s,
                compiled_for=(device.device_kind if device is not None else jax.devices()[0].device_kind))
 

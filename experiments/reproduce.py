@@ -286,7 +286,7 @@ def run_nf_vs_bn(settings: NfVsBnSettings, out: str, progress: Progress) -> dict
                           "diverged": [r["diverged"] for r in results],
                           "agc_clipping": None if math.isinf(clipping) else clipping}
         progress.advance(40 + 20 + len(specs) * settings.epochs, f"nf_vs_bn: trained {name}")
-    rows = {step.name: {"step_time": timings[step.name], "memory": step.memory,
+    rows = {step.name: {"step_time": timings[step.name], "memory": step.memory.as_record(),
                         "compile_seconds": step.compile_seconds, "accuracy": accuracy[step.name]}
             for step in compiled}
     png = _bar_figure(
@@ -325,7 +325,7 @@ def _time_variants(label: str, forward, images, labels, repeats: int, steps_per_
     over_agc = step_cost.ratios(timings, "AGC")
     return {"timings": timings, "ratio_to_plain": ratios, "ratio_to_agc": over_agc,
             "compile_seconds": {step.name: step.compile_seconds for step in compiled},
-            "memory": {step.name: step.memory for step in compiled},
+            "memory": {step.name: step.memory.as_record() for step in compiled},
             "batch": int(images.shape[0]), "image_size": int(images.shape[1])}
 
 
