@@ -45,12 +45,10 @@ import time
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import command_line
 from nfnets_jax.runtime import host_memory, provenance
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNNER = pathlib.Path(__file__).with_name("timm_runner.py")
 TIMM_PYTHON_ENV = "NFNETS_TIMM_PYTHON"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -160,10 +158,9 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "nfnet.py"
+DEFAULT_CONFIG = "nfnet.py:F0"
 FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Our side's config[:arg] (default: configs/nfnet.py:F0), "
-                                          "run in float32 without EMA.", lock_config=True, flag_values=FLAGS)
+_CONFIG = command_line.define_config_flag(FLAGS, "of our side, run in float32 without EMA", DEFAULT_CONFIG)
 flags.DEFINE_string("timm_python", os.environ.get(TIMM_PYTHON_ENV),
                     f"Python of a venv with torch + timm (default: ${TIMM_PYTHON_ENV}).", flag_values=FLAGS)
 flags.DEFINE_string("timm_model", "dm_nfnet_f0", "timm's model name.", flag_values=FLAGS)
@@ -180,7 +177,7 @@ flags.DEFINE_bool("skip_compile_cache", False, "Do not measure the cold vs cache
 
 def main(argv: list[str] | None = None) -> None:
     command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
-                             default_config=f"{DEFAULT_CONFIG}:F0", flag_values=FLAGS, multihost=False,
+                             default_config=command_line.project_config(DEFAULT_CONFIG), flag_values=FLAGS, multihost=False,
                              positional=False)
     args = FLAGS
     timm_python = check_timm_python(args.timm_python)

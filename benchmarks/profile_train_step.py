@@ -56,10 +56,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import ml_collections  # noqa: E402  pylint: disable=wrong-import-position
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
-from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 from experiments import command_line  # noqa: E402  pylint: disable=wrong-import-position
-
 from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.models import flops as flops_lib  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.train import one_device_step  # noqa: E402  pylint: disable=wrong-import-position
@@ -249,10 +247,9 @@ def profile(config: ml_collections.ConfigDict, config_name: str, batch: int, ste
     }
 
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "nfnet.py"
+DEFAULT_CONFIG = "nfnet.py:F0"
 FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config[:arg] whose model and step are profiled (default: "
-                                          "configs/nfnet.py:F0).", lock_config=True, flag_values=FLAGS)
+_CONFIG = command_line.define_config_flag(FLAGS, "whose model and step are profiled", DEFAULT_CONFIG)
 flags.DEFINE_integer("batch", 8, "Images per step.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("steps", 1, "Traced passes.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (float32: the compare_timm setup).",
@@ -266,7 +263,7 @@ flags.DEFINE_enum("pass", "train", list(PASSES), "The train step, or the inferen
 
 def main(argv: list[str] | None = None) -> None:
     command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
-                             default_config=f"{DEFAULT_CONFIG}:F0", flag_values=FLAGS, multihost=False,
+                             default_config=command_line.project_config(DEFAULT_CONFIG), flag_values=FLAGS, multihost=False,
                              positional=False)
     args = FLAGS
     host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)

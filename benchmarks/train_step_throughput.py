@@ -40,16 +40,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import command_line
-
-from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
+from nfnets_jax.runtime import host_memory, provenance
 from nfnets_jax.analysis.compiled_memory import compiled_memory
 from nfnets_jax.models import flops as flops_lib
 from nfnets_jax.train import one_device_step
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def forward_macs_per_image(step: one_device_step.OneDeviceStep, image_size: int) -> int:
@@ -129,10 +126,9 @@ def largest_batch(config: ml_collections.ConfigDict, start: int = 32, limit: int
     return low
 
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "nfnet.py"
+DEFAULT_CONFIG = "nfnet.py:F0"
 FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config[:arg] whose train step is timed (default: "
-                                          "configs/nfnet.py:F0).", lock_config=True, flag_values=FLAGS)
+_CONFIG = command_line.define_config_flag(FLAGS, "whose train step is timed", DEFAULT_CONFIG)
 flags.DEFINE_integer("batch", 32, "Per-device batch; 0 = the largest that fits.", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_float("peak_tflops", None, "The device's dense peak for the config's compute dtype (for the MFU).",
@@ -141,7 +137,7 @@ flags.DEFINE_float("peak_tflops", None, "The device's dense peak for the config'
 
 def main(argv: list[str] | None = None) -> None:
     command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
-                             default_config=f"{DEFAULT_CONFIG}:F0", flag_values=FLAGS, multihost=False,
+                             default_config=command_line.project_config(DEFAULT_CONFIG), flag_values=FLAGS, multihost=False,
                              positional=False)
     args, config = FLAGS, _CONFIG.value
     name = pathlib.Path(command_line.config_spec(FLAGS)).name

@@ -168,6 +168,24 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object] | None = 
     return remaining
 
 
+def define_config_flag(flag_values: flags.FlagValues, purpose: str, default: str) -> flags.FlagHolder:
+    """The `--config=FILE[:arg]` flag of a program driven by one config, with `--config.a.b=value`
+    overrides as `experiments.train` takes them (locked: a misspelt field is an error). It has no
+    default of its own (see `_config_first`): pass `default_config=project_config(default)` to
+    `parse_flags`; `default` is only named in the help."""
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+    return config_flags.DEFINE_config_file("config", None, f"Config file[:arg] {purpose} (default: configs/{default}).",
+                                           lock_config=True, flag_values=flag_values)
+
+
+def project_config(spec: str) -> str:
+    """`spec` (`nfnet.py:F0`) as the path of one of the project's config files, from any folder."""
+    from nfnets_jax.train import config_files  # pylint: disable=import-outside-toplevel  (no jax)
+
+    return str(config_files.configs_folder() / spec)
+
+
 def config_spec(flag_values: flags.FlagValues = flags.FLAGS) -> str:
     """The `--config` value a program ran with (file[:arg]), for its outputs to name."""
     from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
