@@ -56,7 +56,7 @@ def test_config_driven_programs_take_config_overrides_and_name_a_misspelt_field(
      "nf_resnet50 has no grouped convolutions"),
     ("benchmarks.grouped_conv_grads", ["--shape=8,12,768,5,1"], "5 groups do not divide 768"),
     ("benchmarks.grouped_conv_grads", ["--shape=8,12"], "want 5 to 7 positive integers"),
-    ("benchmarks.tpu_step_estimate", ["--into=page.md"], "pass --table too"),
+    ("benchmarks.tpu_step_estimate", ["--into=some_page"], "pass --table too"),
     ("benchmarks.train_step_throughput", ["--steps=0"], "flag --steps=0: 0 is not a positive integer"),
     ("benchmarks.compare_timm", ["--timm_python="], "--timm_python=/path/to/venv/bin/python"),
     ("tools/make_timm_golden.py", ["--seed=-1"], "flag --seed=-1"),
