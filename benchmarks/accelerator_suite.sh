@@ -38,5 +38,5 @@ plan=$!
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 stage 140 "$out/throughput.jsonl" python3 -m benchmarks.train_step_throughput --batch 32 --steps 20 --peak_tflops "$peak"
 stage 140 "$out/throughput.jsonl" python3 -m benchmarks.train_step_throughput --batch 256 --steps 10 --peak_tflops "$peak"
-stage 130 "$out/profile.jsonl" python3 -m benchmarks.profile_train_step --dtype bfloat16 --batch 256 --res 192 --steps 3 --keep "$out"
+stage 130 "$out/profile.jsonl" python3 -m benchmarks.profile_train_step --dtype bfloat16 --batch 256 --config.data.image_size=192 --steps 3 --keep "$out"
 wait "$plan"; echo "=== memory plan rc=$? after $SECONDS s" | tee -a "$log"

@@ -7,13 +7,13 @@ see the same machine (a shared box's load changes from minute to minute):
   `configs/nfnet.py:F0`): forward, label-smoothed cross-entropy, backward, AGC, coupled weight
   decay, SGD-Nesterov update, float32, the recipe's dropout 0.2 and stochastic depth 0.25; EMA
   off, because timm's step has none. Inference: the eval forward.
-- **timm**: `benchmarks/timm_runner.py` under another venv's interpreter (`--timm-python`):
+- **timm**: `benchmarks/timm_runner.py` under another venv's interpreter (`--timm_python`):
   forward, cross-entropy, backward, timm's AGC, SGD-Nesterov with weight decay, the same dropout
   and drop-path rates. Inference: `model.eval()` under `torch.inference_mode()`.
 
 Our process first applies the runner's host-memory settings (`nfnets_jax/runtime/host_memory.py`: glibc
 keeps freed memory, so XLA:CPU's per-step scratch is not zero-filled by the kernel again each
-step); `page_faults_per_step` shows their effect on both sides, and `--timm-malloc-like-ours`
+step); `page_faults_per_step` shows their effect on both sides, and `--timm_malloc_like_ours`
 gives the timm process the same settings.
 
 It also reports our step's compile time twice: cold (an empty persistent compilation cache) and
@@ -21,18 +21,19 @@ as a resumed run sees it (the cache filled by the first compile; `nfnets_jax.run
 Prints one JSON line: medians, images/s, the ratios ours/timm, versions, and for every phase the
 CPU time that *other* processes took during it (`others_cores`: a value near 0 means an idle box).
 
-    python -m benchmarks.compare_timm --timm-python=/path/to/timm_venv/bin/python
-    python -m benchmarks.compare_timm --rounds 3 --steps 2 --res 192 --batch 8
+    python -m benchmarks.compare_timm --timm_python=/path/to/timm_venv/bin/python
+    python -m benchmarks.compare_timm --rounds=3 --steps=2 --batch=8 --config.data.image_size=224
+
+Our side's model and recipe come from `--config` (default `configs/nfnet.py:F0`, with
+`--config.a.b=value` overrides as `experiments.train` takes them), always in float32 and without
+EMA, as timm's step runs; timm's side gets its image size and dropout rates.
 
 torch and timm are never dependencies of this package; set up their venv as README, Speed says.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-
-from nfnets_jax.runtime import host_memory, provenance
 import os
 import pathlib
 import platform
@@ -43,7 +44,11 @@ import tempfile
 import time
 from typing import Any
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from absl import flags
+
+from experiments import command_line
+from nfnets_jax.runtime import host_memory, provenance
+
 RUNNER = pathlib.Path(__file__).with_name("timm_runner.py")
 TIMM_PYTHON_ENV = "NFNETS_TIMM_PYTHON"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -123,12 +128,12 @@ class TimmProcess:
 def check_timm_python(python: str | None) -> str:
     """The interpreter to run timm with; a clear error before any work when it is unusable."""
     if not python:
-        raise SystemExit(f"error: pass --timm-python=/path/to/venv/bin/python (or set {TIMM_PYTHON_ENV}): a "
-                         "Python with torch and timm (README, Speed, says how to make that venv).")
+        command_line.fail(f"pass --timm_python=/path/to/venv/bin/python (or set {TIMM_PYTHON_ENV}): a "
+                          "Python with torch and timm (docs/speed.md says how to make that venv).")
     probe = subprocess.run([python, "-c", "import torch, timm"], capture_output=True, text=True, check=False,
                            env={**os.environ, "PYTHONPATH": ""})
     if probe.returncode != 0 and "torchvision" not in probe.stderr:
-        raise SystemExit(f"error: {python} cannot import torch and timm:\n{probe.stderr.strip()[-600:]}")
+        command_line.fail(f"{python} cannot import torch and timm:\n{probe.stderr.strip()[-600:]}")
     return python
 
 
@@ -153,26 +158,28 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+DEFAULT_CONFIG = "nfnet.py:F0"
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+_CONFIG = command_line.define_config_flag(FLAGS, "of our side, run in float32 without EMA", DEFAULT_CONFIG)
+flags.DEFINE_string("timm_python", os.environ.get(TIMM_PYTHON_ENV),
+                    f"Python of a venv with torch + timm (default: ${TIMM_PYTHON_ENV}).", flag_values=FLAGS)
+flags.DEFINE_string("timm_model", "dm_nfnet_f0", "timm's model name.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 8, "Images per step, both sides.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 3, "Alternations of ours / timm.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("steps", 2, "Timed steps per side per round.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("threads", os.cpu_count() or 1, "torch intra-op threads.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("grouped_conv_impl", "auto", ["auto", "xla", "split"], "How our grouped convolutions are computed "
+                  "(nfnets_jax/models/grouped_conv.py).", flag_values=FLAGS)
+flags.DEFINE_bool("timm_malloc_like_ours", False, "Give the timm process the glibc malloc settings ours runs with "
+                  "(nfnets_jax/runtime/host_memory.py), as GLIBC_TUNABLES: a fairness check.", flag_values=FLAGS)
+flags.DEFINE_bool("skip_compile_cache", False, "Do not measure the cold vs cached compile time.", flag_values=FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--timm-python", default=os.environ.get(TIMM_PYTHON_ENV),
-                        help=f"Python of a venv with torch + timm (default: ${TIMM_PYTHON_ENV})")
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "nfnet.py") + ":F0")
-    parser.add_argument("--timm-model", default="dm_nfnet_f0")
-    parser.add_argument("--res", type=int, default=192)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of ours / timm")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
-    parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
-    parser.add_argument("--timm-malloc-like-ours", action="store_true",
-                        help="give the timm process the glibc malloc settings ours runs with "
-                             "(nfnets_jax/runtime/host_memory.py), as GLIBC_TUNABLES: a fairness check")
-    parser.add_argument("--skip-compile-cache", action="store_true",
-                        help="do not measure the cold vs cached compile time")
-    args = parser.parse_args(argv)
-    if min(args.res, args.batch, args.rounds, args.steps) < 1:
-        parser.error("--res, --batch, --rounds and --steps must be >= 1")
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
+                             default_config=command_line.project_config(DEFAULT_CONFIG), flag_values=FLAGS, multihost=False,
+                             positional=False)
+    args = FLAGS
     timm_python = check_timm_python(args.timm_python)
     # What the runner does on a CPU host before JAX starts (nfnets_jax/runtime/host_memory.py).
     host_memory_kept = host_memory.keep_freed_memory()
@@ -187,11 +194,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
-    config = one_device_step.config_from_spec(args.config)
+    config = _CONFIG.value.copy_and_resolve_references().unlock()
     config.precision.compute_dtype = "float32"
     config.optimizer.ema_decay = 0.0  # timm's step keeps no EMA
-    config.data.image_size = args.res
     config.model.kwargs.grouped_conv_impl = args.grouped_conv_impl
+    res = config.data.image_size
 
     def build_and_compile():
         step = one_device_step.build(config, args.batch)
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     timm_env = {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if args.timm_malloc_like_ours else None
     timm = TimmProcess(timm_python, timm_env)
     try:
-        timm_info = timm.ask(f"setup {args.timm_model} {args.res} {args.batch} {args.threads} "
+        timm_info = timm.ask(f"setup {args.timm_model} {res} {args.batch} {args.threads} "
                              f"{config.model.kwargs.drop_rate} {config.model.kwargs.stochdepth_rate}")
         timm.ask("train 1")  # warm-up
         timm.ask("infer 1")
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
 
     record: dict[str, Any] = {
         "benchmark": "compare_timm",
-        "setup": {"config": pathlib.Path(args.config).name, "timm_model": args.timm_model, "res": args.res,
+        "setup": {"config": pathlib.Path(command_line.config_spec(FLAGS)).name, "timm_model": args.timm_model, "res": res,
                   "batch": args.batch, "dtype": "float32", "rounds": args.rounds, "steps_per_round": args.steps,
                   "grouped_conv_impl": args.grouped_conv_impl, "torch_threads": args.threads,
                   "timm_malloc_like_ours": args.timm_malloc_like_ours},

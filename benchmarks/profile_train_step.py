@@ -26,13 +26,16 @@ compiled program and the rate the two give, and the load average. Needs nothing 
 from the Perfetto JSON that `jax.profiler` writes itself).
 
     python -m benchmarks.profile_train_step
-    python -m benchmarks.profile_train_step --grouped-conv-impl xla --steps 2
-    python -m benchmarks.profile_train_step --pass inference_kernels_once --steps 3
+    python -m benchmarks.profile_train_step --grouped_conv_impl=xla --steps=2
+    python -m benchmarks.profile_train_step --pass=inference_kernels_once --steps=3
+    python -m benchmarks.profile_train_step --config=configs/nfnet.py:F1 --config.data.image_size=224
+
+`--config` takes a config file[:arg] and `--config.a.b=value` overrides as `experiments.train`
+does; `--dtype` sets its compute dtype (default float32, the `benchmarks.compare_timm` setup).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -42,6 +45,7 @@ import pathlib
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any
@@ -50,7 +54,10 @@ from typing import Any
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
+import ml_collections  # noqa: E402  pylint: disable=wrong-import-position
+from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 
+from experiments import command_line  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.models import flops as flops_lib  # noqa: E402  pylint: disable=wrong-import-position
 from nfnets_jax.train import one_device_step  # noqa: E402  pylint: disable=wrong-import-position
@@ -181,16 +188,17 @@ def _compiled_pass(step: one_device_step.OneDeviceStep, which: str):
     return compiled, lambda: jax.block_until_ready(compiled(*args))
 
 
-def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype: str,
+def profile(config: ml_collections.ConfigDict, config_name: str, batch: int, steps: int, impl: str, dtype: str,
             keep_dir: str | None = None, which: str = "train") -> dict[str, Any]:
-    """Traces `steps` calls of pass `which` (one of `PASSES`); with `keep_dir`, also writes the trace and
-    the compiled HLO there (`trace.json.gz`, `hlo.txt.gz`) so that a trace from another machine (a
-    GPU) can be read later."""
-    config = one_device_step.config_from_spec(config_spec)
+    """Traces `steps` calls of pass `which` (one of `PASSES`) of `config`'s model and step at its
+    `data.image_size`, in `dtype`, EMA off; with `keep_dir`, also writes the trace and the compiled
+    HLO there (`trace.json.gz`, `hlo.txt.gz`) so that a trace from another machine (a GPU) can be
+    read later. `config_name` names the config in the record."""
+    config = config.copy_and_resolve_references().unlock()
     config.precision.compute_dtype = dtype
     config.optimizer.ema_decay = 0.0
-    config.data.image_size = res
     config.model.kwargs.grouped_conv_impl = impl
+    res = config.data.image_size
     step = one_device_step.build(config, batch)
     compiled, run = _compiled_pass(step, which)
     instructions = classify(compiled.as_text())
@@ -225,7 +233,7 @@ def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype
     with open("/proc/loadavg", encoding="ascii") as f:
         load = [float(v) for v in f.read().split()[:3]]
     return {
-        "config": pathlib.Path(config_spec).name, "pass": which, "batch": batch, "res": res, "dtype": dtype,
+        "config": config_name, "pass": which, "batch": batch, "res": res, "dtype": dtype,
         "grouped_conv_impl": impl, "steps": steps,
         "wall_ms_per_step": round(wall_s * 1e3, 1),
         "xla_gflop_per_step": None if flops is None else float(f"{flops / 1e9:.4g}"),
@@ -239,26 +247,31 @@ def profile(config_spec: str, batch: int, res: int, steps: int, impl: str, dtype
     }
 
 
+DEFAULT_CONFIG = "nfnet.py:F0"
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+_CONFIG = command_line.define_config_flag(FLAGS, "whose model and step are profiled", DEFAULT_CONFIG)
+flags.DEFINE_integer("batch", 8, "Images per step.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("steps", 1, "Traced passes.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (float32: the compare_timm setup).",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("grouped_conv_impl", "auto", ["auto", "xla", "split"], "How grouped convolutions are computed "
+                  "(nfnets_jax/models/grouped_conv.py).", flag_values=FLAGS)
+flags.DEFINE_string("keep", None, "A folder to copy the trace and the compiled HLO into.", flag_values=FLAGS)
+flags.DEFINE_enum("pass", "train", list(PASSES), "The train step, or the inference forward with weights "
+                  "standardised per call / once.", flag_values=FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "nfnet.py") + ":F0")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--res", type=int, default=192)
-    parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--grouped-conv-impl", default="auto", choices=["auto", "xla", "split"])
-    parser.add_argument("--keep", default=None, help="a folder to copy the trace and the compiled HLO into")
-    parser.add_argument("--pass", dest="which", default="train", choices=PASSES,
-                        help="the train step, or the inference forward with weights standardised per call / once")
-    args = parser.parse_args(argv)
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
+                             default_config=command_line.project_config(DEFAULT_CONFIG), flag_values=FLAGS, multihost=False,
+                             positional=False)
+    args = FLAGS
     host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)
-    if min(args.batch, args.res, args.steps) < 1:
-        parser.error("--batch, --res and --steps must be >= 1")
-    print(json.dumps({**profile(args.config, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype,
-                                  args.keep, args.which),
+    name = pathlib.Path(command_line.config_spec(FLAGS)).name
+    print(json.dumps({**profile(_CONFIG.value, name, args.batch, args.steps, args.grouped_conv_impl, args.dtype,
+                                  args.keep, args["pass"].value),
                       "provenance": provenance.collect()}),
           flush=True)
-
 
 if __name__ == "__main__":
     main()

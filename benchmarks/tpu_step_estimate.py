@@ -43,7 +43,6 @@ up to ~10 min and ~24 GB).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.metadata
 import json
@@ -55,7 +54,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from experiments import memory_plan
+from absl import flags
+
+from experiments import command_line, memory_plan
 
 PROGRAMS = ("step", "step_state", "bare", "fwd_bwd", "forward")
 DEFAULT_SPECS = tuple(f"nfnet.py:F{k}" for k in range(7))
@@ -182,11 +183,11 @@ def build_programs(step) -> dict[str, tuple[Callable, tuple]]:
 
 def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     """Compiles `program` for its abstract `args` and reads the compiled executable's analyses
-    (`models.flops.xla_cost`, `analysis.step_cost.memory_of`); a TPU compiler's refusal to fit
+    (`models.flops.xla_cost`, `analysis.compiled_memory`); a TPU compiler's refusal to fit
     the device is recorded, not raised."""
     import jax  # pylint: disable=import-outside-toplevel
 
-    from nfnets_jax.analysis.step_cost import memory_of  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.analysis.compiled_memory import compiled_memory  # pylint: disable=import-outside-toplevel
     from nfnets_jax.models.flops import xla_cost  # pylint: disable=import-outside-toplevel
 
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -199,10 +200,10 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     # Wall time, and this process's CPU time (all threads), which other jobs on a shared host
     # disturb far less.
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    cost, memory = xla_cost(compiled), memory_of(compiled)
+    cost, memory = xla_cost(compiled), compiled_memory(compiled)
     seconds = cost["optimal_seconds"]
     return {"estimate_ms": None if seconds is None else seconds * 1e3, "flops": cost["flops"],
-            "bytes_accessed": cost["bytes_accessed"], "peak_gib": memory["peak_estimate"] / 1024.0**3,
+            "bytes_accessed": cost["bytes_accessed"], "peak_gib": memory.peak_gib,
             "compile_s": compile_s, "compile_cpu_s": compile_cpu_s}
 
 
@@ -329,70 +330,79 @@ def _number(value: float | None, template: str) -> str:
 
 # ---- Command line ----
 
-def _child_command(spec: str, target: str, args: argparse.Namespace) -> list[str]:
-    command = [sys.executable, "-m", "benchmarks.tpu_step_estimate", "--only", spec, "--targets", target,
-               "--remat", args.remat, "--programs", ",".join(args.programs)]
-    if args.per_device_batch:
-        command += ["--per_device_batch", str(args.per_device_batch)]
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+flags.DEFINE_list("only", list(DEFAULT_SPECS), "Config specs file.py:arg, as experiments.memory_plan takes them.",
+                  flag_values=FLAGS)
+flags.DEFINE_list("targets", list(memory_plan.TPU_TARGETS), "TPU targets, of " + ", ".join(memory_plan.TPU_TARGETS),
+                  flag_values=FLAGS)
+flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile, of " + ", ".join(PROGRAMS), flag_values=FLAGS)
+flags.DEFINE_integer("per_device_batch", None, "Images per device (default: the recipe's).", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_enum("remat", "auto", ["auto", "off", "on"], "auto: remat where the runner's step does not fit the "
+                  "target with headroom.", flag_values=FLAGS)
+flags.DEFINE_string("table", None, "A file of this benchmark's JSON lines: print its Markdown table and exit.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("into", None, "With --table: write it between this page's generated-table markers instead of "
+                    "printing it.", flag_values=FLAGS)
+
+
+def _child_command(spec: str, target: str, programs: Sequence[str]) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks.tpu_step_estimate", f"--only={spec}", f"--targets={target}",
+               f"--remat={FLAGS.remat}", f"--programs={','.join(programs)}"]
+    if FLAGS.per_device_batch:
+        command.append(f"--per_device_batch={FLAGS.per_device_batch}")
     return command
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(DEFAULT_SPECS), help="comma-separated config specs")
-    parser.add_argument("--targets", default=",".join(memory_plan.TPU_TARGETS),
-                        help="comma-separated TPU targets: " + ", ".join(memory_plan.TPU_TARGETS))
-    parser.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated, of " + ", ".join(PROGRAMS))
-    parser.add_argument("--per_device_batch", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--remat", choices=["auto", "off", "on"], default="auto",
-                        help="auto: remat where the runner's step does not fit the target with headroom")
-    parser.add_argument("--table", metavar="JSONL", help="print the Markdown table of a file of JSON lines and exit")
-    parser.add_argument("--into", metavar="MD", help="with --table: write it between the page's generated-table "
-                        "markers instead of printing it")
-    args = parser.parse_args(argv)
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
+                             multihost=False, positional=False)
+    args = FLAGS
+    if args.into and not args.table:
+        command_line.fail("--into writes the table of --table=JSONL into a page: pass --table too.")
     if args.table:
-        table = markdown_table(read_rows(args.table))
+        try:
+            table = markdown_table(read_rows(args.table))
+        except (OSError, ValueError, KeyError) as error:
+            command_line.fail(f"--table={args.table}: cannot read its rows ({error}).")
         if not args.into:
             print(table)
             return
-        with open(args.into, encoding="utf-8") as page:
-            text = page.read()
         try:
-            text = with_table(text, table)
-        except ValueError as error:
-            parser.error(f"{args.into}: {error}")
+            with open(args.into, encoding="utf-8") as page:
+                text = with_table(page.read(), table)
+        except (OSError, ValueError) as error:
+            command_line.fail(f"--into={args.into}: {error}")
         with open(args.into, "w", encoding="utf-8") as page:
             page.write(text)
         return
-    specs = [s.strip() for s in args.only.split(",") if s.strip()]
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    args.programs = [p.strip() for p in args.programs.split(",") if p.strip()]
+    specs = [s.strip() for s in args.only if s.strip()]
+    targets = [t.strip() for t in args.targets if t.strip()]
+    programs = [p.strip() for p in args.programs if p.strip()]
     unknown = [t for t in targets if t not in memory_plan.TPU_TARGETS]
-    if unknown:
-        parser.error(f"unknown --targets {unknown}; choose from {list(memory_plan.TPU_TARGETS)}.")
-    if set(args.programs) - set(PROGRAMS) or not args.programs:
-        parser.error(f"--programs must be some of {list(PROGRAMS)}.")
+    if unknown or not targets:
+        command_line.fail(f"unknown --targets {unknown}; choose from {list(memory_plan.TPU_TARGETS)}.")
+    if set(programs) - set(PROGRAMS) or not programs:
+        command_line.fail(f"--programs must be some of {list(PROGRAMS)}.")
     missing = [s for s in specs if not (memory_plan.CONFIGS / s.partition(":")[0]).is_file()]
     if missing or not specs:
-        parser.error(f"no config file for {missing or '--only'} in {memory_plan.CONFIGS}; e.g. {DEFAULT_SPECS[0]}")
-    if args.per_device_batch is not None and args.per_device_batch < 1:
-        parser.error("--per_device_batch must be >= 1")
+        command_line.fail(f"no config file for {missing or '--only'} in {memory_plan.CONFIGS}; e.g. {DEFAULT_SPECS[0]}")
     try:
         memory_plan.check_target(targets[0])
     except ValueError as error:
-        parser.error(str(error))
+        command_line.fail(error)
     if len(specs) * len(targets) > 1:  # one config and target per process (host memory, see module doc)
         for spec in specs:
             for target in targets:
-                child = subprocess.run(_child_command(spec, target, args), stdout=subprocess.PIPE, text=True,
+                child = subprocess.run(_child_command(spec, target, programs), stdout=subprocess.PIPE, text=True,
                                        check=False)
                 print(child.stdout, end="", flush=True)
                 if child.returncode:
-                    sys.exit(f"error: {spec} on {target} failed (exit {child.returncode}); its error is above.")
+                    command_line.fail(f"{spec} on {target} failed (exit {child.returncode}); its error is above.")
         return
     memory_plan.prepare_deviceless_compiles()
     row = estimate(specs[0], targets[0], per_device_batch=args.per_device_batch, remat=args.remat,
-                   programs=args.programs)
+                   programs=programs)
     print(json.dumps(row), flush=True)
 
 

@@ -8,7 +8,7 @@ same way. Prints one JSON line; with the reference setup it includes the officia
 0.63 images/s and our speed-up over it.
 
     python -m benchmarks.train_step_latency                              # F0, grouped convs "auto"
-    python -m benchmarks.train_step_latency --grouped-conv-impl xla      # the official op
+    python -m benchmarks.train_step_latency --grouped_conv_impl=xla      # the official op
     python -m benchmarks.train_step_latency --model nfnet_f0 --batch 8 --res 192 --steps 3
 
 On a shared machine, read `loadavg` (1-, 5-, 15-minute load at the end of the run): with 2 cores,
@@ -17,9 +17,9 @@ a load above ~2 means other work shared the CPU and the times are inflated.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +27,9 @@ from typing import Any
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+from experiments import command_line
 from nfnets_jax.runtime import host_memory, provenance
 from nfnets_jax import losses, models
 from nfnets_jax.models import grouped_conv
@@ -112,29 +114,34 @@ def measure(
     return record
 
 
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+flags.DEFINE_string("model", "nfnet_f0", "Any name of nfnets_jax.models.list_models().", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 8, "Images per step.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("res", 192, "Image height = width, pixels.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("steps", 5, "Timed calls after compile + 1 warm-up.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and images in this dtype.", flag_values=FLAGS)
+flags.DEFINE_integer("num_classes", 1000, "Classes of the model's head.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("grouped_conv_impl", "auto", list(grouped_conv.GROUPED_CONV_IMPLS), "How grouped convs are "
+                  "computed (nfnets_jax/models/grouped_conv.py).", flag_values=FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="nfnet_f0", help="any name from nfnets_jax.models.list_models()")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--res", type=int, default=192, help="image height = width, pixels")
-    parser.add_argument("--steps", type=int, default=5, help="timed calls after compile + 1 warm-up")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument(
-        "--grouped-conv-impl", default="auto", choices=list(grouped_conv.GROUPED_CONV_IMPLS),
-        help="how grouped convs are computed (nfnets_jax/models/grouped_conv.py)",
-    )
-    args = parser.parse_args(argv)
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
+                             multihost=False, positional=False)
+    args = FLAGS
+    if args.model not in models.list_models():
+        command_line.fail(f"--model={args.model} is not a model of nfnets_jax.models; e.g. nfnet_f0, nf_resnet50 "
+                          "(nfnets_jax.models.list_models() lists them).")
+    if args.grouped_conv_impl != "auto" and not args.model.startswith(("nfnet", "nf_regnet")):
+        command_line.fail(f"--grouped_conv_impl={args.grouped_conv_impl}: {args.model} has no grouped convolutions "
+                          "(only the NFNets and NF-RegNets do); leave the flag out.")
     host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)
-    if args.steps < 1 or args.batch < 1:
-        parser.error("--steps and --batch must be at least 1")
     print(
         json.dumps(
             measure(args.model, args.batch, args.res, args.steps, args.grouped_conv_impl, args.dtype, args.num_classes)
         ),
         flush=True,
     )
-
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
 """Throughput and MFU of the runner's real train step on one device (made for GPUs and TPUs).
 
-Compiles `nfnets_jax.train.one_device_step` for a config (default `configs/nfnet.py:F0`, in the
-recipe's bfloat16) at a per-device batch and reports images/s, ms/step and the model FLOP
+Compiles `nfnets_jax.train.one_device_step` for a config (`--config`, default `configs/nfnet.py:F0`
+in the recipe's bfloat16, with `--config.a.b=value` overrides as `experiments.train` takes them)
+at a per-device batch and reports images/s, ms/step and the model FLOP
 utilisation (MFU) against the device's peak (`--peak_tflops`, the card's dense bf16 figure, e.g.
 989 for an H100/H200 SXM, 312 for an A100, 61.5 for one TPUv3 core, which is one JAX device).
 
@@ -22,26 +23,30 @@ to cuDNN (custom calls), so on a GPU it is far below the model's count.
 
     python -m benchmarks.train_step_throughput --batch 32 --peak_tflops 989
     python -m benchmarks.train_step_throughput --batch 0 --peak_tflops 989      # largest that fits
-    python -m benchmarks.train_step_throughput --dtype float32 --batch 8 --steps 3   # CPU smoke run
+    python -m benchmarks.train_step_throughput --batch 0 --config.train.remat=True   # ... with remat
+    python -m benchmarks.train_step_throughput --config.precision.compute_dtype=float32 --batch 8 --steps 3  # CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
+import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from absl import flags
 
-from nfnets_jax.runtime import host_memory, provenance  # noqa: E402  pylint: disable=wrong-import-position
+from experiments import command_line
+from nfnets_jax.runtime import host_memory, provenance
+from nfnets_jax.analysis.compiled_memory import compiled_memory
 from nfnets_jax.models import flops as flops_lib
 from nfnets_jax.train import one_device_step
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def forward_macs_per_image(step: one_device_step.OneDeviceStep, image_size: int) -> int:
@@ -54,18 +59,16 @@ def forward_macs_per_image(step: one_device_step.OneDeviceStep, image_size: int)
     return flops_lib.jaxpr_macs(jaxpr.jaxpr)
 
 
-def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: float | None,
-            remat: bool = False) -> dict[str, Any]:
-    """Compiles, warms up and times the train step; returns the JSON record."""
-    config = one_device_step.config_from_spec(config_spec)
-    config.precision.compute_dtype = dtype
-    config.train.remat = remat
+def measure(config: ml_collections.ConfigDict, config_name: str, batch: int, steps: int,
+            peak_tflops: float | None) -> dict[str, Any]:
+    """Compiles, warms up and times `config`'s train step (its compute dtype, its `train.remat`);
+    returns the JSON record, which names the config `config_name`."""
     step = one_device_step.build(config, batch)
     start = time.perf_counter()
     compiled = step.train.lower(step.abstract_state(), step.batch_shapes).compile()
     compile_s = time.perf_counter() - start
     flops = flops_lib.xla_flops(compiled)
-    memory = compiled.memory_analysis()
+    memory = compiled_memory(compiled)
     model_flops = 3 * 2 * forward_macs_per_image(step, config.data.image_size) * batch
     state, data = jax.jit(step.init_state)(), step.random_batch()
     state, _ = jax.block_until_ready(compiled(state, data))  # warm-up
@@ -82,8 +85,9 @@ def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: f
     pipelined = (time.perf_counter() - start) / steps
     achieved = model_flops / pipelined / 1e12
     return {
-        "config": pathlib.Path(config_spec).name, "model": config.model.name, "res": config.data.image_size,
-        "per_device_batch": batch, "dtype": dtype, "remat": remat, "steps": steps,
+        "config": config_name, "model": config.model.name, "res": config.data.image_size,
+        "per_device_batch": batch, "dtype": config.precision.compute_dtype, "remat": bool(config.train.remat),
+        "steps": steps,
         "ms_per_step": round(1e3 * pipelined, 2), "images_per_s": round(batch / pipelined, 2),
         "synced_ms_per_step": round(1e3 * synced, 2), "synced_step_times_ms": [round(1e3 * t, 2) for t in times],
         "model_tflop_per_step": round(model_flops / 1e12, 4),
@@ -91,16 +95,15 @@ def measure(config_spec: str, batch: int, dtype: str, steps: int, peak_tflops: f
         "achieved_tflops": round(achieved, 2),
         "peak_tflops": peak_tflops,
         "mfu": None if not peak_tflops else round(achieved / peak_tflops, 4),
-        "peak_memory_gib": round((memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**30, 2),
+        "peak_memory_gib": round(memory.peak_gib, 2),
         "compile_s": round(compile_s, 1), "loss_finite": bool(metrics["nonfinite"] == 0),
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
     }
 
 
-def _fits(config_spec: str, batch: int, dtype: str, remat: bool) -> bool:
+def _fits(config: ml_collections.ConfigDict, batch: int) -> bool:
     try:
-        measure(config_spec, batch, dtype, 1, None, remat)
+        measure(config, "", batch, 1, None)
         return True
     except Exception as error:  # pylint: disable=broad-except  # XLA reports OOM as several types
         if "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower():
@@ -108,38 +111,42 @@ def _fits(config_spec: str, batch: int, dtype: str, remat: bool) -> bool:
         raise
 
 
-def largest_batch(config_spec: str, dtype: str, remat: bool, start: int = 32, limit: int = 4096) -> int:
-    """The largest per-device batch whose step compiles and runs: doubling from `start`, then bisecting."""
-    if not _fits(config_spec, start, dtype, remat):
+def largest_batch(config: ml_collections.ConfigDict, start: int = 32, limit: int = 4096) -> int:
+    """The largest per-device batch whose step compiles and runs: doubling from `start`, then
+    bisecting; 0 when not even one image fits."""
+    if not _fits(config, start):
         low, high = 0, start
     else:
         low, high = start, start * 2
-        while high <= limit and _fits(config_spec, high, dtype, remat):
+        while high <= limit and _fits(config, high):
             low, high = high, high * 2
     while high - low > max(1, low // 16):  # stop within ~6%
         middle = (low + high) // 2
-        low, high = (middle, high) if _fits(config_spec, middle, dtype, remat) else (low, middle)
-    if low == 0:
-        raise SystemExit(f"error: {config_spec} does not fit even at batch 1 per device; try --remat.")
+        low, high = (middle, high) if _fits(config, middle) else (low, middle)
     return low
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "nfnet.py") + ":F0")
-    parser.add_argument("--batch", type=int, default=32, help="per-device batch; 0 = the largest that fits")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak for --dtype (dense)")
-    parser.add_argument("--remat", action="store_true", help="hk.remat around every block")
-    args = parser.parse_args(argv)
-    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)
-    if args.steps < 1 or args.batch < 0:
-        parser.error("--steps must be >= 1 and --batch >= 0")
-    batch = args.batch or largest_batch(args.config, args.dtype, args.remat)
-    print(json.dumps({**measure(args.config, batch, args.dtype, args.steps, args.peak_tflops, args.remat),
-                      "provenance": provenance.collect()}), flush=True)
+DEFAULT_CONFIG = "nfnet.py:F0"
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+_CONFIG = command_line.define_config_flag(FLAGS, "whose train step is timed", DEFAULT_CONFIG)
+flags.DEFINE_integer("batch", 32, "Per-device batch; 0 = the largest that fits.", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("peak_tflops", None, "The device's dense peak for the config's compute dtype (for the MFU).",
+                   lower_bound=0.0, flag_values=FLAGS)
 
+
+def main(argv: list[str] | None = None) -> None:
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
+                             default_config=command_line.project_config(DEFAULT_CONFIG), flag_values=FLAGS, multihost=False,
+                             positional=False)
+    args, config = FLAGS, _CONFIG.value
+    name = pathlib.Path(command_line.config_spec(FLAGS)).name
+    host_memory.keep_freed_memory()  # as the runner does on a CPU host (nfnets_jax/runtime/host_memory.py)
+    batch = args.batch or largest_batch(config)
+    if batch == 0:
+        command_line.fail(f"{name} does not fit even at batch 1 per device; try --config.train.remat=True.")
+    print(json.dumps({**measure(config, name, batch, args.steps, args.peak_tflops), "provenance": provenance.collect()}),
+          flush=True)
 
 if __name__ == "__main__":
     main()

@@ -112,7 +112,7 @@ def _check_config_file(spec: str) -> None:
 
 def parse_flags(argv: Sequence[str], load_config: Callable[[], object] | None = None, *,
                 default_config: str | None = None, flag_values: flags.FlagValues = flags.FLAGS,
-                multihost: bool = True) -> list[str]:
+                multihost: bool = True, positional: bool = True) -> list[str]:
     """absl's flag parsing, plus loading the config, with every error as one line (exit 1): the
     one way every program of this project reads its command line.
 
@@ -124,7 +124,9 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object] | None = 
     without `get_config`, refusing its `:arg`, or an override of a field that does not exist
     (`--config.train.batch_sise=64`, with ml_collections' own "did you mean") all fail here,
     before `main` runs. `default_config` is the file used when no `--config` is given (the config
-    flag itself must then be defined with no default).
+    flag itself must then be defined with no default). `positional=False`: a program that takes
+    flags only; a stray word (`--only nfnet.py:F0 F1`, a flag's value after a space where the
+    flag takes none) is an error rather than ignored.
     """
     from nfnets_jax.runtime import program_output  # pylint: disable=import-outside-toplevel  (no jax)
 
@@ -144,12 +146,14 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object] | None = 
         if multihost:
             check_multihost_flags()
         check_path_flags_not_empty(flag_values)
+        if not positional and len(remaining) > 1:
+            raise UserError(f"unexpected argument {remaining[1]!r}: this program takes --flags only.")
     except UserError as error:
         fail(error)
     except flags.Error as error:
         cause = error.__cause__ or error.__context__
-        if cause is None:
-            fail(f"{error}")
+        if cause is None or not str(error).startswith("flag --config"):
+            fail(f"{error}")  # absl's own line names the flag and what is wrong with its value
         # A config file's get_config raised (e.g. a variant it does not take): its own message.
         fail(f"bad config ({spec or 'the default'}): {_innermost_message(cause)}")
     except SystemExit as error:  # a config file that calls sys.exit() while it is loaded
@@ -162,6 +166,24 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object] | None = 
             raise  # not the user's config: a bug, keep the traceback
         fail(f"bad config ({spec or 'an override'}): {_innermost_message(error)}")
     return remaining
+
+
+def define_config_flag(flag_values: flags.FlagValues, purpose: str, default: str) -> flags.FlagHolder:
+    """The `--config=FILE[:arg]` flag of a program driven by one config, with `--config.a.b=value`
+    overrides as `experiments.train` takes them (locked: a misspelt field is an error). It has no
+    default of its own (see `_config_first`): pass `default_config=project_config(default)` to
+    `parse_flags`; `default` is only named in the help."""
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+    return config_flags.DEFINE_config_file("config", None, f"Config file[:arg] {purpose} (default: configs/{default}).",
+                                           lock_config=True, flag_values=flag_values)
+
+
+def project_config(spec: str) -> str:
+    """`spec` (`nfnet.py:F0`) as the path of one of the project's config files, from any folder."""
+    from nfnets_jax.train import config_files  # pylint: disable=import-outside-toplevel  (no jax)
+
+    return str(config_files.configs_folder() / spec)
 
 
 def config_spec(flag_values: flags.FlagValues = flags.FLAGS) -> str:

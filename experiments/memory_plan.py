@@ -29,7 +29,6 @@ which grows with the model (F3's compile peaked near 11 GB, F5's passed 16 GB on
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -39,6 +38,10 @@ import pathlib
 import re
 import sys
 import time
+
+from absl import flags
+
+from . import command_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -135,11 +138,11 @@ def all_config_specs() -> list[str]:
 
 def load_config(spec: str):
     """The config of `file.py:arg` from configs/ (a trailing `+` swaps NFNet-Fk for Fk+)."""
-    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.train import config_files  # pylint: disable=import-outside-toplevel
 
     file_name, _, arg = spec.partition(":")
     plus = arg.endswith("+")
-    config = one_device_step.config_from_spec(f"{CONFIGS / file_name}:{arg.rstrip('+')}")
+    config = config_files.load_config(f"{CONFIGS / file_name}:{arg.rstrip('+')}")
     if plus:
         if file_name != "nfnet.py":
             raise ValueError(f"{spec}: only NFNet configs have '+' (wide) variants.")
@@ -209,7 +212,7 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
     """
     import jax  # pylint: disable=import-outside-toplevel
 
-    from nfnets_jax.analysis.step_cost import memory_of  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.analysis.compiled_memory import GIB, compiled_memory  # pylint: disable=import-outside-toplevel
     from nfnets_jax.models.flops import xla_flops  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
@@ -240,8 +243,7 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
                    temp_gib=temporaries, peak_gib=nan, gflops=None, compile_s=time.perf_counter() - start,
                    compiled_for=device.device_kind, out_of_memory=message, peak_at_least_gib=peak_at_least)
     compile_s = time.perf_counter() - start
-    memory = memory_of(compiled)
-    gib = 1024.0**3
+    memory = compiled_memory(compiled)
     flops = xla_flops(compiled)
     step_s = None
     if time_steps > 0:
@@ -254,8 +256,8 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
         step_s = (time.perf_counter() - start) / time_steps
     return Row(config=spec, model=config.model.name, image_size=config.data.image_size, per_device_batch=batch,
                compute_dtype=config.precision.compute_dtype, remat=remat,
-               argument_gib=memory["argument_size_in_bytes"] / gib, output_gib=memory["output_size_in_bytes"] / gib,
-               temp_gib=memory["temp_size_in_bytes"] / gib, peak_gib=memory["peak_estimate"] / gib,
+               argument_gib=memory.argument_bytes / GIB, output_gib=memory.output_bytes / GIB,
+               temp_gib=memory.temp_bytes / GIB, peak_gib=memory.peak_gib,
                gflops=None if flops is None else flops / 1e9, compile_s=compile_s, step_s=step_s,
                compiled_for=(device.device_kind if device is not None else jax.devices()[0].device_kind))
 
@@ -279,33 +281,37 @@ def markdown_row(row: Row) -> str:
             f"{tflop} | " + " | ".join(verdict[fits[name]] for name in ACCELERATORS) + " |")
 
 
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+flags.DEFINE_list("only", [], "Config specs file.py:arg (e.g. nfnet.py:F0,nf_regnet.py:B0; a trailing + is the "
+                  "NFNet's F+ model); default: all of " + ", ".join(all_config_specs()), flag_values=FLAGS)
+flags.DEFINE_integer("per_device_batch", None, "Images per device (default: the recipe's).", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_enum("remat", "both", ["off", "on", "both"], "Compile without hk.remat, with it, or both.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("time_steps", 0, "Also time this many real steps per row (on an accelerator; slow on a CPU).",
+                     lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "One JSON line per row instead of a table.", flag_values=FLAGS)
+flags.DEFINE_enum("target", HERE, [HERE, *TPU_TARGETS], "Compile for JAX's backend here, or for one device of a "
+                  "TPU generation without a TPU (needs libtpu; see the module doc).", flag_values=FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated specs (e.g. nfnet.py:F0,nf_regnet.py:B0); "
-                        "default: all of " + ", ".join(all_config_specs()))
-    parser.add_argument("--per_device_batch", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--remat", choices=["off", "on", "both"], default="both")
-    parser.add_argument("--time_steps", type=int, default=0,
-                        help="also time this many real steps per row (on an accelerator; slow on a CPU)")
-    parser.add_argument("--json", action="store_true", help="one JSON line per row instead of a table")
-    parser.add_argument("--target", default=HERE, choices=[HERE, *TPU_TARGETS],
-                        help="compile for JAX's backend here, or for one device of a TPU generation without "
-                             "a TPU (needs libtpu; see the module doc)")
-    args = parser.parse_args(argv)
-    specs = [s.strip() for s in args.only.split(",") if s.strip()] or all_config_specs()
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
+                             multihost=False, positional=False)
+    args = FLAGS
+    specs = [s.strip() for s in args.only if s.strip()] or all_config_specs()
     missing = [s for s in specs if not (CONFIGS / s.partition(":")[0]).is_file()]
     if missing:
-        parser.error(f"no config file for {missing} in {CONFIGS}; e.g. " + ", ".join(all_config_specs()[:3]))
-    if args.per_device_batch is not None and args.per_device_batch < 1:
-        parser.error("--per_device_batch must be >= 1")
+        command_line.fail(f"--only: no config file for {missing} in {CONFIGS}; e.g. "
+                          + ", ".join(all_config_specs()[:3]))
     remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
     try:
         tpu = check_target(args.target)
     except ValueError as error:
-        parser.error(str(error))
+        command_line.fail(error)
     if tpu is not None:
         if args.time_steps:
-            parser.error("--time_steps needs the device itself; with a TPU --target the plan only compiles.")
+            command_line.fail("--time_steps needs the device itself; with a TPU --target the plan only compiles.")
         prepare_deviceless_compiles()
 
     import jax  # pylint: disable=import-outside-toplevel
@@ -314,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         device = target_device(tpu)
     except Exception as error:  # pylint: disable=broad-except  # libtpu's errors have no common type
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        parser.error(f"libtpu could not describe a {tpu.label} ({first_line}); install the libtpu this jax "
-                     f"pins: pip install -c requirements/lock.txt -e \".[tpu-plan]\"")
+        command_line.fail(f"libtpu could not describe a {tpu.label} ({first_line}); install the libtpu this jax "
+                          f"pins: pip install -c requirements/lock.txt -e \".[tpu-plan]\"")
     compiler = f"XLA:{jax.default_backend()}" if tpu is None else f"libtpu for one {tpu.label} (deviceless)"
     print(f"# Train-step memory per device, compiled by {compiler} (jax {jax.__version__}); "
           f"'fits' = peak <= {HEADROOM:.0%} of the device", flush=True)

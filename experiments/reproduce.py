@@ -22,7 +22,6 @@ A progress bar with the time left goes to stderr; one JSON line with the output 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -34,6 +33,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
+
+from . import command_line
 
 CLAIMS = ("agc", "nf_vs_bn", "cost", "spp")
 DEFAULT_OUT = os.path.join("docs", "reproduction")
@@ -286,7 +288,7 @@ def run_nf_vs_bn(settings: NfVsBnSettings, out: str, progress: Progress) -> dict
                           "diverged": [r["diverged"] for r in results],
                           "agc_clipping": None if math.isinf(clipping) else clipping}
         progress.advance(40 + 20 + len(specs) * settings.epochs, f"nf_vs_bn: trained {name}")
-    rows = {step.name: {"step_time": timings[step.name], "memory": step.memory,
+    rows = {step.name: {"step_time": timings[step.name], "memory": step.memory.as_record(),
                         "compile_seconds": step.compile_seconds, "accuracy": accuracy[step.name]}
             for step in compiled}
     png = _bar_figure(
@@ -325,7 +327,7 @@ def _time_variants(label: str, forward, images, labels, repeats: int, steps_per_
     over_agc = step_cost.ratios(timings, "AGC")
     return {"timings": timings, "ratio_to_plain": ratios, "ratio_to_agc": over_agc,
             "compile_seconds": {step.name: step.compile_seconds for step in compiled},
-            "memory": {step.name: step.memory for step in compiled},
+            "memory": {step.name: step.memory.as_record() for step in compiled},
             "batch": int(images.shape[0]), "image_size": int(images.shape[1])}
 
 
@@ -426,20 +428,22 @@ WORK_UNITS: dict[str, Callable[[Any], float]] = {
 }
 
 
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+flags.DEFINE_list("only", list(CLAIMS), f"Claims to run, of {','.join(CLAIMS)} (default: all).", flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Tiny sizes: checks the machinery in a few minutes.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, f"Directory for the JSON and PNG files (default: {DEFAULT_OUT}).", flag_values=FLAGS)
+flags.DEFINE_string("doc", None, f"The Markdown page to (re)write from every claim JSON in --out (default: "
+                    f"{DEFAULT_DOC} with the default --out, else <out>/reproduction.md).", flag_values=FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(CLAIMS),
-                        help=f"comma-separated claims to run, of {','.join(CLAIMS)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery in about a minute")
-    parser.add_argument("--out", default=None, help=f"directory for the JSON and PNG files (default: {DEFAULT_OUT})")
-    parser.add_argument("--doc", default=None,
-                        help=f"the Markdown page to (re)write from every claim JSON in --out "
-                             f"(default: {DEFAULT_DOC} with the default --out, else <out>/reproduction.md)")
-    args = parser.parse_args(argv)
-    claims = [claim for claim in args.only.split(",") if claim]
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
+                             multihost=False, positional=False)
+    args = FLAGS
+    claims = [claim for claim in args.only if claim]
     unknown = sorted(set(claims) - set(CLAIMS))
     if unknown or not claims:
-        parser.error(f"--only takes a comma-separated subset of {','.join(CLAIMS)}; got {args.only!r}.")
+        command_line.fail(f"--only takes a comma-separated subset of {','.join(CLAIMS)}; got {','.join(args.only)!r}.")
     out = args.out or DEFAULT_OUT
     doc = args.doc or (DEFAULT_DOC if args.out is None else os.path.join(out, "reproduction.md"))
     os.makedirs(out, exist_ok=True)
@@ -448,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     settings = QUICK if args.quick else FULL
     command = "python -m experiments.reproduce" + (" --quick" if args.quick else "") + \
-        ("" if args.only == ",".join(CLAIMS) else f" --only {args.only}")
+        ("" if claims == list(CLAIMS) else f" --only {','.join(claims)}")
     progress = Progress()
     for claim in claims:
         progress.add(WORK_UNITS[claim](settings[claim]))

@@ -194,6 +194,21 @@ def test_constant_schedule_and_min_lr():
     np.testing.assert_allclose(float(schedule(108)), 0.01, rtol=1e-6)
 
 
+def test_schedule_with_traced_settings_is_the_closed_form_and_the_checked_schedule():
+    """`warmup_cosine_at` inside jit, its peak, warmup and length traced (as `analysis.digits_training`
+    trains runs of different lengths in one program): the closed form, and `warmup_cosine`'s values."""
+    traced = jax.jit(optim.schedules.warmup_cosine_at)
+    checked = optim.schedules.warmup_cosine(0.8, 5, 40)
+
+    def closed_form(t):
+        return 0.8 * t / 5 if t < 5 else 0.4 * (1 + math.cos(math.pi * min(t - 5, 35) / 35))
+
+    for t in (0, 3, 5, 17, 39, 40, 45):
+        got = float(traced(jnp.float32(t), jnp.float32(0.8), jnp.float32(5), jnp.float32(40)))
+        assert got == pytest.approx(closed_form(t), rel=1e-6, abs=1e-7), t
+        assert got == pytest.approx(float(checked(t)), rel=1e-6, abs=1e-7), t
+
+
 def _no_classifier_weight(tree):
     return {m: {l: not (m == "NFNet/~/linear" and l == "w") for l in ls} for m, ls in tree.items()}
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import profile_train_step
+from nfnets_jax.train import config_files
 
 
 def _compiled_conv_and_dense_gradient() -> str:
@@ -45,7 +46,7 @@ def _forward_macs(config_spec: str, batch: int, res: int) -> int:
     from nfnets_jax.models import flops  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
-    config = one_device_step.config_from_spec(config_spec)
+    config = config_files.load_config(config_spec)
     config.data.image_size = res
     step = one_device_step.build(config, batch)
     state = step.abstract_state()
@@ -61,7 +62,9 @@ def test_each_pass_profiles_its_own_program():
     two forwards more than one forward (its optimizer, AGC and weight-standardisation work are extra)."""
     spec = str(profile_train_step.REPO_ROOT / "configs" / "digits.py")
     batch, res = 4, 16
-    runs = {which: profile_train_step.profile(spec, batch, res, 1, "auto", "float32", which=which)
+    config = config_files.load_config(spec)
+    config.data.image_size = res
+    runs = {which: profile_train_step.profile(config, "digits.py", batch, 1, "auto", "float32", which=which)
             for which in profile_train_step.PASSES}
     forward_flops = 2 * _forward_macs(spec, batch, res)
     for which in ("inference", "inference_kernels_once"):

@@ -1,7 +1,8 @@
 """Writes tests/data/timm_golden/: a tiny NFNet built by timm's own code, its weights and logits.
 
 Developer tool, run once by hand in a separate venv that has a CPU torch and timm (never a
-dependency of this package, never run in CI):
+dependency of this package, never run in CI), and absl-py for its flags (they are read as every
+program of this project reads them, `experiments/command_line.py`):
 
     $TIMM_VENV/bin/python tools/make_timm_golden.py                       # the committed golden
     $TIMM_VENV/bin/python tools/make_timm_golden.py --full --out=/tmp/f0  # full dm_nfnet_f0, not committed
@@ -31,7 +32,6 @@ versions) and `dm_nfnet_f0_state_shapes.json` (timm's key -> shape for the full 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -39,8 +39,11 @@ import sys
 import types
 
 import numpy as np
+from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a script from the timm venv: experiments/ is not installed there
+from experiments import command_line  # noqa: E402  pylint: disable=wrong-import-position
 TINY = {"channels": (32, 64, 128, 128), "stem_chs": 16, "group_size": 16, "num_features": 256}
 NUM_CLASSES = 10
 INPUT_SHAPE = (2, 3, 36, 44)  # NCHW, as timm takes it.
@@ -132,17 +135,27 @@ def build_models(full: bool):
     return cfg, {name: model.eval() for name, model in models.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO_ROOT / "tests" / "data" / "timm_golden"))
-    parser.add_argument("--full", action="store_true", help="full-size dm_nfnet_f0 at 256 px (not for committing)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
+flags.DEFINE_string("out", str(REPO_ROOT / "tests" / "data" / "timm_golden"), "Folder for the golden files (created).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("full", False, "Full-size dm_nfnet_f0 at 256 px (not for committing).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the random weights (the images use seed + 1).", lower_bound=0,
+                     flag_values=FLAGS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
+                             multihost=False, positional=False)
+    args = FLAGS
 
     install_torchvision_stand_ins()
-    import safetensors.torch  # pylint: disable=import-outside-toplevel
-    import timm  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
+    try:
+        import safetensors.torch  # pylint: disable=import-outside-toplevel
+        import timm  # pylint: disable=import-outside-toplevel
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+        command_line.fail(f"{error}: run this with the Python of a venv that has torch, timm and safetensors "
+                          "(docs/speed.md says how to make it), e.g. $TIMM_VENV/bin/python tools/make_timm_golden.py")
 
     torch.set_num_threads(2)
     cfg, models = build_models(args.full)

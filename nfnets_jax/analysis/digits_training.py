@@ -19,8 +19,8 @@ of those settings is a *traced* value here and one compiled program trains them 
 
 Each run uses the library's model (`models.create`), loss (`losses.softmax_cross_entropy`) and
 optimizer pieces (`optim.adaptive_grad_clip` masked off the classifier and masked coupled weight
-decay, as `optim.make_optimizer` chains them, then Nesterov momentum with a linear-warmup cosine
-learning rate), on batches drawn without replacement from the in-memory digits train split, and
+decay, as `optim.make_optimizer` chains them, then Nesterov momentum with the library's
+linear-warmup cosine learning rate, `optim.schedules.warmup_cosine_at`), on batches drawn without replacement from the in-memory digits train split, and
 is evaluated on the whole test split at the end.
 """
 
@@ -41,6 +41,7 @@ from nfnets_jax import losses, models
 from nfnets_jax.optim import agc as agc_lib
 from nfnets_jax.optim import config as optim_config
 from nfnets_jax.optim import groups as groups_lib
+from nfnets_jax.optim import schedules
 
 NUM_CLASSES = 10
 NO_CLIPPING = math.inf  # the λ that never clips: AGC off, in the same compiled program
@@ -97,14 +98,6 @@ def make_forward(model: str, model_kwargs: Mapping[str, Any]) -> hk.TransformedW
         return models.create(model, num_classes=NUM_CLASSES, **dict(model_kwargs))(images, is_training)
 
     return hk.transform_with_state(forward)
-
-
-def warmup_cosine(step: jax.Array, peak: jax.Array, warmup_steps: jax.Array, total_steps: jax.Array) -> jax.Array:
-    """`optim.schedules.warmup_cosine` (min_lr 0) for traced peak and step counts."""
-    step = jnp.asarray(step, jnp.float32)
-    warmup = peak * step / jnp.maximum(warmup_steps, 1e-12)
-    progress = jnp.clip((step - warmup_steps) / jnp.maximum(total_steps - warmup_steps, 1), 0.0, 1.0)
-    return jnp.where(step < warmup_steps, warmup, peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
 
 
 def make_gradient_transform(clipping: jax.Array, weight_decay: float, momentum: float
@@ -166,7 +159,7 @@ def make_run_fn(forward: hk.TransformedWithState, data: DigitsData, microbatch: 
             grads = jax.tree.map(lambda g: g / num_micro, grads)
             loss = loss / num_micro
             updates, opt_state = transform.update(grads, opt_state, params)
-            lr = warmup_cosine(index, spec["peak_lr"], spec["warmup_steps"], spec["steps"])
+            lr = schedules.warmup_cosine_at(index, spec["peak_lr"], spec["warmup_steps"], spec["steps"])
             params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
             diverged = jnp.maximum(diverged, 1.0 - jnp.isfinite(loss).astype(jnp.float32))
             return params, model_state, opt_state, diverged, loss

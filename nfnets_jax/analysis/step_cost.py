@@ -3,7 +3,9 @@ step's memory from XLA's own analysis. Used by `experiments.reproduce` for the c
 of the modified SAM (Brock et al. 2021 §4, §6.1) and for NF vs BatchNorm (§3).
 
 The step is the library's (`train.step.make_train_step`: forward, loss, [SAM], AGC → weight
-decay → SGD, EMA) on one device, compiled per variant. Variants are timed round-robin —
+decay → SGD, EMA) on one device, wrapped as the runner wraps it (`train.parallel`'s shard_map
+backend over a one-device mesh, state donated) and compiled per variant; its memory is
+`analysis.compiled_memory`'s reading of the compiled program. Variants are timed round-robin —
 variant A, B, C, …, then again — so that a change of machine load between repeats (other jobs
 on a shared CPU) hits every variant alike; the per-variant figure is the median over repeats.
 """
@@ -20,9 +22,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
 
 from nfnets_jax import optim
+from nfnets_jax.analysis.compiled_memory import CompiledMemory, compiled_memory
+from nfnets_jax.train import parallel
 from nfnets_jax.train import state as state_lib
 from nfnets_jax.train import step as step_lib
 
@@ -46,21 +49,8 @@ class CompiledStep:
     run: Callable[[Any], Any]
     state: Any
     batch: dict[str, jax.Array]
-    memory: dict[str, int]
+    memory: CompiledMemory
     compile_seconds: float
-
-
-def memory_of(compiled: Any) -> dict[str, int]:
-    """XLA's memory analysis of a compiled program, in bytes. `peak_estimate` = arguments +
-    outputs + temporaries − aliased (donated) bytes: what the program holds at its high-water
-    mark as XLA plans it (the temporaries are the activations kept for the backward pass)."""
-    analysis = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-              "generated_code_size_in_bytes")
-    memory = {field: int(getattr(analysis, field, 0) or 0) for field in fields}
-    memory["peak_estimate"] = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
-                               + memory["temp_size_in_bytes"] - memory["alias_size_in_bytes"])
-    return memory
 
 
 def compile_step(forward: hk.TransformedWithState, variant: StepVariant, *, images: np.ndarray,
@@ -77,9 +67,7 @@ def compile_step(forward: hk.TransformedWithState, variant: StepVariant, *, imag
                                    sync_ascent=False)
     settings = step_lib.StepSettings(num_classes=num_classes)
     train_step = step_lib.make_train_step(forward, optimizer, settings)
-    mesh = Mesh(np.asarray(jax.devices()[:1]), (step_lib.AXIS_NAME,))
-    mapped = jax.jit(jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(step_lib.AXIS_NAME)),
-                                   out_specs=(P(), P()), check_vma=False), donate_argnums=(0,))
+    mapped = parallel.make_shard_map_backend(devices=jax.devices()[:1]).wrap_train(train_step)
     init = jax.jit(lambda: state_lib.init_train_state(forward, optimizer, seed=seed, sample_images=images[:1],
                                                        use_ema=False))
     state = init()
@@ -89,7 +77,7 @@ def compile_step(forward: hk.TransformedWithState, variant: StepVariant, *, imag
     start = time.perf_counter()
     compiled = mapped.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
-    return CompiledStep(variant.name, compiled, state, batch, memory_of(compiled), compile_seconds)
+    return CompiledStep(variant.name, compiled, state, batch, compiled_memory(compiled), compile_seconds)
 
 
 def time_interleaved(steps: Sequence[CompiledStep], *, repeats: int, steps_per_repeat: int,

@@ -29,19 +29,32 @@ def peak_learning_rate(opt_config: Any, batch_size: int) -> float:
     return float(opt_config.lr) * scale
 
 
-def _after_linear_warmup(peak: float, warmup_steps: float, then: optax.Schedule) -> optax.Schedule:
+def _after_linear_warmup(peak: Any, warmup_steps: Any, then: optax.Schedule) -> optax.Schedule:
     """lr(t) = peak · t / W for t < W (so lr(0) = 0, and W may be fractional), else `then(t)`.
 
     At t = W both pieces give `peak`, so using `<` here and `≤` in the official
-    `WarmupCosineDecay` is the same schedule.
+    `WarmupCosineDecay` is the same schedule. `peak` and `warmup_steps` may be traced.
     """
 
     def schedule(step: Any) -> Any:
         step = jnp.asarray(step, jnp.float32)
-        warmup = peak * step / max(warmup_steps, 1e-12)
+        warmup = peak * step / jnp.maximum(warmup_steps, 1e-12)
         return jnp.where(step < warmup_steps, warmup, then(step))
 
     return schedule
+
+
+def warmup_cosine_at(step: Any, peak: Any, warmup_steps: Any, total_steps: Any, min_lr: Any = 0.0) -> jax.Array:
+    """`warmup_cosine(peak, warmup_steps, total_steps, min_lr)(step)` without its checks, so that
+    every argument may be a traced value (one compiled program training runs with different
+    learning rates and lengths, `analysis.digits_training`); the caller keeps
+    0 ≤ warmup_steps < total_steps."""
+
+    def cosine(step: jax.Array) -> jax.Array:
+        progress = jnp.clip((step - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+        return min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+
+    return _after_linear_warmup(peak, warmup_steps, cosine)(step)
 
 
 def warmup_cosine(peak: float, warmup_steps: float, total_steps: int, min_lr: float = 0.0) -> optax.Schedule:
@@ -60,11 +73,7 @@ def warmup_cosine(peak: float, warmup_steps: float, total_steps: int, min_lr: fl
             "batch/256 when lr_scale_by_batch); lower min_lr."
         )
 
-    def cosine(step: jax.Array) -> jax.Array:
-        progress = jnp.clip((step - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
-        return min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-
-    return _after_linear_warmup(peak, warmup_steps, cosine)
+    return lambda step: warmup_cosine_at(step, peak, warmup_steps, total_steps, min_lr)
 
 
 def warmup_constant(peak: float, warmup_steps: float) -> optax.Schedule:

@@ -23,7 +23,7 @@ import ml_collections
 import optax
 
 from nfnets_jax.models import standardized_inference
-from nfnets_jax.train import builder, config_files, loop, parallel
+from nfnets_jax.train import builder, loop, parallel
 from nfnets_jax.train import step as step_lib
 from nfnets_jax.train.state import TrainState
 
@@ -131,8 +131,3 @@ def build(config: ml_collections.ConfigDict, per_device_batch: int, *, num_class
                          evaluate_with_kernels=jax.jit(evaluate_with_kernels), init_state=init_state,
                          batch_shapes=batch_shapes, forward=forward, num_classes=num_classes,
                          optimizer=parts.optimizer, settings=settings, backend=backend)
-
-
-def config_from_spec(spec: str) -> ml_collections.ConfigDict:
-    """The config of `spec`, a `--config` value such as `configs/nfnet.py:F0` (file[:argument])."""
-    return config_files.load_config(spec)
