@@ -13,11 +13,12 @@ runner, `nfnets_jax.train.checkpointing`, which reads these files too when a run
 - `npz_format`: `save_npz` / `load_npz`, pickle-free and exact (bfloat16 included).
 - `download`: atomic download with sha256 verification.
 - `released`: `RELEASED_WEIGHTS`, `detect_nfnet_variant`, `fetch_released_params`.
-- `safetensors_format`: `read_safetensors`, a NumPy-only reader that validates the whole header
+- `safetensors_format`: `read_safetensors` / `write_safetensors`, a NumPy-only reader that validates the whole header
   against the file before allocating anything (`SafetensorsFormatError` otherwise).
 - `timm_nfnet`: `load_timm_nfnet` / `convert_timm_nfnet`, timm's `dm_nfnet_f0`…`f6` weights
   mapped onto our NFNet by an explicit name table (`TimmWeightsError` lists every mismatch);
-  `match_timm_standardization` to reproduce timm's outputs rather than DeepMind's.
+  `match_timm_standardization` to reproduce timm's outputs rather than DeepMind's;
+  `to_timm_state_dict`, the inverse, to hand our params to timm.
 """
 
 from nfnets_jax.weights.allowlist import allowed_globals
@@ -45,6 +46,7 @@ from nfnets_jax.weights.safetensors_format import (
     SafetensorsFormatError,
     looks_like_safetensors,
     read_safetensors,
+    write_safetensors,
 )
 from nfnets_jax.weights.timm_nfnet import (
     TIMM_NFNET_MODELS,
@@ -53,6 +55,7 @@ from nfnets_jax.weights.timm_nfnet import (
     load_timm_nfnet,
     looks_like_pytorch_checkpoint,
     match_timm_standardization,
+    to_timm_state_dict,
 )
 from nfnets_jax.weights.weight_file import read_weight_file
 
@@ -87,5 +90,7 @@ __all__ = [
     "read_weight_file",
     "save_npz",
     "sha256_of_file",
+    "to_timm_state_dict",
     "unflatten_params",
+    "write_safetensors",
 ]
