@@ -90,6 +90,8 @@ def test_install_adds_one_top_level_package_with_configs_and_programs_inside(ins
     assert (site / "nfnets_jax" / "experiments" / "train.py").is_file()
     for stray in ("experiments", "configs", "benchmarks", "tests"):
         assert not (site / stray).exists(), f"{stray}/ installed as a top-level package"
+    for name in ("nfnet_fashion_mnist.npz", "nfnet_fashion_mnist.json"):  # the shipped pretrained model
+        assert (site / "nfnets_jax" / "weights" / "files" / name).is_file(), name
     code = "import nfnets_jax, nfnets_jax.experiments.train as t; print(nfnets_jax.__file__); print(t.DEFAULT_CONFIG)"
     out = subprocess.run([str(python), "-c", code], cwd=run_dir, env=_clean_env(), capture_output=True,
                          text=True, check=True).stdout.split()

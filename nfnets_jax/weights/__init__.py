@@ -11,7 +11,9 @@ runner, `nfnets_jax.train.checkpointing`, which reads these files too when a run
   comparison of stored arrays with a model's, `differences`), and the fine-tuning merge
   (`check_pretrained_fits`, `merge_pretrained`).
 - `npz_format`: `save_npz` / `load_npz`, pickle-free and exact (bfloat16 included).
-- `download`: atomic download with sha256 verification.
+- `download`: atomic download with sha256 verification (`atomic_write`: every file written whole).
+- `pretrained`: `load_pretrained(name)`, models trained by this project and shipped in the package
+  (`PRETRAINED_MODELS`; each a `.npz` and its card, a `PretrainedModel`).
 - `released`: `RELEASED_WEIGHTS`, `detect_nfnet_variant`, `fetch_released_params`.
 - `safetensors_format`: `read_safetensors` / `write_safetensors`, a NumPy-only reader that validates the whole header
   against the file before allocating anything (`SafetensorsFormatError` otherwise).
@@ -34,6 +36,12 @@ from nfnets_jax.weights.param_tree import (
     flatten_params,
     merge_pretrained,
     unflatten_params,
+)
+from nfnets_jax.weights.pretrained import (
+    PRETRAINED_MODELS,
+    PretrainedModel,
+    load_pretrained,
+    pretrained_model,
 )
 from nfnets_jax.weights.released import (
     RELEASED_BASE_URL,
@@ -61,8 +69,10 @@ from nfnets_jax.weights.weight_file import read_weight_file
 
 __all__ = [
     "ChecksumMismatchError",
+    "PRETRAINED_MODELS",
     "Params",
     "ParamsMismatchError",
+    "PretrainedModel",
     "RELEASED_BASE_URL",
     "RELEASED_WEIGHTS",
     "ReleasedWeights",
@@ -81,11 +91,13 @@ __all__ = [
     "flatten_params",
     "load_deepmind_params",
     "load_npz",
+    "load_pretrained",
     "load_timm_nfnet",
     "looks_like_pytorch_checkpoint",
     "looks_like_safetensors",
     "match_timm_standardization",
     "merge_pretrained",
+    "pretrained_model",
     "read_safetensors",
     "read_weight_file",
     "save_npz",
