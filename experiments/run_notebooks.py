@@ -9,7 +9,7 @@ The kernel runs in `notebooks/` with this checkout on its PYTHONPATH, on the def
 single-device). Any error in any cell fails the command with the cell's traceback; the notebooks
 assert what they show (a failed claim is an error), in smoke mode too where it holds at tiny sizes.
 
-Saved notebooks keep what a reader needs: stderr streams (progress bars, warnings) are dropped,
+Saved notebooks keep what a reader needs: stderr streams (warnings) and progress-bar lines are dropped,
 and the notebook's metadata records the commit, versions and machine that produced the outputs
 (`nfnets_jax_run`), as README says.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -74,12 +75,34 @@ RUN_METADATA_KEY = "nfnets_jax_run"
 
 
 def clean_outputs(notebook) -> None:
-    """Drops per-run execution timestamps and stderr streams (progress bars, library warnings)."""
+    """Drops per-run execution timestamps, stderr streams (library warnings) and the runner's
+    progress bars and compile notices from stdout (a terminal's carriage-return redraws, which a
+    stored notebook would keep as hundreds of lines)."""
     for cell in notebook.cells:
         cell.get("metadata", {}).pop("execution", None)
-        if cell.cell_type == "code":
-            cell.outputs = [out for out in cell.outputs
-                            if not (out.output_type == "stream" and out.get("name") == "stderr")]
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.outputs:
+            if out.output_type == "stream":
+                if out.get("name") == "stderr":
+                    continue
+                out.text = readable_text(out.text)
+                if not out.text:
+                    continue
+            kept.append(out)
+        cell.outputs = kept
+
+
+_PROGRESS = re.compile(r"\d+%\||First step \(compilation included\)")
+
+
+def readable_text(text: str) -> str:
+    """`text` as a terminal would show it at the end (each line after its last carriage return),
+    without progress-bar lines and blank runs."""
+    lines = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+    lines = [line for line in lines if line and not _PROGRESS.search(line)]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def run_metadata(seconds: float) -> dict:
