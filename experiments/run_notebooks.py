@@ -3,8 +3,10 @@
     python -m experiments.run_notebooks                   # all three, full size; rewrites the .ipynb files
     python -m experiments.run_notebooks optimizers        # one of them
     python -m experiments.run_notebooks --smoke           # tiny sizes (NFNETS_NOTEBOOK_SMOKE=1), nothing saved
+    python -m nfnets_jax.experiments.run_notebooks --smoke --notebook_dir=DIR   # installed, no checkout
 
-The kernel runs in `notebooks/` with this checkout on its PYTHONPATH, on the default JAX devices
+The kernel runs in the notebooks' folder with this checkout on its PYTHONPATH (installed, outside a
+checkout, it imports the installed package, as on Colab), on the default JAX devices
 (a forced fake-device count in XLA_FLAGS, as the test suite sets, is dropped: the notebooks are
 single-device). Any error in any cell fails the command with the cell's traceback; the notebooks
 assert what they show (a failed claim is an error), in smoke mode too where it holds at tiny sizes.
@@ -33,15 +35,24 @@ NOTEBOOKS = ("quickstart", "optimizers", "finetune")
 SMOKE_VARIABLE = "NFNETS_NOTEBOOK_SMOKE"
 FLAGS = absl_flags.FlagValues()  # this program's own (command_line.parse_flags says why)
 absl_flags.DEFINE_bool("smoke", False, f"Tiny sizes ({SMOKE_VARIABLE}=1); outputs are not saved.", flag_values=FLAGS)
+absl_flags.DEFINE_string("notebook_dir", None, "Folder of the .ipynb files (default: the checkout's notebooks/).",
+                         flag_values=FLAGS)
+
+
+def in_checkout() -> bool:
+    """True when this file is the checkout's experiments/, not the installed nfnets_jax/experiments/."""
+    return (REPO_ROOT / "setup.py").is_file()
 
 
 def kernel_environment(smoke: bool) -> dict[str, str]:
-    """The environment of the notebook kernel: this checkout importable, single device, smoke flag."""
+    """The environment of the notebook kernel: this checkout importable (if there is one), single
+    device, smoke flag."""
     env = dict(os.environ)
     flags = [flag for flag in env.get("XLA_FLAGS", "").split()
              if not flag.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if in_checkout():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     if smoke:
@@ -51,16 +62,17 @@ def kernel_environment(smoke: bool) -> dict[str, str]:
     return env
 
 
-def execute(name: str, *, smoke: bool, save: bool, timeout_s: int = 1800) -> float:
-    """Runs notebooks/<name>.ipynb in a fresh kernel; returns the wall time in seconds."""
+def execute(name: str, *, smoke: bool, save: bool, timeout_s: int = 1800,
+            notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> float:
+    """Runs <notebook_dir>/<name>.ipynb in a fresh kernel; returns the wall time in seconds."""
     # pylint: disable=import-outside-toplevel
     import nbformat
     from nbclient import NotebookClient
 
-    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    path = pathlib.Path(notebook_dir) / f"{name}.ipynb"
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=timeout_s, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+                            resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute(env=kernel_environment(smoke))
     seconds = time.perf_counter() - start
@@ -120,8 +132,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(names) - set(NOTEBOOKS))
     if unknown:
         command_line.fail(f"no notebook named {unknown}; choose from {NOTEBOOKS}")
+    notebook_dir = pathlib.Path(FLAGS.notebook_dir or NOTEBOOK_DIR)
+    missing = [name for name in names or NOTEBOOKS if not (notebook_dir / f"{name}.ipynb").is_file()]
+    if missing:
+        command_line.fail(f"no {', '.join(f'{name}.ipynb' for name in missing)} in {notebook_dir}"
+                          + ("" if in_checkout() else ": outside a checkout, pass --notebook_dir"))
     for name in names or NOTEBOOKS:
-        seconds = execute(name, smoke=FLAGS.smoke, save=not FLAGS.smoke)
+        seconds = execute(name, smoke=FLAGS.smoke, save=not FLAGS.smoke, notebook_dir=notebook_dir)
         print(f"{name}: {seconds:.0f}s{'' if FLAGS.smoke else ', outputs saved'}", flush=True)
 
 
