@@ -50,6 +50,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*"])
     + ["nfnets_jax.experiments", "nfnets_jax.configs"],
     package_dir={"nfnets_jax.experiments": "experiments", "nfnets_jax.configs": "configs"},
+    # The pretrained models this project trained (nfnets_jax/weights/pretrained.py): a few MB.
+    package_data={"nfnets_jax.weights": ["files/*.npz", "files/*.json"]},
     entry_points={"console_scripts": ["nfnets-train = nfnets_jax.cli:train",
                                       "nfnets-eval = nfnets_jax.cli:evaluate"]},
     install_requires=INSTALL_REQUIRES,

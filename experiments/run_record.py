@@ -62,6 +62,11 @@ def train_seconds(records: Sequence[dict[str, Any]]) -> float:
     return total
 
 
+def training_command(run_provenance: dict[str, Any]) -> str:
+    """The `python -m experiments.train ...` command of a run, from its provenance.json's argv."""
+    return " ".join(["python -m experiments.train", *run_provenance["argv"][1:]])
+
+
 def run_record(workdir: str, wall_seconds: float | None = None,
                target_top_1: float | None = None) -> dict[str, Any]:
     """The run's record (module docstring); raises ValueError if the run has no evaluation."""
@@ -85,7 +90,7 @@ def run_record(workdir: str, wall_seconds: float | None = None,
                                             num_classes=info.num_classes, **model["kwargs"])
     final = evals[-1]
     return {
-        "command": " ".join(["python -m experiments.train", *run_provenance["argv"][1:]]),
+        "command": training_command(run_provenance),
         "model": {"name": model["name"], "kwargs": model["kwargs"], "params": params,
                   "float32_megabytes": round(params * 4 / 2**20, 2), "macs_per_image": macs},
         "data": {"name": data["name"], "train_split": data["train_split"],

@@ -90,6 +90,8 @@ def test_install_adds_one_top_level_package_with_configs_and_programs_inside(ins
     assert (site / "nfnets_jax" / "experiments" / "train.py").is_file()
     for stray in ("experiments", "configs", "benchmarks", "tests"):
         assert not (site / stray).exists(), f"{stray}/ installed as a top-level package"
+    for name in ("nfnet_fashion_mnist.npz", "nfnet_fashion_mnist.json"):  # the shipped pretrained model
+        assert (site / "nfnets_jax" / "weights" / "files" / name).is_file(), name
     code = "import nfnets_jax, nfnets_jax.experiments.train as t; print(nfnets_jax.__file__); print(t.DEFAULT_CONFIG)"
     out = subprocess.run([str(python), "-c", code], cwd=run_dir, env=_clean_env(), capture_output=True,
                          text=True, check=True).stdout.split()
@@ -140,3 +142,27 @@ def test_installed_programs_import_their_siblings_relatively():
                 offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}" for name in names
                               if name.split(".")[0] in ("experiments", "configs")]
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.slow
+def test_the_quickstart_notebook_runs_from_the_installed_package_outside_the_checkout(installed):
+    """Colab's situation: the package installed, no checkout. The notebook (smoke sizes) finds its
+    config and the pretrained weights in the installed package, and its install cell skips."""
+    pytest.importorskip("nbclient")
+    python, _, run_dir = installed
+    site = _site_packages(python)
+    notebook = run_dir / "quickstart.ipynb"
+    shutil.copy(REPO / "notebooks" / "quickstart.ipynb", notebook)
+    script = (
+        "import sys, nbformat, nbclient\n"
+        "from nfnets_jax.experiments import run_notebooks\n"
+        "notebook = nbformat.read(sys.argv[1], as_version=4)\n"
+        "nbclient.NotebookClient(notebook, timeout=1200, kernel_name='python3').execute(\n"
+        "    env=run_notebooks.kernel_environment(smoke=True))\n"
+        "install = next(cell for cell in notebook.cells if cell.cell_type == 'code')\n"
+        "print(''.join(out.get('text', '') for out in install.outputs))\n")
+    result = subprocess.run([str(python), "-c", script, str(notebook)], cwd=run_dir, env=_clean_env(),
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    origin = result.stdout.strip().splitlines()[-1].removeprefix("nfnets_jax: ")
+    assert pathlib.Path(origin).is_relative_to(site), origin  # the kernel imported the installed copy

@@ -33,7 +33,8 @@ from nfnets_jax.weights import (
     match_timm_standardization,
     read_safetensors,
 )
-from nfnets_jax.weights.timm_nfnet import infer_model_name
+from nfnets_jax.weights.safetensors_format import write_safetensors
+from nfnets_jax.weights.timm_nfnet import infer_model_name, to_timm_state_dict
 from nfnets_jax.train import checkpointing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -85,6 +86,32 @@ def test_reader_reads_a_file_written_by_the_safetensors_package():
     assert set(state) == set(shapes)  # the tiny model has exactly F0's tensor names
     assert state["stem.conv1.weight"].shape == (2, 3, 3, 3) and state["stages.0.0.skipinit_gain"].shape == ()
     assert all(value.dtype == np.float32 for value in state.values())
+
+
+def test_the_writer_lays_out_the_file_as_the_format_says(tmp_path):
+    tensors = {"b": np.arange(3, dtype=np.float16), "a": np.ones((2, 2), ml_dtypes.bfloat16),
+               "s": np.array(2.5, np.float32)}
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, tensors, metadata={"format": "pt"})
+    raw = path.read_bytes()
+    header_size = int.from_bytes(raw[:8], "little")
+    assert header_size % 8 == 0  # padded, so that the data section starts aligned
+    header = json.loads(raw[8:8 + header_size])
+    assert header == {"b": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+                      "a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [6, 14]},
+                      "s": {"dtype": "F32", "shape": [], "data_offsets": [14, 18]},
+                      "__metadata__": {"format": "pt"}}
+    data = raw[8 + header_size:]
+    assert data == tensors["b"].tobytes() + tensors["a"].tobytes() + tensors["s"].tobytes()
+    loaded = read_safetensors(path)
+    assert all(loaded[name].tobytes() == array.tobytes() and loaded[name].dtype == array.dtype
+               for name, array in tensors.items())
+
+
+def test_the_writer_refuses_dtypes_the_format_reader_does_not_take(tmp_path):
+    with pytest.raises(ValueError, match="'i' has dtype int32"):
+        write_safetensors(tmp_path / "w.safetensors", {"i": np.zeros(2, np.int32)})
+    assert not list(tmp_path.iterdir())
 
 
 def _valid_header(shape=(2, 2), offsets=(0, 16), dtype="F32"):
@@ -269,6 +296,26 @@ def test_values_are_moved_with_the_right_layout(full_f0):
                                   state["stages.0.0.attn_last.fc1.weight"][:, :, 0, 0].T)
     np.testing.assert_array_equal(params["NFNet/~/linear"]["w"], state["head.fc.weight"].T)
     assert params["NFNet/~/linear"]["w"].dtype == np.float16  # the file's dtype is kept
+
+
+def test_our_params_written_in_timms_layout_are_the_file_timm_wrote(golden, tmp_path):
+    # The golden was written by timm from its own module; converting it to our tree and back must
+    # give timm's every name, shape and byte, and a file that loads back to the same tree.
+    depths = tuple(golden["facts"]["our_kwargs"]["depths"])
+    params = load_timm_nfnet(GOLDEN / "weights.safetensors", golden["expected"])
+    state = to_timm_state_dict(params, depths)
+    assert sorted(state) == sorted(golden["state"])
+    for name, array in golden["state"].items():
+        assert state[name].shape == array.shape and state[name].tobytes() == array.tobytes(), name
+    write_safetensors(tmp_path / "ours.safetensors", state)
+    again = load_timm_nfnet(tmp_path / "ours.safetensors", golden["expected"])
+    assert all(np.array_equal(again[m][k], params[m][k]) for m in params for k in params[m])
+
+
+def test_params_of_other_depths_have_no_timm_names(golden):
+    params = load_timm_nfnet(GOLDEN / "weights.safetensors", golden["expected"])
+    with pytest.raises(ValueError, match="have no timm name"):
+        to_timm_state_dict(params, (1, 1, 1, 1))
 
 
 def test_missing_extra_and_wrongly_shaped_tensors_are_listed_in_one_error(golden):

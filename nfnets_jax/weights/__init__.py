@@ -11,13 +11,16 @@ runner, `nfnets_jax.train.checkpointing`, which reads these files too when a run
   comparison of stored arrays with a model's, `differences`), and the fine-tuning merge
   (`check_pretrained_fits`, `merge_pretrained`).
 - `npz_format`: `save_npz` / `load_npz`, pickle-free and exact (bfloat16 included).
-- `download`: atomic download with sha256 verification.
+- `download`: atomic download with sha256 verification (`atomic_write`: every file written whole).
+- `pretrained`: `load_pretrained(name)`, models trained by this project and shipped in the package
+  (`PRETRAINED_MODELS`; each a `.npz` and its card, a `PretrainedModel`).
 - `released`: `RELEASED_WEIGHTS`, `detect_nfnet_variant`, `fetch_released_params`.
-- `safetensors_format`: `read_safetensors`, a NumPy-only reader that validates the whole header
+- `safetensors_format`: `read_safetensors` / `write_safetensors`, a NumPy-only reader that validates the whole header
   against the file before allocating anything (`SafetensorsFormatError` otherwise).
 - `timm_nfnet`: `load_timm_nfnet` / `convert_timm_nfnet`, timm's `dm_nfnet_f0`…`f6` weights
   mapped onto our NFNet by an explicit name table (`TimmWeightsError` lists every mismatch);
-  `match_timm_standardization` to reproduce timm's outputs rather than DeepMind's.
+  `match_timm_standardization` to reproduce timm's outputs rather than DeepMind's;
+  `to_timm_state_dict`, the inverse, to hand our params to timm.
 """
 
 from nfnets_jax.weights.allowlist import allowed_globals
@@ -34,6 +37,12 @@ from nfnets_jax.weights.param_tree import (
     merge_pretrained,
     unflatten_params,
 )
+from nfnets_jax.weights.pretrained import (
+    PRETRAINED_MODELS,
+    PretrainedModel,
+    load_pretrained,
+    pretrained_model,
+)
 from nfnets_jax.weights.released import (
     RELEASED_BASE_URL,
     RELEASED_WEIGHTS,
@@ -45,6 +54,7 @@ from nfnets_jax.weights.safetensors_format import (
     SafetensorsFormatError,
     looks_like_safetensors,
     read_safetensors,
+    write_safetensors,
 )
 from nfnets_jax.weights.timm_nfnet import (
     TIMM_NFNET_MODELS,
@@ -53,13 +63,16 @@ from nfnets_jax.weights.timm_nfnet import (
     load_timm_nfnet,
     looks_like_pytorch_checkpoint,
     match_timm_standardization,
+    to_timm_state_dict,
 )
 from nfnets_jax.weights.weight_file import read_weight_file
 
 __all__ = [
     "ChecksumMismatchError",
+    "PRETRAINED_MODELS",
     "Params",
     "ParamsMismatchError",
+    "PretrainedModel",
     "RELEASED_BASE_URL",
     "RELEASED_WEIGHTS",
     "ReleasedWeights",
@@ -78,14 +91,18 @@ __all__ = [
     "flatten_params",
     "load_deepmind_params",
     "load_npz",
+    "load_pretrained",
     "load_timm_nfnet",
     "looks_like_pytorch_checkpoint",
     "looks_like_safetensors",
     "match_timm_standardization",
     "merge_pretrained",
+    "pretrained_model",
     "read_safetensors",
     "read_weight_file",
     "save_npz",
     "sha256_of_file",
+    "to_timm_state_dict",
     "unflatten_params",
+    "write_safetensors",
 ]

@@ -11,9 +11,10 @@ import hashlib
 import os
 import pathlib
 import re
-import tempfile
 import urllib.parse
 import urllib.request
+
+from nfnets_jax.weights.atomic_write import replaced_atomically
 
 _ALLOWED_SCHEMES = ("https", "http", "file")
 _CHUNK_BYTES = 1 << 20
@@ -52,12 +53,9 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, *, ti
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in _ALLOWED_SCHEMES:
         raise ValueError(f"download URL must use one of {_ALLOWED_SCHEMES}, got {url!r}")
-    dest = pathlib.Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
+    with replaced_atomically(dest, suffix=".part") as out:
         digest = hashlib.sha256()
-        with os.fdopen(descriptor, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             while chunk := response.read(_CHUNK_BYTES):
                 digest.update(chunk)
                 out.write(chunk)
@@ -67,8 +65,4 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, *, ti
                 f"{url} has sha256 {actual}, but {expected} was pinned; the file was not saved to"
                 f" {dest}. Either the download is corrupt or the pinned digest is wrong."
             )
-        os.replace(temp_name, dest)
-    except BaseException:
-        pathlib.Path(temp_name).unlink(missing_ok=True)
-        raise
     return actual

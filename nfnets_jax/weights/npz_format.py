@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 import zipfile
 from typing import Any
 
@@ -20,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from nfnets_jax.weights import bounded_json
+from nfnets_jax.weights.atomic_write import replaced_atomically
 from nfnets_jax.weights.param_tree import Params, ParamTree, flatten_params, unflatten_params
 
 DTYPES_KEY = "__dtypes__"  # No '/', so it can never collide with a 'module/leaf' key.
@@ -61,15 +61,8 @@ def save_npz(path: str | os.PathLike, params: ParamTree) -> None:
     arrays = {key: _to_storable(key, value, dtype_record) for key, value in flatten_params(params).items()}
     if dtype_record:
         arrays[DTYPES_KEY] = np.array(json.dumps(dtype_record, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            np.savez(file, allow_pickle=False, **arrays)
-        os.replace(temp_name, path)
-    except BaseException:
-        pathlib.Path(temp_name).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as file:
+        np.savez(file, allow_pickle=False, **arrays)
 
 
 def _restore_dtype(key: str, bits: np.ndarray, name: str, path: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Reads `.safetensors` files with NumPy alone: no torch, no `safetensors` package, no code run.
+"""Reads and writes `.safetensors` files with NumPy alone: no torch, no `safetensors` package, no code run.
 
 The format (https://huggingface.co/docs/safetensors, "Format" section) is an 8-byte little-endian
 unsigned header length N, then N bytes of UTF-8 JSON `{name: {"dtype", "shape", "data_offsets":
@@ -16,6 +16,7 @@ check raises `SafetensorsFormatError` naming the file and what is wrong.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from nfnets_jax.weights import bounded_json
+from nfnets_jax.weights.atomic_write import replaced_atomically
 
 # The reference implementation refuses headers over 100 MB; a real header is a few hundred KB.
 MAX_HEADER_BYTES = 100_000_000
@@ -36,6 +38,9 @@ DTYPES: Mapping[str, np.dtype] = {
     "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
+
+
+_CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPES.items()}
 
 
 class SafetensorsFormatError(ValueError):
@@ -149,3 +154,38 @@ def looks_like_safetensors(path: str | os.PathLike) -> bool:
     with open(path, "rb") as file:
         prefix = file.read(9)
     return len(prefix) == 9 and prefix[8:9] == b"{" and int.from_bytes(prefix[:8], "little") > 1
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes `name -> array` (float32, float16 or bfloat16) as a `.safetensors` file, atomically.
+
+    Tensors are laid out in the mapping's order, little-endian and contiguous, and the header is
+    padded with spaces to a multiple of 8 bytes, as the reference implementation does, so that
+    each tensor starts aligned. Written to a temporary name beside `path`, then renamed
+    (`atomic_write`).
+    Used to hand our params to timm's side of the format (`timm_nfnet.to_timm_state_dict`).
+    """
+    header: dict[str, Any] = {}
+    arrays = []
+    offset = 0
+    for name, value in tensors.items():
+        array = np.asarray(value)
+        code = _CODE_OF_DTYPE.get(array.dtype.newbyteorder("<"))
+        if code is None:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}; safetensors files here hold "
+                             f"{sorted(DTYPES)} ({', '.join(str(d) for d in DTYPES.values())})")
+        array = np.asarray(array, dtype=DTYPES[code], order="C")  # (ascontiguousarray makes 0-d 1-d)
+        header[name] = {"dtype": code, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        arrays.append(array)
+        offset += array.nbytes
+    if metadata:
+        header[METADATA_KEY] = {str(key): str(value) for key, value in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with replaced_atomically(path) as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        for array in arrays:
+            file.write(array.reshape(-1).view(np.uint8).tobytes())

@@ -157,6 +157,42 @@ def timm_key_table(depths: tuple[int, ...]) -> dict[str, tuple[str, Converter]]:
     return table
 
 
+# The inverse of each layout conversion above: our layout back to timm's.
+_TO_TIMM_LAYOUT: Mapping[Converter, Converter] = {
+    _conv_kernel: lambda x: np.ascontiguousarray(x.transpose(3, 2, 0, 1)),  # HWIO -> OIHW
+    _conv_gain: lambda x: x.reshape(x.shape[0], 1, 1, 1),
+    _vector: lambda x: x,
+    _linear_weight: lambda x: np.ascontiguousarray(x.T),
+    _pointwise_conv_as_linear: lambda x: np.ascontiguousarray(x.T[:, :, None, None]),
+    _scalar: lambda x: x,
+}
+
+
+def to_timm_state_dict(params: ParamTree, depths: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Our NFNet params under timm's `dm_nfnet_f*` names and layouts: the inverse of
+    `convert_timm_nfnet`, by the same name table.
+
+    `depths` are the blocks per stage (our tree numbers its blocks without saying where a stage
+    begins): `(k + 1) * (1, 2, 6, 3)` for F_k, `config.model.kwargs.depths` for a small NFNet.
+    Written with `safetensors_format.write_safetensors`, the result is a file that timm's
+    `dm_nfnet_f*` (same depths and widths) loads, and that `load_timm_nfnet` reads back exactly.
+
+    Raises:
+      ValueError: a param of `params` that the table for `depths` does not name (wrong depths, or
+        not an NFNet), listing them all. (The table names every block's optional shortcut conv, so
+        a name without a param is not an error here; timm's loader reports a missing tensor.)
+    """
+    flat = {key: np.asarray(value) for key, value in flatten_params(params).items()}
+    table = timm_key_table(tuple(depths))
+    unnamed = sorted(set(flat) - {ours for ours, _ in table.values()})
+    if unnamed:
+        raise ValueError(f"{len(unnamed)} params have no timm name for an NFNet with {tuple(depths)} "
+                         f"blocks per stage (wrong depths?): {', '.join(unnamed[:5])}"
+                         + (" ..." if len(unnamed) > 5 else ""))
+    return {timm_key: _TO_TIMM_LAYOUT[convert](flat[ours])
+            for timm_key, (ours, convert) in table.items() if ours in flat}
+
+
 def stage_depths(state: Mapping[str, Any]) -> tuple[int, ...]:
     """Blocks per stage, from the `stages.S.B.` indices of the keys (4 stages for NFNets)."""
     depths = [0, 0, 0, 0]
