@@ -56,7 +56,7 @@ from typing import Any
 
 from absl import flags
 
-from experiments import command_line, memory_plan
+from experiments import command_line, generated_section, memory_plan
 
 PROGRAMS = ("step", "step_state", "bare", "fwd_bwd", "forward")
 DEFAULT_SPECS = tuple(f"nfnet.py:F{k}" for k in range(7))
@@ -293,21 +293,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-TABLE_START, TABLE_END = "<!-- generated table: start -->", "<!-- generated table: end -->"
+SECTION = "table"  # the page's generated section (experiments.generated_section)
 
 
 def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The JSON rows of a file of the benchmark's output (other lines are skipped)."""
     with open(path, encoding="utf-8") as lines:
         return [json.loads(line) for line in lines if line.strip().startswith("{")]
-
-
-def with_table(page: str, table: str) -> str:
-    """`page` with the text between its TABLE_START and TABLE_END markers replaced by `table`."""
-    start, end = page.find(TABLE_START), page.find(TABLE_END)
-    if start < 0 or end < start:
-        raise ValueError(f"the page has no {TABLE_START} ... {TABLE_END} markers to put the table between.")
-    return page[:start + len(TABLE_START)] + "\n" + table + "\n" + page[end:]
 
 
 def _compile_time(program: dict[str, Any]) -> str:
@@ -370,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         try:
             with open(args.into, encoding="utf-8") as page:
-                text = with_table(page.read(), table)
+                text = generated_section.replace_section(page.read(), SECTION, table)
         except (OSError, ValueError) as error:
             command_line.fail(f"--into={args.into}: {error}")
         with open(args.into, "w", encoding="utf-8") as page:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import tpu_step_estimate as estimate_lib
+from experiments import generated_section
 from experiments import memory_plan
 from nfnets_jax.train import one_device_step
 
@@ -84,11 +85,12 @@ def test_the_table_mode_reads_json_lines(tmp_path, capsys):
 def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, capsys):
     rows, page = tmp_path / "rows.jsonl", tmp_path / "page.markdown"
     rows.write_text(json.dumps(_row("tpu-v3")) + "\n")
-    page.write_text(f"# Title\n\n{estimate_lib.TABLE_START}\nold table\n{estimate_lib.TABLE_END}\n\nafter\n")
+    start, end = generated_section.markers(estimate_lib.SECTION)
+    page.write_text(f"# Title\n\n{start}\nold table\n{end}\n\nafter\n")
     estimate_lib.main(["--table", str(rows), "--into", str(page)])
     text = page.read_text()
     table = estimate_lib.markdown_table(estimate_lib.read_rows(rows))
-    assert text == f"# Title\n\n{estimate_lib.TABLE_START}\n{table}\n{estimate_lib.TABLE_END}\n\nafter\n"
+    assert text == f"# Title\n\n{start}\n{table}\n{end}\n\nafter\n"
     page.write_text("no markers")
     with pytest.raises(SystemExit):
         estimate_lib.main(["--table", str(rows), "--into", str(page)])
@@ -100,7 +102,7 @@ def test_the_docs_page_shows_the_table_of_its_json_lines():
     rows = estimate_lib.read_rows(docs / "tpu_step_cost.jsonl")
     assert rows and {"nfnet.py:F0"} <= {row["config"] for row in rows}
     page = (docs / "tpu_step_cost.md").read_text(encoding="utf-8")
-    assert estimate_lib.with_table(page, estimate_lib.markdown_table(rows)) == page
+    assert generated_section.section(page, estimate_lib.SECTION) == estimate_lib.markdown_table(rows)
 
 
 @pytest.mark.slow
