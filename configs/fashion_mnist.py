@@ -1,12 +1,12 @@
 """A small NFNet on Fashion-MNIST, read through TFDS from Debian's files, on CPU.
 
-    python -m experiments.train --config=configs/fashion_mnist.py --workdir=/work/runs/fashion_mnist_ref
+    python -m experiments.train --config=configs/fashion_mnist.py --workdir=./workdirs/fashion_mnist
 
 Hardware: CPU only (1 device). Needs `apt-get install -y dataset-fashion-mnist`
 (docs/fashion_mnist.md); the first run prepares the TFRecord copy under config.data.data_dir
-(default ~/tensorflow_datasets). Target: >= 93% test top-1 (EMA params) on the 10,000 test
-images; what the reference run measured is in docs/fashion_mnist.md, rendered from
-docs/results/fashion_mnist_reference.json.
+(default ~/tensorflow_datasets).
+Expected: >= 93% test top-1 (EMA params) on the 10,000 test images (the target; what the runs
+measured is in docs/fashion_mnist.md, rendered from their records in docs/results/).
 
 The recipe is the paper's (SGD + Nesterov, LR linear warmup then cosine, AGC, weight decay on
 weights only, label smoothing, EMA with the TF1 warmup) shrunk to 60,000 28x28 images: an NFNet
