@@ -44,7 +44,6 @@ up to ~10 min and ~24 GB).
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
@@ -57,6 +56,7 @@ from typing import Any
 from absl import flags
 
 from experiments import command_line, generated_section, memory_plan
+from nfnets_jax.runtime import provenance
 
 PROGRAMS = ("step", "step_state", "bare", "fwd_bwd", "forward")
 DEFAULT_SPECS = tuple(f"nfnet.py:F{k}" for k in range(7))
@@ -243,6 +243,7 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
         None if step["estimate_ms"] is None else step["estimate_ms"] / 1e3, step["flops"], tpu.peak_bf16_tflops)
     if problem is None:  # a target without a usable estimate is not compiled further
         results = compile_all(use_remat, programs, results)
+    run_provenance = provenance.collect(devices=False)  # versions (libtpu too), commit, machine
     return {
         "config": spec, "model": config.model.name, "target": target, "device": device.device_kind,
         "image_size": config.data.image_size, "per_device_batch": batch,
@@ -250,16 +251,9 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
         "choices": platform_choices(config, device.platform),
         "estimate_valid": problem is None, "no_estimate_because": problem,
         "programs": results, "runner_over_bare": runner_extras(results) if problem is None else None,
-        "jax": jax.__version__, "libtpu": _version("libtpu"),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "jax": run_provenance["versions"]["jax"], "libtpu": run_provenance["versions"]["libtpu"],
+        "date": time.strftime("%Y-%m-%d", time.gmtime()), "provenance": run_provenance,
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # ---- The Markdown table of docs/tpu_step_cost.md, from the JSON lines ----

@@ -35,6 +35,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "tensorflow-datasets": ("tensorflow-datasets",),
     "numpy": ("numpy",),
     "ml-collections": ("ml-collections", "ml_collections"),
+    "libtpu": ("libtpu",),  # the TPU compiler (the tpu-plan extra), where installed
 }
 
 _MAX_UNTRACKED = 50
