@@ -91,7 +91,7 @@ RUN_METADATA_KEY = "nfnets_jax_run"
 
 def clean_outputs(notebook) -> None:
     """Drops per-run execution timestamps, stderr streams (library warnings) and the runner's
-    progress bars and compile notices from stdout (a terminal's carriage-return redraws, which a
+    progress bars and per-step notices from stdout (a terminal's carriage-return redraws, which a
     stored notebook would keep as hundreds of lines)."""
     for cell in notebook.cells:
         cell.get("metadata", {}).pop("execution", None)
@@ -109,7 +109,9 @@ def clean_outputs(notebook) -> None:
         cell.outputs = kept
 
 
-_PROGRESS = re.compile(r"\d+%\||First step \(compilation included\)")
+# Progress bars, the compile notice, and the per-step notice of a skipped non-finite update (the
+# run's summary counts those: `skipped_steps`).
+_PROGRESS = re.compile(r"\d+%\||First step \(compilation included\)|: update skipped\.$")
 
 
 def readable_text(text: str) -> str:
