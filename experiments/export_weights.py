@@ -2,7 +2,8 @@
 
     python -m experiments.export_weights --workdir=/work/runs/fashion_mnist_ref --name=nfnet_fashion_mnist
 
-Reads the newest intact checkpoint of `--workdir` (verified as on resume) and the run's own
+Reads the newest intact checkpoint of `--workdir` (verified as on resume; a run that has not
+reached its last step is refused) and the run's own
 config.json and provenance.json, evaluates the EMA params on the config's eval split (the
 number the card states is measured on exactly the exported file's params), then writes into
 `--out_dir` (default: the package's `nfnets_jax/weights/files/`, which setup.py ships):
@@ -64,7 +65,7 @@ def export(workdir: str, name: str, out_dir: str) -> "weights.PretrainedModel": 
     from nfnets_jax import weights
     from nfnets_jax.data.sources import make_source
     from nfnets_jax.models import abstract_init
-    from nfnets_jax.train import builder, checkpointing, evaluation, parallel
+    from nfnets_jax.train import builder, checkpointing, config_schema, evaluation, parallel
     from nfnets_jax.train.step import make_eval_step
     from nfnets_jax.weights.atomic_write import replaced_atomically
 
@@ -80,6 +81,10 @@ def export(workdir: str, name: str, out_dir: str) -> "weights.PretrainedModel": 
     config = ml_collections.ConfigDict(config_dict)
     parts = builder.build_evaluation(config)
     source = make_source(config.data)  # the normalisation and classes, for the card
+    planned = config_schema.total_train_steps(config, source.split_size(config.data.train_split))
+    if saved["step"] < planned:
+        raise ValueError(f"{workdir}: the run stopped at step {saved['step']} of {planned}; resume it "
+                         "(its own command) and export when it has finished")
     weights.check_params_match(saved["ema_params"], abstract_init(parts.forward, parts.image_size)[0])
     backend = parallel.make_backend(parts.backend)
     eval_fn = backend.wrap_eval(make_eval_step(parts.forward))

@@ -63,8 +63,11 @@ def kernel_environment(smoke: bool) -> dict[str, str]:
 
 
 def execute(name: str, *, smoke: bool, save: bool, timeout_s: int = 1800,
-            notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> float:
-    """Runs <notebook_dir>/<name>.ipynb in a fresh kernel; returns the wall time in seconds."""
+            notebook_dir: str | os.PathLike = NOTEBOOK_DIR, git: dict | None = None) -> float:
+    """Runs <notebook_dir>/<name>.ipynb in a fresh kernel; returns the wall time in seconds.
+
+    `git`: the checkout's state before the first notebook was saved (saving one makes the tree
+    differ from its commit, which is not what produced the next one's outputs)."""
     # pylint: disable=import-outside-toplevel
     import nbformat
     from nbclient import NotebookClient
@@ -78,7 +81,7 @@ def execute(name: str, *, smoke: bool, save: bool, timeout_s: int = 1800,
     seconds = time.perf_counter() - start
     if save:
         clean_outputs(notebook)
-        notebook.metadata[RUN_METADATA_KEY] = run_metadata(seconds)
+        notebook.metadata[RUN_METADATA_KEY] = run_metadata(seconds, git)
         nbformat.write(notebook, path)
     return seconds
 
@@ -88,7 +91,7 @@ RUN_METADATA_KEY = "nfnets_jax_run"
 
 def clean_outputs(notebook) -> None:
     """Drops per-run execution timestamps, stderr streams (library warnings) and the runner's
-    progress bars and compile notices from stdout (a terminal's carriage-return redraws, which a
+    progress bars and per-step notices from stdout (a terminal's carriage-return redraws, which a
     stored notebook would keep as hundreds of lines)."""
     for cell in notebook.cells:
         cell.get("metadata", {}).pop("execution", None)
@@ -106,7 +109,9 @@ def clean_outputs(notebook) -> None:
         cell.outputs = kept
 
 
-_PROGRESS = re.compile(r"\d+%\||First step \(compilation included\)")
+# Progress bars, the compile notice, and the per-step notice of a skipped non-finite update (the
+# run's summary counts those: `skipped_steps`).
+_PROGRESS = re.compile(r"\d+%\||First step \(compilation included\)|: update skipped\.$")
 
 
 def readable_text(text: str) -> str:
@@ -117,13 +122,15 @@ def readable_text(text: str) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def run_metadata(seconds: float) -> dict:
-    """What produced the stored outputs: the commit (and whether the tree had uncommitted changes),
-    the package versions, the machine, and the notebook's wall time there."""
+def run_metadata(seconds: float, git: dict | None) -> dict:
+    """What produced the stored outputs: the commit (and whether the tree had uncommitted changes
+    when the command started), the package versions, the machine, and the notebook's wall time with
+    the machine's 1/5/15-minute load averages when it ended (other jobs slow a shared machine)."""
     from nfnets_jax.runtime import provenance  # pylint: disable=import-outside-toplevel
 
-    return {"git": provenance.git_state(), "versions": provenance.package_versions(),
-            "machine": provenance.machine(), "wall_seconds": round(seconds)}
+    return {"git": git, "versions": provenance.package_versions(),
+            "machine": provenance.machine(), "wall_seconds": round(seconds),
+            "load_average_at_end": [round(load, 2) for load in os.getloadavg()]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -137,8 +144,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if missing:
         command_line.fail(f"no {', '.join(f'{name}.ipynb' for name in missing)} in {notebook_dir}"
                           + ("" if in_checkout() else ": outside a checkout, pass --notebook_dir"))
+    from nfnets_jax.runtime import provenance  # pylint: disable=import-outside-toplevel
+
+    git = provenance.git_state()  # before any notebook is rewritten
     for name in names or NOTEBOOKS:
-        seconds = execute(name, smoke=FLAGS.smoke, save=not FLAGS.smoke, notebook_dir=notebook_dir)
+        seconds = execute(name, smoke=FLAGS.smoke, save=not FLAGS.smoke, notebook_dir=notebook_dir, git=git)
         print(f"{name}: {seconds:.0f}s{'' if FLAGS.smoke else ', outputs saved'}", flush=True)
 
 

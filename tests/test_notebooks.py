@@ -95,6 +95,7 @@ def test_stored_notebooks_are_clean_and_name_the_commit_that_produced_them():
         notebook = _notebook(name)
         run = notebook.metadata.get("nfnets_jax_run", {})
         assert re.fullmatch(r"[0-9a-f]{40}", (run.get("git") or {}).get("commit", "")), f"{name}: no commit"
+        assert run["git"]["dirty"] is False, f"{name}: produced by uncommitted code"
         streams = [out for cell in notebook.cells for out in cell.get("outputs", []) if out.output_type == "stream"]
         assert all(out.name == "stdout" for out in streams), f"{name}: stderr stored"
         assert not any(re.search(r"\d+%\||\r", out.text) for out in streams), f"{name}: progress bars stored"

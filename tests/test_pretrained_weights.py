@@ -85,8 +85,9 @@ def test_a_card_survives_its_json():
 
 
 @pytest.mark.slow
-def test_the_export_command_states_what_its_file_computes(tmp_path):
-    """A 3-step digits run exported; the card's top-1 recomputed from the digits arrays by hand."""
+def test_the_export_command_states_what_its_file_computes(tmp_path, capsys):
+    """A 3-step digits run, refused while unfinished, then exported; the card's top-1 recomputed
+    from the digits arrays by hand."""
     from experiments import export_weights  # pylint: disable=import-outside-toplevel
     from nfnets_jax import train  # pylint: disable=import-outside-toplevel
     from nfnets_jax.data import sources  # pylint: disable=import-outside-toplevel
@@ -96,12 +97,17 @@ def test_the_export_command_states_what_its_file_computes(tmp_path):
     config.train.steps = 3
     config.optimizer.warmup_epochs = 0.0
     workdir = tmp_path / "run"
-    experiment = train.build_experiment(config)
-    train.run(experiment, str(workdir), verbose=False)
-    (workdir / "provenance.json").write_text(json.dumps(
-        {"argv": ["train.py", "--config=configs/digits.py", f"--workdir={workdir}"],
-         "git": {"commit": "0123456789abcdef"}}))
+    provenance = json.dumps({"argv": ["train.py", "--config=configs/digits.py", f"--workdir={workdir}"],
+                             "git": {"commit": "0123456789abcdef"}})
     out = tmp_path / "files"
+    train.run(train.build_experiment(config), str(workdir), num_steps=2, verbose=False)  # stopped early
+    (workdir / "provenance.json").write_text(provenance)
+    with pytest.raises(SystemExit):
+        export_weights.main([f"--workdir={workdir}", f"--name={NAME}", f"--out_dir={out}"])
+    assert "stopped at step 2 of 3" in capsys.readouterr().err and not out.exists()
+
+    train.run(train.build_experiment(config), str(workdir), verbose=False)  # resumed to the end
+    (workdir / "provenance.json").write_text(provenance)
     export_weights.main([f"--workdir={workdir}", f"--name={NAME}", f"--out_dir={out}"])
 
     params, card = weights.load_pretrained(NAME, files_dir=out)
