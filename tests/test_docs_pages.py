@@ -70,3 +70,13 @@ def test_the_readme_quotes_the_tpu_step_estimate_of_its_json_line():
     row = [line for line in (ROOT / "README.md").read_text().splitlines() if "TPUv3 core (32 images" in line][0]
     assert f"**{f0_v3['programs']['step']['estimate_ms']:.2f} ms**" in row
     assert f"adds {100 * (f0_v3['runner_over_bare']['ratio'] - 1):.1f}% over a bare step" in row
+
+
+def test_the_readme_quotes_the_fashion_mnist_reference_record():
+    import json  # pylint: disable=import-outside-toplevel
+    record = json.loads((ROOT / "docs" / "results" / "fashion_mnist_reference.json").read_text())
+    row = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| Fashion-MNIST")][0]
+    assert f"**{100 * record['final']['ema_top_1_acc']:.2f}%** test top-1" in row
+    assert f"target ≥ {100 * record['target_top_1']:.0f}%" in row
+    assert f"after {record['train']['epochs']:g} epochs" in row
+    assert f"a {record['model']['params']:,}-parameter NFNet" in row
