@@ -95,3 +95,23 @@ def pytest_collection_modifyitems(items):
         return longest, item.get_closest_marker("slow") is None
 
     items.sort(key=rank)
+
+
+@pytest.fixture(autouse=True)
+def _logging_set_up_by_programs_is_undone():
+    """Tests that run a program's `main()` in-process leave its logging set up for a program
+    (runtime/program_output.for_program: library loggers at CRITICAL, this package's logger with
+    its own handler and not propagating), which would hide a later test's records from `caplog`
+    in the same worker. Each test starts from the logging state it found."""
+    import logging  # pylint: disable=import-outside-toplevel
+
+    from nfnets_jax.runtime import program_output  # pylint: disable=import-outside-toplevel
+
+    loggers = [logging.getLogger(name) for name in ("nfnets_jax", *program_output.LIBRARY_LOGGERS)]
+    saved = [(logger.level, logger.propagate, list(logger.handlers), logger.disabled) for logger in loggers]
+    yield
+    for logger, (level, propagate, handlers, disabled) in zip(loggers, saved):
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers
+        logger.disabled = disabled

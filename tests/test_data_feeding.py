@@ -142,6 +142,37 @@ def test_a_script_that_returns_while_the_producer_places_real_batches_exits_clea
         assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
 
 
+_EXIT_WHILE_THE_PIPELINE_IS_STUCK = """
+import sys, time
+from nfnets_jax.data import feeding
+feeding.BackgroundBatches.EXIT_JOIN_S = 30.0
+
+def stuck_after_one():
+    yield 0
+    time.sleep(120)  # a pipeline that hangs (a slow decode, a dead file system)
+    yield 1
+
+batches = feeding.BackgroundBatches(stuck_after_one(), 1, lambda batch: batch)
+assert batches.get() == 0
+time.sleep(0.5)  # the producer is now waiting inside the pipeline
+batches.close()
+"""
+
+
+def test_at_exit_a_producer_waiting_inside_the_pipeline_is_not_waited_for(tmp_path):
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+
+    script = tmp_path / "exiting.py"
+    script.write_text(_EXIT_WHILE_THE_PIPELINE_IS_STUCK)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - start < 20, "the exit waited for the stuck pipeline (budget 30 s)"
+
+
 def test_at_exit_a_stuck_producer_is_abandoned_after_the_budget(tmp_path):
     log, seconds = _exit_while_placing(tmp_path, put_s=60.0, join_s=1.0)
     assert "placed 0" in log and "placed 1" not in log and seconds < 30, (log, seconds)

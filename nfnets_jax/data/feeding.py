@@ -98,9 +98,11 @@ class BackgroundBatches:
     A producer is in JAX's C++ not only while it places a batch but also while it drops one (a
     placed batch it could not hand over is freed as its function returns: 18 of 30 exits of a
     script that returned while its producer placed small batches aborted so, with a hook that
-    waited for placements only). So an exit hook stops every live producer and joins
-    its thread (at most `EXIT_JOIN_S` in all): one that is placing, dropping or between batches ends
-    within milliseconds; one waiting inside the input pipeline for longer is abandoned.
+    waited for placements only). So an exit hook stops every live producer and waits (at most
+    `EXIT_JOIN_S` in all) until it has ended or is waiting inside the input pipeline: one that is
+    placing or dropping ends within milliseconds; one waiting in the pipeline holds no JAX object
+    (its last placed batch is released before it asks for the next) and is left at once, so a
+    stuck pipeline never delays an exit.
     """
 
     _POLL_S = 0.05
@@ -112,6 +114,7 @@ class BackgroundBatches:
             raise ValueError(f"prefetch size must be >= 0, got {size}.")
         self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
         self._stop = threading.Event()
+        self._in_pipeline = False  # True while the producer waits for the pipeline's next batch
         self._thread = threading.Thread(target=self._produce, args=(iter(iterator), put_fn),
                                         name="input-producer", daemon=True)
         self._thread.start()
@@ -128,14 +131,24 @@ class BackgroundBatches:
 
     def _produce(self, iterator: Iterator[Any], put_fn: Callable[[Any], Any]) -> None:
         try:
-            for batch in iterator:
+            while True:
+                self._in_pipeline = True  # holding nothing of JAX's: the exit hook need not wait
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    self._in_pipeline = False
+                    self._offer(("end", None))
+                    return
+                self._in_pipeline = False
                 if self._stop.is_set():
                     return
                 placed = put_fn(batch)
-                if not self._offer(("batch", placed)):
+                offered = self._offer(("batch", placed))
+                del placed  # not held while the next batch is awaited in the pipeline
+                if not offered:
                     return
-            self._offer(("end", None))
         except BaseException as error:  # pylint: disable=broad-except  # re-raised by get()
+            self._in_pipeline = False
             self._offer(("error", error))
 
     def get(self, should_stop: Callable[[], bool] | None = None) -> Any:
@@ -163,14 +176,20 @@ class BackgroundBatches:
 
     @classmethod
     def stop_at_exit(cls, timeout_s: float | None = None) -> None:
-        """Stops every live producer and joins its thread, `timeout_s` in all (default
-        `EXIT_JOIN_S`); after that none can start a placement. Registered with `atexit`."""
+        """Stops every live producer and waits, `timeout_s` in all (default `EXIT_JOIN_S`), until
+        each has ended or is waiting inside the input pipeline, where it holds nothing of JAX's;
+        after that none can start a placement. Registered with `atexit`."""
         live = list(cls._live)
         for batches in live:
             batches._stop.set()  # pylint: disable=protected-access
         end = time.monotonic() + (cls.EXIT_JOIN_S if timeout_s is None else timeout_s)
         for batches in live:
-            batches._thread.join(timeout=max(0.0, end - time.monotonic()))  # pylint: disable=protected-access
+            thread = batches._thread  # pylint: disable=protected-access
+            while thread.is_alive() and not batches._in_pipeline:  # pylint: disable=protected-access
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                thread.join(timeout=min(remaining, cls._POLL_S))
 
 
 atexit.register(BackgroundBatches.stop_at_exit)

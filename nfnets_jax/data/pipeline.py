@@ -32,6 +32,7 @@ Per device, one step takes 2B examples when mixing (B otherwise), mixes them to 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Iterator, NamedTuple
 
@@ -43,7 +44,6 @@ from nfnets_jax.runtime.program_output import import_tensorflow
 
 import_tensorflow()  # TensorFlow's C++ start-up notices held back (runtime/program_output.py)
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
-from absl import logging
 
 from nfnets_jax.data import mixing, preprocess, randaugment
 from nfnets_jax.data.config import validate_data_config
@@ -52,6 +52,7 @@ from nfnets_jax.data.sources import Source, make_source
 # Distinct streams of stateless randomness.
 _PREPROCESS_STREAM, _AUGMENT_STREAM, _MIX_STREAM, _POST_MIX_AUGMENT_STREAM = 1, 2, 3, 4
 _SHUFFLE_STREAM = 5
+_log = logging.getLogger(__name__)  # our warnings: shown by program_output, not held back as absl's
 
 
 class DatasetInfo(NamedTuple):
@@ -345,7 +346,7 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
             newly_skipped = batch_last - last_position - stride
             if newly_skipped:
                 skipped += newly_skipped
-                logging.warning("Input pipeline: skipped %d undecodable image(s) so far "
+                _log.warning("Input pipeline: skipped %d undecodable image(s) so far "
                                 "(process %d, step %d).", skipped, proc, step)
             last_position = batch_last
             step += 1
@@ -411,7 +412,7 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, global_batch_s
             seen += int(batch["mask"].sum())
             yield batch
         if seen != end - start:
-            logging.warning("Eval pipeline: skipped %d undecodable image(s) of %d (process %d).",
+            _log.warning("Eval pipeline: skipped %d undecodable image(s) of %d (process %d).",
                             end - start - seen, end - start, layout.process_index)
 
     return batches()
