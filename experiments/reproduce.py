@@ -415,6 +415,9 @@ def agc_verdicts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
       largest (yes: by more than the spread; partly: by less; no: it does not lose).
     - agc_matches_bn: at each batch, the best λ against BN (matches: NF ≥ BN, or the gap is within
       the spread). yes: at every batch; partly: at some, or at none but the gap shrinks; no: none.
+    - bn_across_batches (not a claim of the paper: a check of the design): the BN-ResNet, which
+      needs no clipping, at the smallest and the largest batch; `enough_steps` when it does not
+      lose more than the spread, i.e. the largest batch's step count suffices to train.
     - smaller_lambda_at_larger_batch: the best λ per batch. yes: it never grows with the batch,
       is smaller at the largest batch than at the smallest, and there the small batch's best λ
       scores lower by more than the spread; partly: the order holds but that difference is within
@@ -433,6 +436,15 @@ def agc_verdicts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             bracketed[batch] = bool(grid and grid[0] < best[batch]["clipping"] < grid[-1])
     verdicts["best_clipping"] = {b: best[b]["clipping"] for b in best}
     verdicts["bracketed"] = bracketed
+
+    bn_small, bn_large = _row(rows, "BN", small), _row(rows, "BN", large)
+    if bn_small and bn_large:  # is the largest batch's step count enough to train at all?
+        change = differs(bn_small["accuracy"], bn_large["accuracy"])
+        verdicts["bn_across_batches"] = {
+            **change, "small_batch": small, "large_batch": large, "steps_small": bn_small["steps"],
+            "steps_large": bn_large["steps"], "mean_small": bn_small["accuracy"]["mean"],
+            "mean_large": bn_large["accuracy"]["mean"],
+            "enough_steps": bool(change["difference"] <= 0 or not change["exceeds_spread"])}
 
     no_agc_small, no_agc_large = _row(rows, "no AGC", small), _row(rows, "no AGC", large)
     if no_agc_small and no_agc_large:

@@ -107,6 +107,16 @@ def _grid_table(rows: Sequence[Mapping[str, Any]], cell, header: str, bold_best:
 def _agc_verdicts(record: dict[str, Any]) -> list[str]:
     v = record["verdicts"]
     lines = ["**Verdicts** (computed from the table above by `experiments.reproduce.agc_verdicts`):", ""]
+    if "bn_across_batches" in v:
+        b = v["bn_across_batches"]
+        lines.append(
+            f"- *Design check: are {b['steps_large']} steps enough to train at batch {b['large_batch']}?* — the "
+            f"BN-ResNet, which needs no clipping, reaches {_pct(b['mean_small'])} % at batch {b['small_batch']} "
+            f"({b['steps_small']} steps) and {_pct(b['mean_large'])} % at batch {b['large_batch']} ({_spread(b)}). "
+            + ("So the step count at the largest batch is enough to train, and the comparisons there are about the "
+               "batch, not about too few steps." if b["enough_steps"] else
+               "So the largest batch also means too few steps here: what differs at that batch is confounded with "
+               "training length, for every model alike, and the comparisons below are made within each batch."))
     if "unclipped_degrades" in v:
         d = v["unclipped_degrades"]
         lines.append(
@@ -168,6 +178,12 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
         f"above while the best λ sits at an end, at most {s['max_extensions']} times. Seeds "
         f"{', '.join(map(str, s['seeds']))}: every cell is the mean ± sample standard deviation over all of them "
         f"(the paper's mean of the best {p['seeds_averaged']} of {p['seeds']} is beside it, in its own table).",
+        "",
+        f"Shrunk from the paper's study (ResNet-{p['depths'][0]} and deeper on ImageNet, batch "
+        f"{p['batches'][0]}–{p['batches'][-1]}, {p['epochs']} epochs, {p['seeds']} seeds) so that the full grid runs "
+        f"in about an hour on two shared CPU cores: a {record['depth']}-layer network at width "
+        f"{s['width']:g} on small grey images, batches {', '.join(map(str, s['batches']))}, "
+        f"{s['epochs']:g} epochs, {len(s['seeds'])} seeds.",
         "",
         "Steps per run: " + ", ".join(f"{steps[b]} at batch {b}" for b in batches)
         + ". Same epochs at every batch means the largest batch gets the fewest steps, as in the paper; the "
