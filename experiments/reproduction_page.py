@@ -166,7 +166,7 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
         "",
         f"Design. NF-ResNet and BN-ResNet with one bottleneck block per stage (ResNet-{record['depth']}, width "
         f"{s['width']:g}), Fashion-MNIST downsampled to {s['image_size']} px (the mean of 2×2 blocks), "
-        f"{record['num_train']} training images, {s['epochs']:g} epoch(s) at every batch size (the paper: "
+        f"{record['num_train']} training images, {s['epochs']:g} epochs at every batch size (the paper: "
         f"{p['epochs']} on ImageNet), LR {s['base_lr']:g} × batch/{s['base_batch']} (the paper's rule), linear "
         f"warmup over the first {p['warmup_epochs']}/{p['epochs']} of the steps then cosine to 0, SGD-Nesterov, "
         "no augmentation. AGC as in the paper: unit-wise, the classifier weight excluded; λ = ∞ is the no-AGC line "
@@ -182,8 +182,8 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
         f"Shrunk from the paper's study (ResNet-{p['depths'][0]} and deeper on ImageNet, batch "
         f"{p['batches'][0]}–{p['batches'][-1]}, {p['epochs']} epochs, {p['seeds']} seeds) so that the full grid runs "
         f"in about an hour on two shared CPU cores: a {record['depth']}-layer network at width "
-        f"{s['width']:g} on small grey images, batches {', '.join(map(str, s['batches']))}, "
-        f"{s['epochs']:g} epochs, {len(s['seeds'])} seeds.",
+        f"{s['width']:g} on small grey images; batches: {', '.join(map(str, s['batches']))}; "
+        f"epochs: {s['epochs']:g}; seeds: {len(s['seeds'])}.",
         "",
         "Steps per run: " + ", ".join(f"{steps[b]} at batch {b}" for b in batches)
         + ". Same epochs at every batch means the largest batch gets the fewest steps, as in the paper; the "
