@@ -293,7 +293,10 @@ def agc_clip_groups(settings: AgcSettings) -> dict[str, str]:
     return {label: regex + r"(?:.*/)?w$" for label, regex in regexes.items() if label != "head"}
 
 
-def run_agc(settings: AgcSettings, out: str, progress: Progress) -> dict[str, Any]:
+def run_agc(settings: AgcSettings, out: str, progress: Progress,
+            save_partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The study, batch by batch; after each batch but the last, `save_partial(record)` (default:
+    write `agc.json` as it is) so that a stopped study leaves its finished batches on the page."""
     from nfnets_jax.analysis import agc_study, in_memory_training as imt  # pylint: disable=import-outside-toplevel
 
     data = _load_data(settings)
@@ -353,7 +356,12 @@ def run_agc(settings: AgcSettings, out: str, progress: Progress) -> dict[str, An
             progress.add(len(settings.seeds) * settings.epochs)
             means[extra] = float(np.mean([r["test_acc"] for r in run_point("nf", extra, batch)]))
         record = summarize_agc(settings, records, out, depth=depth, num_train=num_train)
-        _write_json(os.path.join(out, "agc.json"), _jsonable(record | {"complete": batch == settings.batches[-1]}))
+        if batch != settings.batches[-1]:
+            partial = record | {"complete": False}
+            if save_partial is None:
+                _write_json(os.path.join(out, "agc.json"), _jsonable(partial))
+            else:
+                save_partial(partial)
     return record | {"complete": True}
 
 
@@ -878,13 +886,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for claim in claims:
         start = time.perf_counter()
         provenance = versions()
-        record = RUNNERS[claim](settings[claim], out, progress)
-        load_end = " ".join(f"{v:.1f}" for v in os.getloadavg())
-        record.update({"claim": claim, "quick": args.quick, "command": command,
-                       "seconds": round(time.perf_counter() - start, 1), "versions": provenance,
-                       "load_average_at_end": load_end, "complete": True})
-        written[claim] = _write_json(os.path.join(out, f"{claim}.json"), _jsonable(record))
-        reproduction_page.write(out, doc)  # the page holds every claim finished so far
+
+        def save(record: dict[str, Any], claim: str = claim, start: float = start,
+                 provenance: dict[str, str] = provenance) -> str:
+            """Writes the claim's JSON with how, where and when it was measured, then the page."""
+            load_end = " ".join(f"{v:.1f}" for v in os.getloadavg())
+            record = {"complete": True, **record, "claim": claim, "quick": args.quick, "command": command,
+                      "seconds": round(time.perf_counter() - start, 1), "versions": provenance,
+                      "load_average_at_end": load_end}
+            path = _write_json(os.path.join(out, f"{claim}.json"), _jsonable(record))
+            reproduction_page.write(out, doc)  # the page holds every claim (part) finished so far
+            return path
+
+        extra = {"save_partial": save} if claim == "agc" else {}
+        written[claim] = save(RUNNERS[claim](settings[claim], out, progress, **extra))
     page = reproduction_page.write(out, doc)
     summary = {"json": written, "doc": page, "seconds": round(time.perf_counter() - progress.start, 1)}
     print(json.dumps(summary))

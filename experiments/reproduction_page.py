@@ -62,6 +62,8 @@ def _spread(entry: Mapping[str, Any]) -> str:
 
 
 def _footer(record: dict[str, Any]) -> str:
+    if "versions" not in record:  # a partial record written by the study itself while it ran
+        return "*A partial record, written while the study ran: its command, runtime and versions are added when it completes.*\n"
     v = record["versions"]
     packages = ", ".join(f"{k} {v[k]}" for k in ("python", "jax", "jaxlib", "dm-haiku", "optax", "orbax-checkpoint",
                                                  "tensorflow", "tensorflow-datasets") if k in v)
@@ -194,8 +196,8 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
     ]
     if not record.get("complete", True):
         pending = [b for b in s["batches"] if b not in batches]
-        lines += [f"**Incomplete:** batch sizes {', '.join(map(str, pending))} are pending (the study was stopped "
-                  "before they ran; rerunning the command continues it from the runs already stored).", ""]
+        lines += [f"**Incomplete:** batch sizes {', '.join(map(str, pending))} are pending (not finished when this page was generated; "
+                  "rerunning the command continues from the runs already stored).", ""]
     lines += [_figure(record, doc_dir, alt="AGC clipping threshold vs batch size on Fashion-MNIST"), "",
               "Test top-1 (%), mean ± sd over all seeds (bold: best of the batch):", ""]
     lines += _grid_table(rows, lambda r: _acc(r["accuracy"]), "batch", bold_best=True)
