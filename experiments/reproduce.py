@@ -398,6 +398,7 @@ def summarize_agc(settings: AgcSettings, records: list[dict[str, Any]], out: str
                f"each point: mean ± sd over {len(settings.seeds)} seeds; ▼: below the axis"))
     return {"settings": dataclasses.asdict(settings), "paper": PAPER["agc"], "depth": depth, "num_train": num_train,
             "batches_done": batches, "rows": rows, "runs": records,
+            "run_minutes_total": sum(r["seconds"] for r in records) / 60,  # stored runs included
             "verdicts": agc_verdicts(rows), "figures": [png]}
 
 

@@ -213,7 +213,11 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
         for r in sorted(clip_rows, key=lambda r: (r["batch"], r["clipping"])):
             lines.append(f"| {r['batch']} | {_lam(r['clipping'])} | "
                          + " | ".join(_pct(r["clip_fraction"][st], 1) for st in stages) + " |")
-    lines += [""] + _agc_verdicts(record) + ["", _footer(record)]
+    lines += [""] + _agc_verdicts(record)
+    if "run_minutes_total" in record:
+        lines += ["", f"Training time of all {len(record['runs'])} runs, summed (runs stored by an earlier "
+                  f"session of the command included): {record['run_minutes_total']:.1f} min."]
+    lines += ["", _footer(record)]
     return "\n".join(lines)
 
 
