@@ -416,6 +416,9 @@ def best_clipping_rows(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, An
     return best
 
 
+AT_CHANCE = 0.15  # test top-1 below 1.5× chance (10 classes): the run did not train, diverged or not
+
+
 def agc_verdicts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The paper's three sub-claims of Fig. 2, each 'yes' / 'partly' / 'no' with its numbers.
     A difference "exceeds the seed spread" when |Δmean| > sd₁ + sd₂ (`differs`).
@@ -443,6 +446,9 @@ def agc_verdicts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         grid = sorted(r["clipping"] for r in rows if r["batch"] == batch and r["model"] == "nf" and r["clipping"])
         if batch in best:
             bracketed[batch] = bool(grid and grid[0] < best[batch]["clipping"] < grid[-1])
+    verdicts["chance_threshold"] = AT_CHANCE
+    verdicts["at_chance"] = {b: {r["series"]: float(np.mean([a < AT_CHANCE for a in r["accuracy"]["per_seed"]]))
+                                 for r in rows if r["batch"] == b} for b in batches}
     verdicts["best_clipping"] = {b: best[b]["clipping"] for b in best}
     verdicts["bracketed"] = bracketed
 
@@ -502,6 +508,8 @@ def agc_verdicts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "clipping": best[large]["clipping"], "mean": best[large]["clip_fraction"],
             "early": best[large].get("clip_fraction_early", {}),
             "no_agc_diverged": no_agc_large["diverged_fraction"] if no_agc_large else None,
+            "agc_at_chance": {r["series"]: verdicts["at_chance"][large][r["series"]] for r in rows
+                              if r["batch"] == large and r["model"] == "nf" and r["clipping"]},
             "agc_diverged": max(r["diverged_fraction"] for r in rows
                                 if r["batch"] == large and r["model"] == "nf" and r["clipping"])}
     return verdicts

@@ -155,7 +155,11 @@ def _agc_verdicts(record: dict[str, Any]) -> list[str]:
         lines.append(f"- *What AGC does at the largest batch* (λ={_lam(c['clipping'])}): fraction of conv-weight "
                      f"units clipped, averaged over all steps: {stages}; over the first tenth of the steps: {early}. "
                      f"Fraction of seeds diverged: {c['no_agc_diverged']:.2f} without AGC, at most "
-                     f"{c['agc_diverged']:.2f} at any λ.")
+                     f"{c['agc_diverged']:.2f} at any λ"
+                     + ("; λ values at which seeds did not train: "
+                        + ", ".join(f"{series} ({fraction:.2f})" for series, fraction in c["agc_at_chance"].items()
+                                    if fraction > 0) if any(c.get("agc_at_chance", {}).values()) else "")
+                     + ".")
     return lines
 
 
@@ -205,6 +209,11 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
     lines += _grid_table(rows, lambda r: _pct(r["accuracy"]["best_n_minus_1_mean"]), "batch")
     lines += ["", "Fraction of seeds whose training loss became non-finite:", ""]
     lines += _grid_table(rows, lambda r: f"{r['diverged_fraction']:.2f}", "batch")
+    at_chance = record["verdicts"].get("at_chance")
+    if at_chance:
+        lines += ["", f"Fraction of seeds that did not train (test top-1 below "
+                      f"{_pct(record['verdicts']['chance_threshold'], 0)} %, diverged or not):", ""]
+        lines += _grid_table(rows, lambda r: f"{at_chance[str(r['batch'])][r['series']]:.2f}", "batch")
     clip_rows = [r for r in rows if "clip_fraction" in r]
     if clip_rows:
         stages = list(clip_rows[0]["clip_fraction"])
