@@ -163,6 +163,7 @@ def test_agc_verdicts_on_a_hand_made_grid():
     # At 4096, λ=0.08 (256's best) scores 0.61 against 0.75: far beyond the spread.
     assert smaller["answer"] == "yes" and smaller["penalty"]["difference"] == pytest.approx(0.14)
     assert v["bracketed"] == {256: True, 4096: True}
+    assert v["at_chance"][4096]["no AGC"] == 1.0 and v["at_chance"][4096]["λ=0.08"] == 0.0
 
 
 def test_agc_verdicts_say_no_when_the_best_lambda_grows_with_the_batch():
