@@ -576,13 +576,25 @@ def run_nf_vs_bn(settings: NfVsBnSettings, out: str, progress: Progress) -> dict
          "compiled step peak memory (MiB)": {n: r["memory"]["peak_estimate"] / 2**20 for n, r in rows.items()},
          "Fashion-MNIST test top-1 (%), mean": {n: 100 * r["accuracy"]["mean"] for n, r in rows.items()}},
         f"NFNet architecture, NF vs BatchNorm (Fashion-MNIST {settings.image_size}px, batch {settings.batch})")
-    return {"settings": dataclasses.asdict(settings), "steps": steps, "lr": lr, "num_train": num_train,
-            "results": rows,
-            "time_ratio_bn_over_nf": rows["BN"]["step_time"]["median_s"] / rows["NF"]["step_time"]["median_s"],
-            "time_ratio_per_repeat": per_repeat,
-            "memory_ratio_bn_over_nf": rows["BN"]["memory"]["peak_estimate"] / rows["NF"]["memory"]["peak_estimate"],
-            "accuracy_difference": differs(accuracy["NF"], accuracy["BN"]),
-            "figures": [png]}
+    record = {"settings": dataclasses.asdict(settings), "steps": steps, "lr": lr, "num_train": num_train,
+              "results": rows,
+              "time_ratio_bn_over_nf": rows["BN"]["step_time"]["median_s"] / rows["NF"]["step_time"]["median_s"],
+              "time_ratio_per_repeat": per_repeat,
+              "memory_ratio_bn_over_nf": rows["BN"]["memory"]["peak_estimate"] / rows["NF"]["memory"]["peak_estimate"],
+              "figures": [png]}
+    return record | {"verdicts": nf_vs_bn_verdicts(record)}
+
+
+def nf_vs_bn_verdicts(record: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy NF − BN against the seed spread (`differs`); step time BN / NF by the median and
+    per interleaved repeat (how many repeats have BN slower: 'consistent' when all or none)."""
+    ratios = record["time_ratio_per_repeat"]
+    slower = sum(r > 1 for r in ratios)
+    return {"accuracy": differs(record["results"]["NF"]["accuracy"], record["results"]["BN"]["accuracy"]),
+            "time": {"median_ratio": record["time_ratio_bn_over_nf"], "repeats_bn_slower": slower,
+                     "repeats": len(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
+                     "consistent": slower in (0, len(ratios))},
+            "memory_ratio": record["memory_ratio_bn_over_nf"]}
 
 
 def _channels(images: np.ndarray) -> np.ndarray:

@@ -258,19 +258,24 @@ def _nf_vs_bn(record: dict[str, Any], doc_dir: str) -> str:
                      f"{', '.join(f'{1e3 * x:.2f}' for x in t[name]['per_repeat_s'])} | "
                      f"{row['memory']['peak_estimate'] / 2**20:.2f} | {row['memory']['temp_size_in_bytes'] / 2**20:.2f} | "
                      f"{_acc(acc)} | {', '.join(_pct(x) for x in acc['per_seed'])} |")
-    difference = record["accuracy_difference"]
-    faster = "slower" if record["time_ratio_bn_over_nf"] > 1 else "faster"
-    ratios = record["time_ratio_per_repeat"]
+    v = record["verdicts"]
+    difference, time = v["accuracy"], v["time"]
+    if time["consistent"]:
+        timing = ("the BN step is slower in every interleaved repeat" if time["repeats_bn_slower"] else
+                  "the BN step is faster in every interleaved repeat")
+    else:
+        timing = (f"BN slower in {time['repeats_bn_slower']} of {time['repeats']} interleaved repeats only: no "
+                  "consistent difference under this load")
     lines += [
         "",
-        "**Verdicts:**",
+        "**Verdicts** (`experiments.reproduce.nf_vs_bn_verdicts`):",
         "",
         f"- *Accuracy* — NF − BN: {_spread(difference)}. "
         + ("The two cannot be told apart at this size." if not difference["exceeds_spread"] else
            ("NF is more accurate here." if difference["difference"] > 0 else "BN is more accurate here.")),
-        f"- *Step time* — the BN step is {faster}: ×{record['time_ratio_bn_over_nf']:.3f} the NF step by the median "
-        f"(per interleaved repeat ×{min(ratios):.3f} … ×{max(ratios):.3f}).",
-        f"- *Memory* — the BN step's peak estimate is ×{record['memory_ratio_bn_over_nf']:.3f} the NF step's.",
+        f"- *Step time* — BN / NF ×{time['median_ratio']:.3f} by the median, ×{time['min_ratio']:.3f} … "
+        f"×{time['max_ratio']:.3f} per repeat: {timing}.",
+        f"- *Memory* — the BN step's peak estimate is ×{v['memory_ratio']:.3f} the NF step's.",
         "",
         "At this scale the convolutions are tiny, so BatchNorm's extra passes over the activations are a small "
         "share of a step; the paper's speed claim is about large models on accelerators, which this does not test.",

@@ -286,3 +286,14 @@ def test_a_bad_batch_is_rejected_before_any_work(capsys, tmp_path):
         reproduce.main(["--only", "agc", "--agc_batches", "256,300", "--out", str(tmp_path)])
     assert "--agc_batches" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_nf_vs_bn_verdicts_count_the_repeats_where_bn_is_slower():
+    record = {"time_ratio_per_repeat": [1.1, 0.9, 1.2], "time_ratio_bn_over_nf": 1.1, "memory_ratio_bn_over_nf": 1.3,
+              "results": {"NF": {"accuracy": {"mean": 0.88, "sd": 0.01}},
+                          "BN": {"accuracy": {"mean": 0.89, "sd": 0.01}}}}
+    v = reproduce.nf_vs_bn_verdicts(record)
+    assert v["time"]["repeats_bn_slower"] == 2 and not v["time"]["consistent"]
+    assert v["accuracy"]["difference"] == pytest.approx(-0.01) and not v["accuracy"]["exceeds_spread"]
+    record["time_ratio_per_repeat"] = [1.1, 1.05, 1.2]
+    assert reproduce.nf_vs_bn_verdicts(record)["time"]["consistent"]
