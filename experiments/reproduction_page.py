@@ -336,9 +336,9 @@ def _spp_rows(verdicts: Mapping[str, Any], models: Sequence[str], probes: Sequen
             e = verdicts["models"].get(model, {}).get(probe)
             if e is None:
                 continue
-            ratio = (f"{e['ratio_min']:.3f} … {e['ratio_max']:.3f}" if "ratio_min" in e else "— (no analytic curve)")
+            ratio = (f"{e['ratio_min']:.3g} … {e['ratio_max']:.3g}" if "ratio_min" in e else "— (no analytic curve)")
             tracks = ("yes" if e["tracks"] else "no") if "tracks" in e else "—"
-            branch = ", ".join(f"stage {k}: {x:.3f}" for k, x in e["branch_variance_by_stage"].items())
+            branch = ", ".join(f"stage {k}: {x:.3g}" for k, x in e["branch_variance_by_stage"].items())
             lines.append(f"| {model} | {probe} | {e['last_variance']:.4g} | {ratio} | {tracks} | {branch} |")
     return lines
 
@@ -369,7 +369,9 @@ def _spp(record: dict[str, Any], doc_dir: str) -> str:
     lines += ["", "**Reading.** The table is the verdict: where 'within' says no, the model's signal does not "
               "follow the analytic curve on that input; the residual branch variances show how much of its input "
               "variance each stage's branch keeps (the paper's design assumes about 1 at initialisation). "
-              "Nothing here is a statement about training.", "", _footer(record)]
+              "Nothing here is a statement about training. A likely cause of the real images' low variances, not "
+              "tested here: Scaled WS makes every filter zero-mean, so locally constant input (flat backgrounds, "
+              "and the smooth regions of images upsampled several-fold) gives almost no response.", "", _footer(record)]
     return "\n".join(lines)
 
 
