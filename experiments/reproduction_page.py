@@ -11,6 +11,7 @@ are listed as not run; a claim whose JSON is marked incomplete says which part i
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,6 +50,14 @@ def _pct(value: float, digits: int = 2) -> str:
 def _acc(summary: Mapping[str, Any]) -> str:
     """'mean ± sd' in % of a `reproduce.seed_summary`."""
     return f"{_pct(summary['mean'])} ± {_pct(summary['sd'])}"
+
+
+def _sig(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant digits in fixed notation (7.07e-05 -> '0.0000707')."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
 
 
 def _lam(clipping: float) -> str:
@@ -336,10 +345,10 @@ def _spp_rows(verdicts: Mapping[str, Any], models: Sequence[str], probes: Sequen
             e = verdicts["models"].get(model, {}).get(probe)
             if e is None:
                 continue
-            ratio = (f"{e['ratio_min']:.3g} … {e['ratio_max']:.3g}" if "ratio_min" in e else "— (no analytic curve)")
+            ratio = (f"{_sig(e['ratio_min'])} … {_sig(e['ratio_max'])}" if "ratio_min" in e else "— (no analytic curve)")
             tracks = ("yes" if e["tracks"] else "no") if "tracks" in e else "—"
-            branch = ", ".join(f"stage {k}: {x:.3g}" for k, x in e["branch_variance_by_stage"].items())
-            lines.append(f"| {model} | {probe} | {e['last_variance']:.4g} | {ratio} | {tracks} | {branch} |")
+            branch = ", ".join(f"stage {k}: {_sig(x)}" for k, x in e["branch_variance_by_stage"].items())
+            lines.append(f"| {model} | {probe} | {_sig(e['last_variance'], 4)} | {ratio} | {tracks} | {branch} |")
     return lines
 
 

@@ -41,8 +41,8 @@ def page_numbers(text: str) -> list[str]:
 
 def json_renderings(records) -> set[str]:
     """Every way the page may write a value of the JSON records: each number as itself, in %,
-    ms, MiB or minutes, to 0–4 decimals or 3–4 significant digits, and every number inside a
-    string or key (commands, versions, labels)."""
+    ms, MiB or minutes, to 0–4 decimals or 3–4 significant digits (in fixed notation too), and
+    every number inside a string or key (commands, versions, labels)."""
     allowed: set[str] = set()
 
     def number(value: float) -> None:
@@ -52,6 +52,9 @@ def json_renderings(records) -> set[str]:
             x = abs(value) * scale
             allowed.update(f"{x:.{digits}f}" for digits in range(5))
             allowed.update({f"{x:g}", f"{x:.3g}", f"{x:.4g}", f"{x:,.0f}"})
+            if 0 < x < 1:  # 3–4 significant digits without an exponent: 7.07e-05 as 0.0000707
+                leading = -math.floor(math.log10(x)) - 1
+                allowed.update(f"{x:.{leading + digits}f}" for digits in (3, 4))
 
     def walk(node) -> None:
         if isinstance(node, dict):
