@@ -470,6 +470,12 @@ def agc_verdicts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "mean_small": no_agc_small["accuracy"]["mean"], "mean_large": no_agc_large["accuracy"]["mean"],
             "diverged_small": no_agc_small["diverged_fraction"], "diverged_large": no_agc_large["diverged_fraction"]}
 
+    if no_agc_small and small in best:  # where nothing diverges, what does clipping cost?
+        verdicts["no_agc_vs_best_clipping_at_smallest_batch"] = {
+            **differs(no_agc_small["accuracy"], best[small]["accuracy"]), "batch": small,
+            "clipping": best[small]["clipping"], "no_agc_mean": no_agc_small["accuracy"]["mean"],
+            "agc_mean": best[small]["accuracy"]["mean"]}
+
     gaps = {}
     for batch in batches:
         bn = _row(rows, "BN", batch)

@@ -135,6 +135,10 @@ def _agc_verdicts(record: dict[str, Any]) -> list[str]:
             f"{_pct(d['mean_small'])} % at batch {d['small_batch']} against {_pct(d['mean_large'])} % at batch "
             f"{d['large_batch']} ({_spread(d)}); fraction of seeds diverged {d['diverged_small']:.2f} → "
             f"{d['diverged_large']:.2f}.")
+    if "no_agc_vs_best_clipping_at_smallest_batch" in v:
+        c = v["no_agc_vs_best_clipping_at_smallest_batch"]
+        lines.append(f"- *At the smallest batch, where nothing diverges* — no AGC {_pct(c['no_agc_mean'])} % vs the best "
+                     f"λ={_lam(c['clipping'])} {_pct(c['agc_mean'])} % ({_spread(c)}).")
     if "agc_matches_bn" in v:
         m = v["agc_matches_bn"]
         parts = [f"batch {b}: BN {_pct(g['bn_mean'])} % vs λ={_lam(g['clipping'])} {_pct(g['nf_mean'])} % "

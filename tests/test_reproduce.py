@@ -166,6 +166,7 @@ def test_agc_verdicts_on_a_hand_made_grid():
     # At 4096, λ=0.08 (256's best) scores 0.61 against 0.75: far beyond the spread.
     assert smaller["answer"] == "yes" and smaller["penalty"]["difference"] == pytest.approx(0.14)
     assert v["bracketed"] == {256: True, 4096: True}
+    assert v["no_agc_vs_best_clipping_at_smallest_batch"]["difference"] == pytest.approx(-0.01)  # 0.85 − 0.86
     assert v["at_chance"][4096]["no AGC"] == 1.0 and v["at_chance"][4096]["λ=0.08"] == 0.0
 
 
