@@ -12,6 +12,9 @@ rewritten from every claim JSON present in `--out`):
   256 → 4096 with LR 0.1 × batch/256 and the paper's warmup + cosine, the same number of epochs
   at every batch, several seeds; the λ grid is extended at each batch until its best λ is
   bracketed. Per run: test top-1, divergence, the fraction of AGC units clipped per stage.
+- `agc_steps`: the study's largest batch again, trained for the step count of a smaller batch of
+  `agc` (4096 for 60 epochs: batch 1024's 879 steps), so that "large batch" is not confounded with
+  "too few steps"; judged against that batch's rows of `agc.json`.
 - `nf_vs_bn`: the same NFNet architecture with and without BatchNorm (§3): Fashion-MNIST
   accuracy over seeds, step time (interleaved repeats) and XLA's peak-memory estimate.
 - `cost`: the step time of plain / AGC / modified SAM (20 % ascent, unsynced) / full SAM on the
@@ -49,7 +52,7 @@ from absl import flags
 
 from . import command_line
 
-CLAIMS = ("agc", "nf_vs_bn", "cost", "spp")
+CLAIMS = ("agc", "agc_steps", "nf_vs_bn", "cost", "spp")
 DEFAULT_OUT = os.path.join("docs", "reproduction")
 DEFAULT_DOC = os.path.join("docs", "reproduction.md")
 NO_CLIPPING = math.inf  # λ = inf: AGC present, never clipping (the no-AGC line)
@@ -132,8 +135,11 @@ class SppSettings:
 _TINY_NFNET = NfVsBnSettings(image_size=14, widths=(16, 16, 32, 32), stem_channels=(4, 4, 8, 8), group_size=8,
                              batch=32, epochs=0.5, seeds=(0,), repeats=2, steps_per_repeat=2, num_train=1024,
                              fast_compile=True)
+# `agc_steps`: the study's largest batch trained for the step count of a smaller batch of `agc`
+# (4096 for 60 epochs = batch 1024's 879 steps at 15), so that "large batch" is not "too few steps".
 FULL = {
     "agc": AgcSettings(),
+    "agc_steps": AgcSettings(batches=(4096,), epochs=60.0, clippings=(0.01, 0.02, 0.04), max_extensions=2),
     "nf_vs_bn": NfVsBnSettings(),
     "cost": CostSettings(),
     "spp": SppSettings(),
@@ -141,6 +147,8 @@ FULL = {
 QUICK = {
     "agc": AgcSettings(width=0.125, batches=(64, 128), clippings=(0.04, 0.16), max_extensions=1, seeds=(0,),
                        epochs=1.0, microbatch=64, num_train=1024, fast_compile=True),
+    "agc_steps": AgcSettings(width=0.125, batches=(128,), clippings=(0.04, 0.16), max_extensions=1, seeds=(0,),
+                             epochs=2.0, microbatch=64, num_train=1024, fast_compile=True),  # batch 64's steps
     "nf_vs_bn": _TINY_NFNET,
     "cost": CostSettings(f0_image_size=32, f0_batch=5, f0_repeats=2,
                          f0_kwargs=(("depths", (1, 1, 1, 1)), ("widths", (16, 16, 32, 32)), ("group_size", 8),
@@ -294,9 +302,10 @@ def agc_clip_groups(settings: AgcSettings) -> dict[str, str]:
 
 
 def run_agc(settings: AgcSettings, out: str, progress: Progress,
-            save_partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            save_partial: Callable[[dict[str, Any]], None] | None = None, name: str = "agc") -> dict[str, Any]:
     """The study, batch by batch; after each batch but the last, `save_partial(record)` (default:
-    write `agc.json` as it is) so that a stopped study leaves its finished batches on the page."""
+    write `<name>.json` as it is) so that a stopped study leaves its finished batches on the page.
+    `name` also names the figure."""
     from nfnets_jax.analysis import agc_study, in_memory_training as imt  # pylint: disable=import-outside-toplevel
 
     data = _load_data(settings)
@@ -355,18 +364,18 @@ def run_agc(settings: AgcSettings, out: str, progress: Progress,
                 break
             progress.add(len(settings.seeds) * settings.epochs)
             means[extra] = float(np.mean([r["test_acc"] for r in run_point("nf", extra, batch)]))
-        record = summarize_agc(settings, records, out, depth=depth, num_train=num_train)
+        record = summarize_agc(settings, records, out, depth=depth, num_train=num_train, name=name)
         if batch != settings.batches[-1]:
             partial = record | {"complete": False}
             if save_partial is None:
-                _write_json(os.path.join(out, "agc.json"), _jsonable(partial))
+                _write_json(os.path.join(out, f"{name}.json"), _jsonable(partial))
             else:
                 save_partial(partial)
     return record | {"complete": True}
 
 
 def summarize_agc(settings: AgcSettings, records: list[dict[str, Any]], out: str, *, depth: int,
-                  num_train: int) -> dict[str, Any]:
+                  num_train: int, name: str = "agc") -> dict[str, Any]:
     """Per (series, batch): the seeds' accuracy (mean ± sd over all seeds, best n−1 beside),
     divergence, final loss and clip fractions; the sub-claims' verdicts; the figure."""
     from nfnets_jax.analysis import agc_study  # pylint: disable=import-outside-toplevel
@@ -392,7 +401,7 @@ def summarize_agc(settings: AgcSettings, records: list[dict[str, Any]], out: str
     rows.sort(key=lambda r: (r["batch"], r["model"] == "bn", not r["clipping"], r["clipping"] or 0.0))
     batches = sorted({r["batch"] for r in rows})
     png = agc_study.plot_figure(
-        rows, os.path.join(out, "agc.png"), y_span=40.0, dataset="Fashion-MNIST test",
+        rows, os.path.join(out, f"{name}.png"), y_span=40.0, dataset="Fashion-MNIST test",
         title=(f"AGC λ vs batch size, Fashion-MNIST {settings.image_size}px, {settings.epochs:g} epochs at every batch, "
                f"LR {settings.base_lr:g}×batch/{settings.base_batch}\nResNet-{depth} width {settings.width:g}; "
                f"each point: mean ± sd over {len(settings.seeds)} seeds; ▼: below the axis"))
@@ -400,6 +409,27 @@ def summarize_agc(settings: AgcSettings, records: list[dict[str, Any]], out: str
             "batches_done": batches, "rows": rows, "runs": records,
             "run_minutes_total": sum(r["seconds"] for r in records) / 60,  # stored runs included
             "verdicts": agc_verdicts(rows), "figures": [png]}
+
+
+def run_agc_steps(settings: AgcSettings, out: str, progress: Progress) -> dict[str, Any]:
+    """`agc_steps`: the largest batch at a smaller batch's step count; judged against that batch's
+    rows of the `agc` study in `out` (`agc.json`, which `main` requires before any work)."""
+    record = run_agc(settings, out, progress, save_partial=lambda partial: None, name="agc_steps")
+    with open(os.path.join(out, "agc.json"), encoding="utf-8") as f:
+        return equal_steps_record(record, json.load(f))
+
+
+def equal_steps_record(record: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
+    """`record` (one or more batches trained for a common step count) beside the rows of the
+    `study` batch with that same step count; the verdicts are `agc_verdicts` over both, so the
+    design check compares the BN-ResNet at two batch sizes with equal steps."""
+    steps = {r["steps"] for r in record["rows"]}
+    own = {r["batch"] for r in record["rows"]}
+    reference = [r for r in study["rows"] if r["steps"] in steps and r["batch"] not in own]
+    reference_batches = sorted({r["batch"] for r in reference})
+    return record | {"reference_batches": reference_batches, "reference_rows": reference,
+                     "reference_command": study.get("command"),
+                     "verdicts": agc_verdicts(reference + record["rows"])}
 
 
 def _row(rows: Sequence[dict[str, Any]], series: str, batch: int) -> dict[str, Any] | None:
@@ -822,12 +852,13 @@ def _bar_figure(png_path: str, panels: dict[str, dict[str, float]], title: str,
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "agc": run_agc, "nf_vs_bn": run_nf_vs_bn, "cost": run_cost, "spp": run_spp}
+    "agc": run_agc, "agc_steps": run_agc_steps, "nf_vs_bn": run_nf_vs_bn, "cost": run_cost, "spp": run_spp}
 
 # The work each claim announces to the progress bar before anything runs: units of roughly
 # equal wall time on a CPU (a run-epoch ≈ 1, a compile ≈ 10–20, a timing round ≈ 2–5).
 WORK_UNITS: dict[str, Callable[[Any], float]] = {
     "agc": lambda s: len(s.batches) * (len(s.clippings) + 2) * len(s.seeds) * s.epochs,
+    "agc_steps": lambda s: len(s.batches) * (len(s.clippings) + 2) * len(s.seeds) * s.epochs,
     "nf_vs_bn": lambda s: 2 * 20.0 + s.repeats * 2 + 2 * len(s.seeds) * s.epochs,
     "cost": lambda s: len(s.variants) * 10.0 + 5 * s.f0_repeats + (0 if s.small is None else
                                                                     len(s.variants) * 10.0 + 5 * s.small_repeats),
@@ -896,6 +927,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if message:
             command_line.fail(message)
     out = args.out or DEFAULT_OUT
+    if "agc_steps" in claims and "agc" not in claims and not os.path.exists(os.path.join(out, "agc.json")):
+        command_line.fail(f"--only agc_steps compares with the agc study's agc.json, which {out} lacks: "
+                          "run --only agc,agc_steps (or give the --out of a finished agc study).")
     doc = args.doc or (DEFAULT_DOC if args.out is None else os.path.join(out, "reproduction.md"))
     os.makedirs(out, exist_ok=True)
 

@@ -388,13 +388,44 @@ def _spp(record: dict[str, Any], doc_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _agc_steps(record: dict[str, Any], doc_dir: str) -> str:
+    s, rows, reference = record["settings"], record["rows"], record["reference_rows"]
+    steps = sorted({r["steps"] for r in rows})
+    batches = ", ".join(map(str, record["batches_done"]))
+    references = ", ".join(map(str, record["reference_batches"])) or "none"
+    lines = [
+        f"## {TITLES['agc_steps']}",
+        "",
+        f"Design. Section 1 trains every batch for the same epochs, so its largest batch also gets the fewest "
+        f"steps. Here batch {batches} trains for {s['epochs']:g} epochs, {', '.join(map(str, steps))} steps: the step "
+        f"count of batch {references} in section 1, whose rows are shown beside it (same network, data, LR rule "
+        f"{s['base_lr']:g} × batch/{s['base_batch']}, warmup fraction, schedule and seeds "
+        f"{', '.join(map(str, s['seeds']))}). λ grid: {', '.join(_lam(c) for c in s['clippings'])}, extended as in "
+        f"section 1 at most {s['max_extensions']} times. The verdicts below are section 1's rules applied to these "
+        "batches, so the design check now compares two batch sizes at equal steps.",
+        "",
+        _figure(record, doc_dir, alt="AGC at the largest batch with a smaller batch's step count"),
+        "",
+        "Test top-1 (%), mean ± sd over all seeds (bold: best of the batch):",
+        "",
+    ]
+    both = reference + rows
+    lines += _grid_table(both, lambda r: _acc(r["accuracy"]), "batch", bold_best=True)
+    lines += ["", "Fraction of seeds whose training loss became non-finite:", ""]
+    lines += _grid_table(both, lambda r: f"{r['diverged_fraction']:.2f}", "batch")
+    lines += [""] + _agc_verdicts(record)
+    lines += ["", _footer(record)]
+    return "\n".join(lines)
+
+
 TITLES = {
     "agc": "1. AGC vs batch size: large-batch, large-LR training of NF-ResNets (paper §4.1, Fig. 2)",
+    "agc_steps": "1b. The largest batch again, with a smaller batch's step count",
     "nf_vs_bn": "2. Normalizer-free vs BatchNorm: accuracy, step time and memory (paper §3, §5)",
     "cost": "3. The cost of AGC and of the modified SAM (paper §4, §6.1)",
     "spp": "4. Signal propagation: the NF-ResNet paper's figure, and real images (NF-ResNet paper §4)",
 }
-SECTIONS = {"agc": _agc, "nf_vs_bn": _nf_vs_bn, "cost": _cost, "spp": _spp}
+SECTIONS = {"agc": _agc, "agc_steps": _agc_steps, "nf_vs_bn": _nf_vs_bn, "cost": _cost, "spp": _spp}
 
 
 def render(out: str, doc_path: str) -> str:

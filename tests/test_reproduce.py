@@ -178,6 +178,35 @@ def test_agc_verdicts_say_no_when_the_best_lambda_grows_with_the_batch():
     assert v["bracketed"] == {256: False, 1024: False}
 
 
+def test_equal_steps_pairs_the_largest_batch_with_the_study_batch_that_had_its_step_count():
+    def at(steps, *rows):
+        return [dict(row, steps=steps) for row in rows]
+
+    study = {"command": "python -m experiments.reproduce", "rows":
+             at(400, _row("BN", "bn", None, 256, [0.87, 0.86, 0.88]), _row("no AGC", "nf", 0.0, 256, [0.85] * 3))
+             + at(100, _row("BN", "bn", None, 1024, [0.86, 0.87, 0.85]), _row("no AGC", "nf", 0.0, 1024, [0.1] * 3),
+                  _row("λ=0.02", "nf", 0.02, 1024, [0.80, 0.81, 0.79]))
+             + at(25, _row("BN", "bn", None, 4096, [0.70, 0.71, 0.72]))}
+    # batch 4096 again, for 4x the epochs: 100 steps, as batch 1024 had in the study
+    record = {"rows": at(100, _row("BN", "bn", None, 4096, [0.86, 0.85, 0.87]),
+                         _row("no AGC", "nf", 0.0, 4096, [0.1] * 3, diverged=1.0),
+                         _row("λ=0.02", "nf", 0.02, 4096, [0.84, 0.85, 0.86]))}
+    merged = reproduce.equal_steps_record(record, study)
+    assert merged["reference_batches"] == [1024]
+    check = merged["verdicts"]["bn_across_batches"]
+    # BN at 1024 and 4096, both 100 steps: 0.86 vs 0.86, no loss, so the steps suffice.
+    assert (check["small_batch"], check["large_batch"], check["steps_small"], check["steps_large"]) == (1024, 4096, 100, 100)
+    assert check["enough_steps"] and check["difference"] == pytest.approx(0.0, abs=1e-9)
+    gap = merged["verdicts"]["agc_matches_bn"]["by_batch"][4096]  # BN 0.86 − λ=0.02 0.85, spread 0.02
+    assert gap["difference"] == pytest.approx(0.01) and gap["matches"]
+
+
+def test_agc_steps_without_an_agc_study_is_one_line_before_any_work(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--only", "agc_steps", "--out", str(tmp_path)])
+    assert "lacks" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
 def test_cached_run_computes_once_and_leaves_no_partial_file(tmp_path):
     path = str(tmp_path / "run.json")
     calls = []
