@@ -196,3 +196,10 @@ def test_every_figure_the_docs_say_the_notebooks_showed_is_in_their_stored_outpu
     missing = [number for number in re.findall(r"\d[\d,]*(?:\.\d+)?", section)
                if not re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", shown + sources)]
     assert not missing, f"docs/notebooks.md quotes figures no stored notebook shows: {missing}"
+
+
+def test_the_readme_names_the_commits_that_produced_the_stored_outputs():
+    readme = (ROOT / "README.md").read_text()
+    for name in NOTEBOOKS:
+        commit = _notebook(name).metadata["nfnets_jax_run"]["git"]["commit"]
+        assert f"`{commit[:12]}`" in readme, f"README does not name {name}'s commit {commit[:12]}"
