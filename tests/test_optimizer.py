@@ -195,7 +195,7 @@ def test_constant_schedule_and_min_lr():
 
 
 def test_schedule_with_traced_settings_is_the_closed_form_and_the_checked_schedule():
-    """`warmup_cosine_at` inside jit, its peak, warmup and length traced (as `analysis.digits_training`
+    """`warmup_cosine_at` inside jit, its peak, warmup and length traced (as `analysis.in_memory_training`
     trains runs of different lengths in one program): the closed form, and `warmup_cosine`'s values."""
     traced = jax.jit(optim.schedules.warmup_cosine_at)
     checked = optim.schedules.warmup_cosine(0.8, 5, 40)

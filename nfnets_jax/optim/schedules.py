@@ -47,7 +47,7 @@ def _after_linear_warmup(peak: Any, warmup_steps: Any, then: optax.Schedule) -> 
 def warmup_cosine_at(step: Any, peak: Any, warmup_steps: Any, total_steps: Any, min_lr: Any = 0.0) -> jax.Array:
     """`warmup_cosine(peak, warmup_steps, total_steps, min_lr)(step)` without its checks, so that
     every argument may be a traced value (one compiled program training runs with different
-    learning rates and lengths, `analysis.digits_training`); the caller keeps
+    learning rates and lengths, `analysis.in_memory_training`); the caller keeps
     0 ≤ warmup_steps < total_steps."""
 
     def cosine(step: jax.Array) -> jax.Array:

@@ -1,11 +1,12 @@
-"""Many small training runs on the digits data in one compiled program, for the miniature
-reproductions of `experiments.reproduce` (docs/reproduction.md).
+"""Many small training runs on an in-memory data set in one compiled program, for the miniature
+reproductions of `experiments.reproduce` (docs/reproduction.md): Fashion-MNIST downsampled
+(`load_fashion_mnist`) and the digits (`load_digits`).
 
 The full training loop (`experiments.train`) is built for one long run per process; a study
 such as the AGC λ × batch-size grid (Brock et al. 2021 §4.1, Fig. 2) needs dozens of short runs
 that differ in seed, clipping threshold λ, batch size, number of steps and learning rate. On a
-loaded CPU, compiling dominates (≈ 4 min per program for a 14-layer NF-ResNet), so every one
-of those settings is a *traced* value here and one compiled program trains them all:
+loaded CPU, compiling costs minutes, so every one of those settings is a *traced* value here and
+one compiled program trains them all:
 
 - a run's batch of `batch_size` examples is processed as `batch_size / microbatch` microbatches
   whose gradients are averaged (for the NF models exactly the full-batch gradient; BatchNorm
@@ -20,8 +21,12 @@ of those settings is a *traced* value here and one compiled program trains them 
 Each run uses the library's model (`models.create`), loss (`losses.softmax_cross_entropy`) and
 optimizer pieces (`optim.adaptive_grad_clip` masked off the classifier and masked coupled weight
 decay, as `optim.make_optimizer` chains them, then Nesterov momentum with the library's
-linear-warmup cosine learning rate, `optim.schedules.warmup_cosine_at`), on batches drawn without replacement from the in-memory digits train split, and
-is evaluated on the whole test split at the end.
+linear-warmup cosine learning rate, `optim.schedules.warmup_cosine_at`), on batches drawn without
+replacement from the in-memory train split (a fresh permutation each epoch, the last partial
+batch of an epoch dropped), and is evaluated on the whole test split at the end. With
+`clip_groups` (label -> parameter-path regex, e.g. `models.stage_regexes`), a run also reports
+the fraction of AGC units clipped in each group, averaged over all its steps and over its first
+tenth (`optim.agc.clip_fraction_metrics`): what shows that AGC, not something else, is acting.
 """
 
 from __future__ import annotations
@@ -48,9 +53,9 @@ NO_CLIPPING = math.inf  # the λ that never clips: AGC off, in the same compiled
 
 
 @dataclasses.dataclass(frozen=True)
-class DigitsData:
-    """The digits train/test splits as float32 NHWC arrays, normalised per channel with the
-    train split's statistics."""
+class InMemoryData:
+    """Train/test splits as float32 NHWC arrays, normalised per channel with the train split's
+    statistics, and int32 labels."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -58,19 +63,54 @@ class DigitsData:
     test_labels: np.ndarray
 
 
-def load_digits(image_size: int, test_fraction: float = 0.2, split_seed: int = 0) -> DigitsData:
-    """The same stratified split the digits demo trains on (`data.sources.load_digits_arrays`)."""
-    from nfnets_jax.data import sources  # pylint: disable=import-outside-toplevel  (imports TF)
-
-    arrays = sources.load_digits_arrays(image_size, test_fraction, split_seed)
-    train_images, train_labels = arrays["train"]
-    test_images, test_labels = arrays["test"]
+def _normalised(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+                test_labels: np.ndarray) -> InMemoryData:
     train_images = train_images.astype(np.float32)
     mean = train_images.mean(axis=(0, 1, 2))
     std = train_images.std(axis=(0, 1, 2)) + 1e-6
     normalise = lambda images: ((images.astype(np.float32) - mean) / std).astype(np.float32)
-    return DigitsData(normalise(train_images), train_labels.astype(np.int32),
-                      normalise(test_images), test_labels.astype(np.int32))
+    return InMemoryData(normalise(train_images), train_labels.astype(np.int32),
+                        normalise(test_images), test_labels.astype(np.int32))
+
+
+def downsample(images: np.ndarray, image_size: int) -> np.ndarray:
+    """[N, H, H] -> float32 [N, image_size, image_size, 1]: the mean of each k×k block when
+    `image_size` divides H by an integer k (28 -> 14: exact area averaging), else an
+    antialiased bilinear resize (`jax.image.resize`)."""
+    size = images.shape[1]
+    images = images.astype(np.float32)
+    if size % image_size == 0:
+        k = size // image_size
+        out = images.reshape(len(images), image_size, k, image_size, k).mean(axis=(2, 4))
+    else:
+        out = np.asarray(jax.image.resize(jnp.asarray(images), (len(images), image_size, image_size),
+                                          method="linear", antialias=True))
+    return out[..., None]
+
+
+def load_fashion_mnist(image_size: int, manual_dir: str | None = None) -> InMemoryData:
+    """Fashion-MNIST's 60,000 train / 10,000 test images (Zalando's split), grey, downsampled to
+    `image_size` px (`downsample`), read from the idx files (`data.fashion_mnist.read_split`,
+    checksums verified; default folder: Debian's). Raises FileNotFoundError with the one-line
+    fix when the files are missing."""
+    from nfnets_jax.data import fashion_mnist  # pylint: disable=import-outside-toplevel  (imports TFDS)
+
+    manual_dir = manual_dir or fashion_mnist.DEBIAN_DIR
+    message = fashion_mnist.missing_files_message(manual_dir)
+    if message:
+        raise FileNotFoundError(message)
+    train_images, train_labels = fashion_mnist.read_split(manual_dir, "train")
+    test_images, test_labels = fashion_mnist.read_split(manual_dir, "test")
+    return _normalised(downsample(train_images, image_size), train_labels,
+                       downsample(test_images, image_size), test_labels)
+
+
+def load_digits(image_size: int, test_fraction: float = 0.2, split_seed: int = 0) -> InMemoryData:
+    """The same stratified split the digits demo trains on (`data.sources.load_digits_arrays`)."""
+    from nfnets_jax.data import sources  # pylint: disable=import-outside-toplevel  (imports TF)
+
+    arrays = sources.load_digits_arrays(image_size, test_fraction, split_seed)
+    return _normalised(*arrays["train"], *arrays["test"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,18 +154,30 @@ def make_gradient_transform(clipping: jax.Array, weight_decay: float, momentum: 
     )
 
 
-def make_run_fn(forward: hk.TransformedWithState, data: DigitsData, microbatch: int,
-                weight_decay: float = 5e-5, momentum: float = 0.9):
-    """`run(spec_arrays) -> {'test_acc', 'diverged', 'final_loss'}` for one run, every field of
-    `RunSpec` a traced scalar: init from the seed, `steps` SGD steps, then top-1 on the test split.
+def make_run_fn(forward: hk.TransformedWithState, data: InMemoryData, microbatch: int,
+                weight_decay: float = 5e-5, momentum: float = 0.9, eval_batch: int = 1000,
+                clip_groups: Mapping[str, str] | None = None):
+    """`run(spec_arrays) -> {'test_acc', 'diverged', 'final_loss', ...}` for one run, every field
+    of `RunSpec` a traced scalar: init from the seed, `steps` SGD steps, then top-1 on the test
+    split (in chunks of `eval_batch`).
 
     `diverged` is 1.0 if any step's loss was not finite (the run carries on with its NaN
     parameters, so its test accuracy is that of a broken network, about chance).
-    `final_loss` is the training loss of the last step.
+    `final_loss` is the training loss of the last step. With `clip_groups`, also
+    `clip_fraction/<label>` and `clip_fraction_early/<label>`: the fraction of AGC units clipped
+    in each group, averaged over all steps and over the first tenth of them.
     """
     train_images, train_labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
-    test_images, test_labels = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
     num_train = train_images.shape[0]
+    num_test = data.test_images.shape[0]
+    num_chunks = -(-num_test // eval_batch)
+    pad = num_chunks * eval_batch - num_test
+    test_images = jnp.asarray(np.concatenate([data.test_images, data.test_images[:pad]]))
+    test_labels = jnp.asarray(np.concatenate([data.test_labels, data.test_labels[:pad]]))
+    test_images = test_images.reshape(num_chunks, eval_batch, *test_images.shape[1:])
+    test_labels = test_labels.reshape(num_chunks, eval_batch)
+    counted = (np.arange(num_chunks * eval_batch) < num_test).reshape(num_chunks, eval_batch)
+    labels_of_groups = sorted(clip_groups or {})
 
     def run(spec: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         key = jax.random.PRNGKey(spec["seed"])
@@ -134,14 +186,20 @@ def make_run_fn(forward: hk.TransformedWithState, data: DigitsData, microbatch: 
         transform = make_gradient_transform(spec["clipping"], weight_decay, momentum)
         opt_state = transform.init(params)
         num_micro = spec["batch_size"] // microbatch
+        steps_per_epoch = jnp.maximum(num_train // spec["batch_size"], 1)
+        early_steps = jnp.maximum(spec["steps"] // 10, 1)
 
         def step(index, carry):
-            params, model_state, opt_state, diverged, _ = carry
-            order = jax.random.permutation(jax.random.fold_in(data_key, index), num_train)
+            params, model_state, opt_state, order, diverged, _, clip_sums = carry
+            epoch, position = index // steps_per_epoch, index % steps_per_epoch
+            order = jax.lax.cond(position == 0,
+                                 lambda: jax.random.permutation(jax.random.fold_in(data_key, epoch), num_train),
+                                 lambda: order)
 
             def accumulate(micro, inner):
                 grads_sum, loss_sum, model_state = inner
-                picked = jax.lax.dynamic_slice(order, (micro * microbatch,), (microbatch,))
+                start = position * spec["batch_size"] + micro * microbatch
+                picked = jax.lax.dynamic_slice(order, (start,), (microbatch,))
                 images, labels = train_images[picked], train_labels[picked]
                 targets = jax.nn.one_hot(labels, NUM_CLASSES, dtype=jnp.float32)
                 rng = jax.random.fold_in(jax.random.fold_in(dropout_key, index), micro)
@@ -162,18 +220,35 @@ def make_run_fn(forward: hk.TransformedWithState, data: DigitsData, microbatch: 
             lr = schedules.warmup_cosine_at(index, spec["peak_lr"], spec["warmup_steps"], spec["steps"])
             params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
             diverged = jnp.maximum(diverged, 1.0 - jnp.isfinite(loss).astype(jnp.float32))
-            return params, model_state, opt_state, diverged, loss
+            if labels_of_groups:
+                metrics = agc_lib.clip_fraction_metrics(opt_state, clip_groups)
+                now = jnp.stack([metrics.get(f"agc/clip_fraction/{label}", jnp.float32(jnp.nan))
+                                 for label in labels_of_groups])
+                early = (index < early_steps).astype(jnp.float32)
+                clip_sums = clip_sums + jnp.stack([now, early * now])
+            return params, model_state, opt_state, order, diverged, loss, clip_sums
 
-        init = (params, model_state, opt_state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        params, model_state, _, diverged, last_loss = jax.lax.fori_loop(0, spec["steps"], step, init)
-        logits, _ = forward.apply(params, model_state, None, test_images, False)
-        test_acc = jnp.mean((jnp.argmax(logits, axis=-1) == test_labels).astype(jnp.float32))
-        return {"test_acc": test_acc, "diverged": diverged, "final_loss": last_loss}
+        init = (params, model_state, opt_state, jnp.arange(num_train), jnp.zeros((), jnp.float32),
+                jnp.zeros((), jnp.float32), jnp.zeros((2, len(labels_of_groups)), jnp.float32))
+        params, model_state, _, _, diverged, last_loss, clip_sums = jax.lax.fori_loop(
+            0, spec["steps"], step, init)
+
+        def evaluate(chunk):
+            images, labels, mask = chunk
+            logits, _ = forward.apply(params, model_state, None, images, False)
+            return jnp.sum((jnp.argmax(logits, axis=-1) == labels) * mask)
+
+        correct = jax.lax.map(evaluate, (test_images, test_labels, jnp.asarray(counted, jnp.float32)))
+        result = {"test_acc": jnp.sum(correct) / num_test, "diverged": diverged, "final_loss": last_loss}
+        for i, label in enumerate(labels_of_groups):
+            result[f"clip_fraction/{label}"] = clip_sums[0, i] / spec["steps"]
+            result[f"clip_fraction_early/{label}"] = clip_sums[1, i] / jnp.minimum(early_steps, spec["steps"])
+        return result
 
     return run
 
 
-class DigitsTrainer:
+class RunTrainer:
     """Compiles `make_run_fn` once for chunks of `chunk_size` runs and trains any `RunSpec`s
     with it (shorter chunks are padded with copies of their first run, whose results are dropped).
 
@@ -181,11 +256,13 @@ class DigitsTrainer:
     program ~30× slower (measured on a 14-layer NF-ResNet at 8 px), right for a few steps only.
     """
 
-    def __init__(self, forward: hk.TransformedWithState, data: DigitsData, *, microbatch: int,
-                 chunk_size: int, weight_decay: float = 5e-5, momentum: float = 0.9, fast_compile: bool = False):
+    def __init__(self, forward: hk.TransformedWithState, data: InMemoryData, *, microbatch: int,
+                 chunk_size: int, weight_decay: float = 5e-5, momentum: float = 0.9, fast_compile: bool = False,
+                 eval_batch: int = 1000, clip_groups: Mapping[str, str] | None = None):
         self.data, self.microbatch, self.chunk_size = data, microbatch, chunk_size
         self.fast_compile = fast_compile
-        run = make_run_fn(forward, data, microbatch, weight_decay, momentum)
+        run = make_run_fn(forward, data, microbatch, weight_decay, momentum,
+                          eval_batch=min(eval_batch, data.test_images.shape[0]), clip_groups=clip_groups)
         self._program = jax.jit(lambda specs: jax.lax.map(run, specs))
         self._compiled = None
 
@@ -207,7 +284,8 @@ class DigitsTrainer:
                 "peak_lr": column("peak_lr", jnp.float32), "warmup_steps": column("warmup_steps", jnp.float32)}
 
     def train(self, specs: Sequence[RunSpec]) -> list[dict[str, float]]:
-        """Results of `specs` (at most `chunk_size`), in order: test_acc, diverged, final_loss."""
+        """Results of `specs` (at most `chunk_size`), in order: test_acc, diverged, final_loss
+        (and the clip fractions when the trainer has `clip_groups`)."""
         if not 0 < len(specs) <= self.chunk_size:
             raise ValueError(f"train takes 1 to {self.chunk_size} runs, got {len(specs)}.")
         for spec in specs:
