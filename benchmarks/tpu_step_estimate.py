@@ -85,12 +85,13 @@ def estimate_problem(optimal_seconds: float | None, flops: float | None, peak_tf
 def runner_extras(programs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """The runner's step over the bare step, in estimated ms, split by the programs' differences:
     `metrics` = step − step_state, `guard_means_rng` = step_state − bare, and `ratio` = step / bare.
-    None where a program has no estimate."""
+    Each is None where one of its two programs has no estimate (or was not compiled: `--programs
+    step,bare` gives the ratio alone)."""
     ms = {name: (programs.get(name) or {}).get("estimate_ms") for name in ("step", "step_state", "bare")}
-    if any(value is None for value in ms.values()):
-        return {"ratio": None, "extra_ms": None, "metrics_ms": None, "guard_means_rng_ms": None}
-    return {"ratio": ms["step"] / ms["bare"], "extra_ms": ms["step"] - ms["bare"],
-            "metrics_ms": ms["step"] - ms["step_state"], "guard_means_rng_ms": ms["step_state"] - ms["bare"]}
+    difference = lambda a, b: None if ms[a] is None or ms[b] is None else ms[a] - ms[b]
+    return {"ratio": None if difference("step", "bare") is None else ms["step"] / ms["bare"],
+            "extra_ms": difference("step", "bare"), "metrics_ms": difference("step", "step_state"),
+            "guard_means_rng_ms": difference("step_state", "bare")}
 
 
 def platform_choices(config: Any, platform: str) -> dict[str, Any]:

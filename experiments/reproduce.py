@@ -546,8 +546,9 @@ def agc_verdicts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "no_agc_diverged": no_agc_large["diverged_fraction"] if no_agc_large else None,
             "agc_at_chance": {r["series"]: verdicts["at_chance"][large][r["series"]] for r in rows
                               if r["batch"] == large and r["model"] == "nf" and r["clipping"]},
-            "agc_diverged": max(r["diverged_fraction"] for r in rows
-                                if r["batch"] == large and r["model"] == "nf" and r["clipping"])}
+            "best_diverged": best[large]["diverged_fraction"],
+            "agc_diverged": {r["series"]: r["diverged_fraction"] for r in rows
+                             if r["batch"] == large and r["model"] == "nf" and r["clipping"]}}
     return verdicts
 
 
@@ -850,6 +851,15 @@ def _bar_figure(png_path: str, panels: dict[str, dict[str, float]], title: str,
     plt.close(fig)
     return png_path
 
+
+# Each claim's verdicts as a function of its stored measurements: what a run computes, and what a
+# test recomputes from the committed JSON (so that stored verdicts cannot drift from their rows).
+VERDICTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "agc": lambda record: agc_verdicts(record["rows"]),
+    "nf_vs_bn": nf_vs_bn_verdicts,
+    "cost": lambda record: cost_verdicts(record["results"]),
+    "spp": lambda record: spp_verdicts(record["results"]),
+}
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "agc": run_agc, "agc_steps": run_agc_steps, "nf_vs_bn": run_nf_vs_bn, "cost": run_cost, "spp": run_spp}

@@ -167,8 +167,11 @@ def _agc_verdicts(record: dict[str, Any]) -> list[str]:
         early = ", ".join(f"{stage} {_pct(value, 1)} %" for stage, value in c["early"].items())
         lines.append(f"- *What AGC does at the largest batch* (λ={_lam(c['clipping'])}): fraction of conv-weight "
                      f"units clipped, averaged over all steps: {stages}; over the first tenth of the steps: {early}. "
-                     f"Fraction of seeds diverged: {c['no_agc_diverged']:.2f} without AGC, at most "
-                     f"{c['agc_diverged']:.2f} at any λ"
+                     f"Fraction of seeds diverged: {c['no_agc_diverged']:.2f} without AGC, "
+                     f"{c['best_diverged']:.2f} at λ={_lam(c['clipping'])}"
+                     + ("; λ values at which seeds diverged: "
+                        + ", ".join(f"{series} ({fraction:.2f})" for series, fraction in c["agc_diverged"].items()
+                                    if fraction > 0) if any(c["agc_diverged"].values()) else "")
                      + ("; λ values at which seeds did not train: "
                         + ", ".join(f"{series} ({fraction:.2f})" for series, fraction in c["agc_at_chance"].items()
                                     if fraction > 0) if any(c.get("agc_at_chance", {}).values()) else "")

@@ -165,3 +165,41 @@ def test_notebooks_take_nothing_from_a_checkout_and_need_no_test_extras():
                        "spec_from_file_location", "pathlib.Path.cwd"):
             assert needle not in source, f"{name} uses {needle!r}, which needs a checkout"
         assert "config_files.load_config(" in source or "load_config" not in source, name
+
+
+# ---- docs/notebooks.md quotes the stored notebooks, never figures of its own ----
+
+def _docs_section(start: str, end: str | None = None) -> str:
+    page = (ROOT / "docs" / "notebooks.md").read_text()
+    section = page[page.index(start):]
+    return section[:section.index(end)] if end else section
+
+
+def test_the_docs_table_of_commits_and_wall_times_is_the_stored_metadata():
+    table = _docs_section("| notebook | commit that produced the outputs |", "\n\n")
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:])}
+    assert set(rows) == set(NOTEBOOKS)
+    for name in NOTEBOOKS:
+        run = _notebook(name).metadata["nfnets_jax_run"]
+        commit, wall, load = rows[name]
+        assert run["git"]["commit"].startswith(commit.strip("`")) and len(commit.strip("`")) >= 12, name
+        assert wall == f"{run['wall_seconds']:.0f} s", name
+        assert float(load) == run["load_average_at_end"][0], name
+
+
+def test_every_figure_the_docs_say_the_notebooks_showed_is_in_their_stored_outputs():
+    """A number typed into the page that no stored output shows is a number that drifted."""
+    section = _docs_section("What they showed")
+    shown = "\n".join(_shown_text(_notebook(name)) for name in NOTEBOOKS)
+    sources = "\n".join(cell.source for name in NOTEBOOKS for cell in _notebook(name).cells)
+    missing = [number for number in re.findall(r"\d[\d,]*(?:\.\d+)?", section)
+               if not re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", shown + sources)]
+    assert not missing, f"docs/notebooks.md quotes figures no stored notebook shows: {missing}"
+
+
+def test_the_readme_names_the_commits_that_produced_the_stored_outputs():
+    readme = (ROOT / "README.md").read_text()
+    for name in NOTEBOOKS:
+        commit = _notebook(name).metadata["nfnets_jax_run"]["git"]["commit"]
+        assert f"`{commit[:12]}`" in readme, f"README does not name {name}'s commit {commit[:12]}"

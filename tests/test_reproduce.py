@@ -107,6 +107,16 @@ def test_every_number_on_the_committed_page_is_in_its_json():
     assert page == reproduction_page.render(folder, os.path.join(REPO, "docs", "reproduction.md"))
 
 
+def test_the_committed_verdicts_are_what_the_rules_compute_from_the_committed_measurements():
+    # The page renders the verdicts stored in each JSON; recomputing them from the same JSON's
+    # measurements must give them back, so a rule changed without rerunning cannot leave stale text.
+    for record in _claim_records(os.path.join(REPO, "docs", "reproduction")):
+        claim = record["claim"]
+        if claim in reproduce.VERDICTS:
+            recomputed = json.loads(json.dumps(reproduce._jsonable(reproduce.VERDICTS[claim](record))))  # pylint: disable=protected-access
+            assert recomputed == record["verdicts"], claim
+
+
 # ---------------------------------------------------------------- the study's rules, by hand
 
 def test_seed_summary_is_mean_and_sample_sd_over_all_seeds_with_best_n_minus_1_beside():

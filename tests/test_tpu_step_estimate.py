@@ -42,8 +42,11 @@ def test_the_runner_over_the_bare_step_is_split_into_metrics_and_the_rest():
     assert extras["metrics_ms"] == pytest.approx(1.0)
     assert extras["guard_means_rng_ms"] == pytest.approx(1.5)
     assert extras["metrics_ms"] + extras["guard_means_rng_ms"] == pytest.approx(extras["extra_ms"])
-    refused = {**programs, "bare": {"refused": "RESOURCE_EXHAUSTED: ..."}}
-    assert set(estimate_lib.runner_extras(refused).values()) == {None}
+    refused = estimate_lib.runner_extras({**programs, "bare": {"refused": "RESOURCE_EXHAUSTED: ..."}})
+    assert refused["ratio"] is refused["extra_ms"] is refused["guard_means_rng_ms"] is None
+    assert refused["metrics_ms"] == pytest.approx(1.0)  # step and step_state still compare
+    two = estimate_lib.runner_extras({"step": programs["step"], "bare": programs["bare"]})  # --programs step,bare
+    assert two["ratio"] == pytest.approx(40.0 / 37.5) and two["metrics_ms"] is two["guard_means_rng_ms"] is None
 
 
 def _row(target, valid=True):
