@@ -130,11 +130,16 @@ def _agc_verdicts(record: dict[str, Any]) -> list[str]:
                "training length, for every model alike, and the comparisons below are made within each batch."))
     if "unclipped_degrades" in v:
         d = v["unclipped_degrades"]
-        lines.append(
-            f"- *Without AGC, the NF-ResNet degrades at large batch* — {_answer(d['answer'])}: "
-            f"{_pct(d['mean_small'])} % at batch {d['small_batch']} against {_pct(d['mean_large'])} % at batch "
-            f"{d['large_batch']} ({_spread(d)}); fraction of seeds diverged {d['diverged_small']:.2f} → "
-            f"{d['diverged_large']:.2f}.")
+        measured = (f"{_pct(d['mean_small'])} % at batch {d['small_batch']} against {_pct(d['mean_large'])} % at "
+                    f"batch {d['large_batch']}")
+        if d["answer"] == "not tested":
+            lines.append(f"- *Without AGC, the NF-ResNet degrades at large batch* — {_answer(d['answer'])} at these "
+                         f"batches: it does not train already at the smaller one ({measured}; fraction of seeds "
+                         f"diverged {d['diverged_small']:.2f} → {d['diverged_large']:.2f}).")
+        else:
+            lines.append(
+                f"- *Without AGC, the NF-ResNet degrades at large batch* — {_answer(d['answer'])}: {measured} "
+                f"({_spread(d)}); fraction of seeds diverged {d['diverged_small']:.2f} → {d['diverged_large']:.2f}.")
     if "no_agc_vs_best_clipping_at_smallest_batch" in v:
         c = v["no_agc_vs_best_clipping_at_smallest_batch"]
         lines.append(f"- *At the smallest batch, where nothing diverges* — no AGC {_pct(c['no_agc_mean'])} % vs the best "
@@ -154,6 +159,9 @@ def _agc_verdicts(record: dict[str, Any]) -> list[str]:
         if "penalty" in s:
             text += (f" At the largest batch, the best λ ({_lam(s['large_batch_clipping'])}) against the small "
                      f"batch's best ({_lam(s['small_batch_clipping'])}): {_spread(s['penalty'])}.")
+        elif "small_batch_clipping" in s and s["large_batch_clipping"] < s["small_batch_clipping"]:
+            text += (f" The small batch's best λ ({_lam(s['small_batch_clipping'])}) was not run at the largest "
+                     "batch, so what it would cost there is not measured.")
         lines.append(text)
     bracketed = v.get("bracketed", {})
     if bracketed:

@@ -209,6 +209,23 @@ def test_equal_steps_pairs_the_largest_batch_with_the_study_batch_that_had_its_s
     assert check["enough_steps"] and check["difference"] == pytest.approx(0.0, abs=1e-9)
     gap = merged["verdicts"]["agc_matches_bn"]["by_batch"][4096]  # BN 0.86 − λ=0.02 0.85, spread 0.02
     assert gap["difference"] == pytest.approx(0.01) and gap["matches"]
+    # Without AGC the NF-ResNet is at chance already at batch 1024: nothing left to degrade, and no
+    # "where nothing diverges" comparison at that batch.
+    assert merged["verdicts"]["unclipped_degrades"]["answer"] == "not tested"
+    assert "no_agc_vs_best_clipping_at_smallest_batch" not in merged["verdicts"]
+    # The rules recompute from the stored record alone, as the committed-verdicts test does.
+    assert reproduce.VERDICTS["agc_steps"](merged) == merged["verdicts"]
+
+
+def test_smaller_lambda_is_partly_when_the_small_batchs_best_lambda_was_not_run_at_the_large_batch():
+    rows = [_row("λ=0.08", "nf", 0.08, 256, [0.80] * 3), _row("λ=0.16", "nf", 0.16, 256, [0.85] * 3),
+            _row("λ=0.32", "nf", 0.32, 256, [0.82] * 3),
+            _row("λ=0.01", "nf", 0.01, 4096, [0.70] * 3), _row("λ=0.02", "nf", 0.02, 4096, [0.75] * 3),
+            _row("λ=0.04", "nf", 0.04, 4096, [0.72] * 3)]
+    smaller = reproduce.agc_verdicts(rows)["smaller_lambda_at_larger_batch"]
+    # 0.16 → 0.02: the order holds, but λ=0.16 was never run at 4096, so its cost there is unknown.
+    assert smaller["answer"] == "partly" and "penalty" not in smaller
+    assert (smaller["small_batch_clipping"], smaller["large_batch_clipping"]) == (0.16, 0.02)
 
 
 def test_agc_steps_without_an_agc_study_is_one_line_before_any_work(capsys, tmp_path):
