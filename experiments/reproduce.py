@@ -378,8 +378,6 @@ def summarize_agc(settings: AgcSettings, records: list[dict[str, Any]], out: str
                   num_train: int, name: str = "agc") -> dict[str, Any]:
     """Per (series, batch): the seeds' accuracy (mean ± sd over all seeds, best n−1 beside),
     divergence, final loss and clip fractions; the sub-claims' verdicts; the figure."""
-    from nfnets_jax.analysis import agc_study  # pylint: disable=import-outside-toplevel
-
     by_point: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:
         by_point.setdefault((r["series"], r["batch"]), []).append(r)
@@ -400,23 +398,40 @@ def summarize_agc(settings: AgcSettings, records: list[dict[str, Any]], out: str
         rows.append(row)
     rows.sort(key=lambda r: (r["batch"], r["model"] == "bn", not r["clipping"], r["clipping"] or 0.0))
     batches = sorted({r["batch"] for r in rows})
-    png = agc_study.plot_figure(
-        rows, os.path.join(out, f"{name}.png"), y_span=40.0, dataset="Fashion-MNIST test",
-        title=(f"AGC λ vs batch size, Fashion-MNIST {settings.image_size}px, {settings.epochs:g} epochs at every batch, "
-               f"LR {settings.base_lr:g}×batch/{settings.base_batch}\nResNet-{depth} width {settings.width:g}; "
-               f"each point: mean ± sd over {len(settings.seeds)} seeds; ▼: below the axis"))
+    png = _agc_figure(rows, os.path.join(out, f"{name}.png"), settings, depth, f"{settings.epochs:g} epochs at every batch")
     return {"settings": dataclasses.asdict(settings), "paper": PAPER["agc"], "depth": depth, "num_train": num_train,
             "batches_done": batches, "rows": rows, "runs": records,
             "run_minutes_total": sum(r["seconds"] for r in records) / 60,  # stored runs included
             "verdicts": agc_verdicts(rows), "figures": [png]}
 
 
+def _agc_figure(rows: Sequence[dict[str, Any]], png_path: str, settings: AgcSettings, depth: int,
+                length: str) -> str:
+    """Accuracy against batch size per λ, BN and no AGC (`agc_study.plot_figure`); `length` says
+    how long each batch trained."""
+    from nfnets_jax.analysis import agc_study  # pylint: disable=import-outside-toplevel
+    return agc_study.plot_figure(
+        rows, png_path, y_span=40.0, dataset="Fashion-MNIST test",
+        title=(f"AGC λ vs batch size, Fashion-MNIST {settings.image_size}px, {length}, "
+               f"LR {settings.base_lr:g}×batch/{settings.base_batch}\nResNet-{depth} width {settings.width:g}; "
+               f"each point: mean ± sd over {len(settings.seeds)} seeds; ▼: below the axis"))
+
+
 def run_agc_steps(settings: AgcSettings, out: str, progress: Progress) -> dict[str, Any]:
     """`agc_steps`: the largest batch at a smaller batch's step count; judged against that batch's
-    rows of the `agc` study in `out` (`agc.json`, which `main` requires before any work)."""
+    rows of the `agc` study in `out` (`agc.json`, which `main` requires before any work), and
+    drawn beside them."""
     record = run_agc(settings, out, progress, save_partial=lambda partial: None, name="agc_steps")
     with open(os.path.join(out, "agc.json"), encoding="utf-8") as f:
-        return equal_steps_record(record, json.load(f))
+        study = json.load(f)
+    merged = equal_steps_record(record, study)
+    steps = ", ".join(map(str, sorted({r["steps"] for r in merged["rows"]})))
+    length = (f"{steps} steps at every batch ({', '.join(map(str, merged['reference_batches']))}: "
+              f"{study['settings']['epochs']:g} epochs; {', '.join(map(str, record['batches_done']))}: "
+              f"{settings.epochs:g})")
+    png = _agc_figure(merged["reference_rows"] + merged["rows"], os.path.join(out, "agc_steps.png"), settings,
+                      record["depth"], length)
+    return merged | {"figures": [png]}
 
 
 def equal_steps_record(record: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:

@@ -246,12 +246,18 @@ def _agc(record: dict[str, Any], doc_dir: str) -> str:
         for r in sorted(clip_rows, key=lambda r: (r["batch"], r["clipping"])):
             lines.append(f"| {r['batch']} | {_lam(r['clipping'])} | "
                          + " | ".join(_pct(r["clip_fraction"][st], 1) for st in stages) + " |")
-    lines += [""] + _agc_verdicts(record)
-    if "run_minutes_total" in record:
-        lines += ["", f"Training time of all {len(record['runs'])} runs, summed (runs stored by an earlier "
-                  f"session of the command included): {record['run_minutes_total']:.1f} min."]
+    lines += [""] + _agc_verdicts(record) + _training_time(record)
     lines += ["", _footer(record)]
     return "\n".join(lines)
+
+
+def _training_time(record: dict[str, Any]) -> list[str]:
+    """The summed time of a study's training runs: a resumed study's own runtime covers only the
+    runs its last session trained."""
+    if "run_minutes_total" not in record:
+        return []
+    return ["", f"Training time of all {len(record['runs'])} runs, summed (runs stored by an earlier session of the "
+                f"command included): {record['run_minutes_total']:.1f} min."]
 
 
 # ---------------------------------------------------------------- 2. NF vs BN
@@ -424,7 +430,7 @@ def _agc_steps(record: dict[str, Any], doc_dir: str) -> str:
     lines += _grid_table(both, lambda r: _acc(r["accuracy"]), "batch", bold_best=True)
     lines += ["", "Fraction of seeds whose training loss became non-finite:", ""]
     lines += _grid_table(both, lambda r: f"{r['diverged_fraction']:.2f}", "batch")
-    lines += [""] + _agc_verdicts(record)
+    lines += [""] + _agc_verdicts(record) + _training_time(record)
     lines += ["", _footer(record)]
     return "\n".join(lines)
 
