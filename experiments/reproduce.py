@@ -412,8 +412,8 @@ def _agc_figure(rows: Sequence[dict[str, Any]], png_path: str, settings: AgcSett
     from nfnets_jax.analysis import agc_study  # pylint: disable=import-outside-toplevel
     return agc_study.plot_figure(
         rows, png_path, y_span=40.0, dataset="Fashion-MNIST test",
-        title=(f"AGC λ vs batch size, Fashion-MNIST {settings.image_size}px, {length}, "
-               f"LR {settings.base_lr:g}×batch/{settings.base_batch}\nResNet-{depth} width {settings.width:g}; "
+        title=(f"AGC λ vs batch size, Fashion-MNIST {settings.image_size}px, ResNet-{depth} width {settings.width:g}, "
+               f"LR {settings.base_lr:g}×batch/{settings.base_batch}\n{length}\n"
                f"each point: mean ± sd over {len(settings.seeds)} seeds; ▼: below the axis"))
 
 
