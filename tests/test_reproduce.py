@@ -322,7 +322,7 @@ def test_quick_mode_writes_every_claim_and_the_page_and_resumes(tmp_path):
     clipped = [r for r in agc_record["rows"] if r["model"] == "nf" and r["clipping"]]
     assert clipped and all(0.0 <= f <= 1.0 for r in clipped for f in r["clip_fraction"].values())
     page = open(summary["doc"], encoding="utf-8").read()
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+    for heading in ("## 1.", "## 1b.", "## 2.", "## 3.", "## 4."):
         assert heading in page
     assert "--quick" in page
     assert numbers_not_in_json(page, _claim_records(out)) == []
