@@ -445,12 +445,73 @@ TITLES = {
 SECTIONS = {"agc": _agc, "agc_steps": _agc_steps, "nf_vs_bn": _nf_vs_bn, "cost": _cost, "spp": _spp}
 
 
+# ---------------------------------------------------------------- the verdicts at a glance
+
+GLANCE_NAMES = {"agc": "AGC vs batch, same epochs at every batch", "agc_steps": "AGC vs batch, equal steps",
+                "nf_vs_bn": "NF vs BN", "cost": "Cost of AGC and SAM", "spp": "Signal propagation"}
+
+
+def _agc_glance(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    if "bn_across_batches" in v:
+        b = v["bn_across_batches"]
+        rows.append((f"Design check: {b['steps_large']} steps are enough to train at batch {b['large_batch']} "
+                     "(the BN-ResNet across batches)", "yes" if b["enough_steps"] else "no"))
+    for key, claim in (("unclipped_degrades", "Without AGC, the NF-ResNet degrades at large batch"),
+                       ("agc_matches_bn", "With AGC, the NF-ResNet matches BN up to the largest batch"),
+                       ("smaller_lambda_at_larger_batch", "The best λ is smaller at larger batch")):
+        if key in v:
+            rows.append((claim, v[key]["answer"]))
+    return rows
+
+
+def _nf_vs_bn_glance(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    accuracy, time = v["accuracy"], v["time"]
+    as_accurate = accuracy["difference"] >= 0 or not accuracy["exceeds_spread"]  # NF − BN
+    slower = ("yes" if time["consistent"] and time["repeats_bn_slower"] == time["repeats"] else
+              "no" if time["consistent"] else "no consistent difference")
+    return [("The NF model is as accurate as BN (within the seed spread)", "yes" if as_accurate else "no"),
+            ("BN's step is slower, in every interleaved repeat", slower),
+            ("BN's step needs more memory", "yes" if v["memory_ratio"] > 1 else "no")]
+
+
+def _cost_glance(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(f"{model}: {variant} ≤ ×{entry['target']:g} {entry['baseline']}", entry["answer"])
+            for model, by_variant in v.items() for variant, entry in by_variant.items()]
+
+
+def _spp_glance(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(f"{model} on {probe} inputs: every block's variance within ×/÷ {v['tracking_factor']:g} of 1 + kα²",
+             "yes" if entry["tracks"] else "no")
+            for model, by_probe in v["models"].items() for probe, entry in by_probe.items() if "tracks" in entry]
+
+
+GLANCE = {"agc": _agc_glance, "agc_steps": _agc_glance, "nf_vs_bn": _nf_vs_bn_glance, "cost": _cost_glance,
+          "spp": _spp_glance}
+
+
+def _at_a_glance(records: Mapping[str, dict[str, Any]]) -> str:
+    """One row per sub-claim with the verdict its section computed: where the page says no, it
+    says so first."""
+    lines = ["## The verdicts at a glance", "",
+             "Each sub-claim with the verdict its section below computes from the measurements; the numbers, "
+             "the rule and the design are in that section.", "",
+             "| study | sub-claim | verdict |", "|---|---|---|"]
+    for claim, record in records.items():
+        lines += [f"| {GLANCE_NAMES[claim]} | {text} | {_answer(answer)} |"
+                  for text, answer in GLANCE[claim](record["verdicts"])]
+    return "\n".join(lines) + "\n"
+
+
 def render(out: str, doc_path: str) -> str:
     """The page's Markdown from the claim JSONs in `out` (figures linked relative to `doc_path`)."""
     doc_dir = os.path.dirname(os.path.abspath(doc_path))
+    records = {claim: _read(out, claim) for claim in SECTIONS}
     parts = [TITLE, "", INTRO]
+    if any(records.values()):
+        parts.append(_at_a_glance({claim: record for claim, record in records.items() if record is not None}))
     for claim, section in SECTIONS.items():
-        record = _read(out, claim)
+        record = records[claim]
         if record is None:
             parts.append(f"## {TITLES[claim]}\n\n*Pending: not run in this session. "
                          f"`python -m experiments.reproduce --only {claim}` produces it.*\n")

@@ -117,6 +117,27 @@ def test_the_committed_verdicts_are_what_the_rules_compute_from_the_committed_me
             assert recomputed == record["verdicts"], claim
 
 
+def test_the_glance_table_gives_each_section_verdict_and_a_missing_claim_leaves_no_row(tmp_path):
+    folder = os.path.join(REPO, "docs", "reproduction")
+    with open(os.path.join(folder, "agc.json"), encoding="utf-8") as f:
+        agc_record = json.load(f)
+    page = reproduction_page.render(folder, os.path.join(REPO, "docs", "reproduction.md"))
+    glance = page.split("## The verdicts at a glance", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in glance.splitlines() if line.startswith("| AGC vs batch, same epochs")]
+    v = agc_record["verdicts"]
+    expected = ["yes" if v["bn_across_batches"]["enough_steps"] else "no", v["unclipped_degrades"]["answer"],
+                v["agc_matches_bn"]["answer"], v["smaller_lambda_at_larger_batch"]["answer"]]
+    assert [row.rsplit("|", 2)[1].strip() for row in rows] == [f"**{answer}**" for answer in expected]
+    # Only the agc claim present: the glance table has its rows and no other study's.
+    only = tmp_path / "only"
+    only.mkdir()
+    with open(only / "agc.json", "w", encoding="utf-8") as f:
+        json.dump(agc_record, f)
+    partial = reproduction_page.render(str(only), str(tmp_path / "page.md"))
+    glance = partial.split("## The verdicts at a glance", 1)[1].split("\n## ", 1)[0]
+    assert "| AGC vs batch, same epochs" in glance and "| NF vs BN" not in glance
+
+
 # ---------------------------------------------------------------- the study's rules, by hand
 
 def test_seed_summary_is_mean_and_sample_sd_over_all_seeds_with_best_n_minus_1_beside():
