@@ -133,7 +133,7 @@ def test_the_glance_table_gives_each_section_verdict_and_a_missing_claim_leaves_
     only.mkdir()
     with open(only / "agc.json", "w", encoding="utf-8") as f:
         json.dump(agc_record, f)
-    partial = reproduction_page.render(str(only), str(tmp_path / "page.md"))
+    partial = reproduction_page.render(str(only), str(tmp_path / "page"))  # only its folder is used
     glance = partial.split("## The verdicts at a glance", 1)[1].split("\n## ", 1)[0]
     assert "| AGC vs batch, same epochs" in glance and "| NF vs BN" not in glance
 
