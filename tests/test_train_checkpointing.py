@@ -147,3 +147,35 @@ if __name__ == "__main__":
     except checkpointing.CheckpointSaveError as error:  # as experiments/train.py's main
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+class _NewestStep:
+    def latest_step(self):
+        return 4
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_failed_save_is_one_save_error_unless_a_collective_of_several_processes_failed(monkeypatch, processes):
+    """A save that fails with an OS error is a `CheckpointSaveError` (with the errno's hint) on any
+    process count. Without an OS error, one process reports a save error too; with several, the
+    save's cross-process collective failed (a peer died), so the error passes on unchanged for
+    `distributed.leave_after_failure` to name the peer, as a failed step's collective does."""
+    monkeypatch.setattr(checkpointing.jax, "process_count", lambda: processes)
+    fake_self = type("FakeCheckpointer", (), {"_in_flight": None, "_failed": False, "_path": "/ckpt",
+                                              "_manager": _NewestStep()})()
+    report = checkpointing.Checkpointer._reporting_failed_saves  # pylint: disable=protected-access
+
+    def failing(error):
+        with report(fake_self, 6):
+            raise error
+
+    with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device"):
+        failing(OSError(28, "No space left on device"))
+    peer_lost = ValueError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]:58024")
+    if processes == 1:
+        with pytest.raises(checkpointing.CheckpointSaveError, match="step 6"):
+            failing(peer_lost)
+    else:
+        with pytest.raises(ValueError) as raised:
+            failing(peer_lost)
+        assert raised.value is peer_lost

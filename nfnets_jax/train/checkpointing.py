@@ -625,7 +625,12 @@ class Checkpointer:
     @contextlib.contextmanager
     def _reporting_failed_saves(self, step: int | None) -> Iterator[None]:
         """Turns orbax's failure of an asynchronous save (reported at the next save or wait, with
-        a traceback per array from its background threads) into one `CheckpointSaveError`."""
+        a traceback per array from its background threads) into one `CheckpointSaveError`.
+
+        In a multi-process run, a failure that is not an OS error is passed on as it is: a save
+        there gathers and synchronises across processes, so what fails without an OS error is
+        that collective, i.e. a peer died (killed, preempted, its coordinator gone), and the
+        caller's `distributed.leave_after_failure` says so, not a disk-space hint."""
         _drop_late_reports_of_failed_io()
         try:
             yield
@@ -633,6 +638,8 @@ class Checkpointer:
             failed = self._in_flight if self._in_flight is not None else step
             self._failed = True
             code = _os_error_code(error)
+            if code is None and jax.process_count() > 1:
+                raise
             reason = (f"{os.strerror(code)} ({_WRITE_FAILURE_HINTS.get(code, 'an OS error')})" if code
                       else _short(error))
             newest = self._manager.latest_step()
