@@ -110,6 +110,21 @@ def test_at_exit_a_producer_inside_a_placement_is_let_finish(tmp_path):
     assert len(placing) >= 2 and placing == placed, log
 
 
+def test_a_batch_is_handed_over_only_once_its_placement_has_completed():
+    """JAX dispatches asynchronously: a placement returns before the copy is done, and the copy's
+    thread releases the host batch when it is. The producer waits for it, so no transfer of its
+    is still running once it is back in the pipeline (where the exit hook leaves it at once)."""
+    slow = jax.jit(lambda x: jax.lax.fori_loop(0, 200, lambda _, y: jnp.tanh(y @ y), x))
+    source = iter([np.full((256, 256), 0.01, np.float32)] * 3)
+    batches = feeding.BackgroundBatches(source, 1, slow)  # a "placement" that takes a while to finish
+    try:
+        for _ in range(3):
+            placed = batches.get()
+            assert placed.is_ready()  # at hand-over, before anything here waited for it
+    finally:
+        batches.close()
+
+
 _EXIT_AFTER_REAL_PLACEMENTS = """
 import numpy as np, jax
 from nfnets_jax.data import feeding

@@ -102,7 +102,11 @@ class BackgroundBatches:
     `EXIT_JOIN_S` in all) until it has ended or is waiting inside the input pipeline: one that is
     placing or dropping ends within milliseconds; one waiting in the pipeline holds no JAX object
     (its last placed batch is released before it asks for the next) and is left at once, so a
-    stuck pipeline never delays an exit.
+    stuck pipeline never delays an exit. Nor does JAX hold anything of the producer's then: a
+    placement is waited for before the batch is handed over, since an asynchronous host-to-device
+    copy still running at exit releases its host batch from one of JAX's own threads, which
+    aborts the process the same way (a test child exited -6 so with no Python thread left inside
+    JAX).
     """
 
     _POLL_S = 0.05
@@ -143,8 +147,13 @@ class BackgroundBatches:
                 if self._stop.is_set():
                     return
                 placed = put_fn(batch)
+                # Wait for the transfer: until it completes, one of JAX's C++ threads holds the host
+                # batch and releases it (taking the interpreter lock) when done; if that happens
+                # after this thread is back in the pipeline and the interpreter is finalizing, the
+                # process aborts like a producer inside JAX does (see the class docstring).
+                jax.block_until_ready(placed)
                 offered = self._offer(("batch", placed))
-                del placed  # not held while the next batch is awaited in the pipeline
+                del placed, batch  # not held while the next batch is awaited in the pipeline
                 if not offered:
                     return
         except BaseException as error:  # pylint: disable=broad-except  # re-raised by get()
