@@ -307,6 +307,7 @@ def run_agc(settings: AgcSettings, out: str, progress: Progress,
     write `<name>.json` as it is) so that a stopped study leaves its finished batches on the page.
     `name` also names the figure."""
     from nfnets_jax.analysis import agc_study, in_memory_training as imt  # pylint: disable=import-outside-toplevel
+    from nfnets_jax import models  # pylint: disable=import-outside-toplevel
 
     data = _load_data(settings)
     num_train = len(data.train_labels)
@@ -319,10 +320,10 @@ def run_agc(settings: AgcSettings, out: str, progress: Progress,
         if model not in trainers:
             kwargs = dict(width=settings.width, depths=settings.depths)
             if model == "nf":
-                forward = imt.make_forward("nf_resnet50", dict(kwargs, stochdepth_rate=0.0))
+                forward = models.make_forward("nf_resnet50", imt.NUM_CLASSES, dict(kwargs, stochdepth_rate=0.0))
                 groups = agc_clip_groups(settings)
             else:
-                forward, groups = imt.make_forward("bn_resnet50", kwargs), None
+                forward, groups = models.make_forward("bn_resnet50", imt.NUM_CLASSES, kwargs), None
             trainers[model] = imt.RunTrainer(forward, data, microbatch=settings.microbatch, chunk_size=1,
                                              fast_compile=settings.fast_compile, clip_groups=groups)
         return trainers[model]
@@ -592,6 +593,7 @@ def _nfnet_kwargs(settings: NfVsBnSettings, norm: str) -> dict[str, Any]:
 
 def run_nf_vs_bn(settings: NfVsBnSettings, out: str, progress: Progress) -> dict[str, Any]:
     from nfnets_jax.analysis import in_memory_training as imt, step_cost  # pylint: disable=import-outside-toplevel
+    from nfnets_jax import models  # pylint: disable=import-outside-toplevel
 
     data = _load_data(settings)
     num_train = len(data.train_labels)
@@ -600,7 +602,7 @@ def run_nf_vs_bn(settings: NfVsBnSettings, out: str, progress: Progress) -> dict
     images, labels = _channels(data.train_images[:settings.batch]), data.train_labels[:settings.batch]
     compiled = []
     for norm in ("none", "batchnorm"):
-        forward = imt.make_forward("nfnet_f0", _nfnet_kwargs(settings, norm))
+        forward = models.make_forward("nfnet_f0", imt.NUM_CLASSES, _nfnet_kwargs(settings, norm))
         variant = step_cost.StepVariant("NF" if norm == "none" else "BN")
         compiled.append(step_cost.compile_step(forward, variant, images=images, labels=labels, num_classes=10))
         progress.advance(20, f"nf_vs_bn: compiled the {variant.name} step")
@@ -617,7 +619,8 @@ def run_nf_vs_bn(settings: NfVsBnSettings, out: str, progress: Progress) -> dict
             def compute(seed=seed, norm=norm, clipping=clipping):
                 nonlocal trainer
                 if trainer is None:
-                    trainer = imt.RunTrainer(imt.make_forward("nfnet_f0", _nfnet_kwargs(settings, norm)), data,
+                    forward = models.make_forward("nfnet_f0", imt.NUM_CLASSES, _nfnet_kwargs(settings, norm))
+                    trainer = imt.RunTrainer(forward, data,
                                              microbatch=settings.batch, chunk_size=1,
                                              fast_compile=settings.fast_compile)
                 warmup = int(round(steps * 5 / 90)) if steps > 1 else 0
@@ -710,18 +713,19 @@ def _time_variants(label: str, forward, images, labels, repeats: int, steps_per_
 
 def run_cost(settings: CostSettings, out: str, progress: Progress) -> dict[str, Any]:
     from nfnets_jax.analysis import in_memory_training as imt  # pylint: disable=import-outside-toplevel
+    from nfnets_jax import models  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(0)
     f0_images = rng.standard_normal((settings.f0_batch, settings.f0_image_size, settings.f0_image_size, 3),
                                     dtype=np.float32)
     f0_labels = rng.integers(0, 10, settings.f0_batch)
-    f0 = imt.make_forward("nfnet_f0", dict(settings.f0_kwargs))
+    f0 = models.make_forward("nfnet_f0", imt.NUM_CLASSES, dict(settings.f0_kwargs))
     results = {"F0": _time_variants("F0", f0, f0_images, f0_labels, settings.f0_repeats,
                                     settings.f0_steps_per_repeat, progress, settings.variants)}
     small = settings.small
     if small is not None:
         data = _load_data(small)
-        model = imt.make_forward("nfnet_f0", _nfnet_kwargs(small, "none"))
+        model = models.make_forward("nfnet_f0", imt.NUM_CLASSES, _nfnet_kwargs(small, "none"))
         results["Fashion-MNIST NFNet"] = _time_variants(
             "Fashion-MNIST", model, _channels(data.train_images[:settings.small_batch]),
             data.train_labels[:settings.small_batch], settings.small_repeats, settings.small_steps_per_repeat,

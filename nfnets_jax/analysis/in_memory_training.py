@@ -131,15 +131,6 @@ def steps_for_epochs(epochs: float, batch_size: int, num_train: int) -> int:
     return max(1, math.ceil(epochs * num_train / batch_size))
 
 
-def make_forward(model: str, model_kwargs: Mapping[str, Any]) -> hk.TransformedWithState:
-    """`f(images, is_training) -> logits` of registry model `model` with 10 classes."""
-
-    def forward(images: jax.Array, is_training: bool) -> jax.Array:
-        return models.create(model, num_classes=NUM_CLASSES, **dict(model_kwargs))(images, is_training)
-
-    return hk.transform_with_state(forward)
-
-
 def make_gradient_transform(clipping: jax.Array, weight_decay: float, momentum: float
                             ) -> optax.GradientTransformation:
     """AGC (λ = `clipping`, classifier excluded) → masked weight decay → Nesterov momentum:
