@@ -214,11 +214,11 @@ def _minutes(seconds: float) -> str:
 
 
 def _write_json(path: str, record: dict[str, Any]) -> str:
-    """Writes `record` to `path` atomically (a temporary file renamed over it)."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, default=float)
-    os.replace(temporary, path)
+    """Writes `record` to `path` atomically (`runtime.workdir.write_text_atomically`)."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.runtime import workdir  # pylint: disable=import-outside-toplevel
+
+    workdir.write_text_atomically(epath.Path(path), json.dumps(record, indent=1, default=float))
     return path
 
 

@@ -524,10 +524,10 @@ def render(out: str, doc_path: str) -> str:
 
 def write(out: str, doc_path: str) -> str:
     """(Re)writes `doc_path` from the claim JSONs in `out`; returns the path."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    from nfnets_jax.runtime import workdir  # pylint: disable=import-outside-toplevel
+
     text = render(out, doc_path)
     os.makedirs(os.path.dirname(os.path.abspath(doc_path)), exist_ok=True)
-    temporary = f"{doc_path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, doc_path)
+    workdir.write_text_atomically(epath.Path(doc_path), text)
     return doc_path
