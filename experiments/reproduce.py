@@ -768,10 +768,7 @@ def fashion_probe(batch: int, resolution: int) -> np.ndarray:
     import jax  # pylint: disable=import-outside-toplevel
     from nfnets_jax.data import fashion_mnist  # pylint: disable=import-outside-toplevel
 
-    message = fashion_mnist.missing_files_message(fashion_mnist.DEBIAN_DIR)
-    if message:
-        raise FileNotFoundError(message)
-    images, _ = fashion_mnist.read_split(fashion_mnist.DEBIAN_DIR, "test")
+    images, _ = fashion_mnist.read_split(fashion_mnist.DEBIAN_DIR, "test")  # FileNotFoundError: the fix
     grey = np.asarray(jax.image.resize(images[:batch].astype(np.float32), (batch, resolution, resolution),
                                        method="linear"))
     rgb = np.repeat(grey[..., None], 3, axis=-1)
@@ -921,28 +918,28 @@ flags.DEFINE_list("agc_seeds", None, "AGC study: seeds instead of the setting's 
 flags.DEFINE_float("agc_epochs", None, "AGC study: epochs at every batch instead of the setting's.", flag_values=FLAGS)
 
 
-def _int_list(values: Sequence[str] | None, flag: str) -> tuple[int, ...] | None:
+def _int_list(values: Sequence[str] | None, flag: str, minimum: int) -> tuple[int, ...] | None:
     if values is None:
         return None
     try:
         parsed = tuple(int(v) for v in values if v)
     except ValueError:
         command_line.fail(f"--{flag} takes comma-separated integers; got {','.join(values)!r}.")
-    if not parsed or min(parsed) <= 0 and flag != "agc_seeds" or min(parsed) < 0:
-        command_line.fail(f"--{flag} takes positive integers (seeds: ≥ 0); got {','.join(values)!r}.")
+    if not parsed or min(parsed) < minimum:
+        command_line.fail(f"--{flag} takes integers ≥ {minimum}; got {','.join(values)!r}.")
     return parsed
 
 
 def _agc_overrides(settings: AgcSettings) -> AgcSettings:
     changes: dict[str, Any] = {}
-    batches = _int_list(FLAGS.agc_batches, "agc_batches")
+    batches = _int_list(FLAGS.agc_batches, "agc_batches", minimum=1)
     if batches is not None:
         bad = [b for b in batches if b % settings.microbatch]
         if bad:
             command_line.fail(f"--agc_batches: {','.join(map(str, bad))} not a multiple of the microbatch "
                               f"{settings.microbatch}.")
         changes["batches"] = tuple(sorted(batches))
-    seeds = _int_list(FLAGS.agc_seeds, "agc_seeds")
+    seeds = _int_list(FLAGS.agc_seeds, "agc_seeds", minimum=0)
     if seeds is not None:
         changes["seeds"] = seeds
     if FLAGS.agc_epochs is not None:

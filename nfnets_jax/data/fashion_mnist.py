@@ -99,7 +99,11 @@ def read_idx(path: str, expected_sha256: str | None = None) -> np.ndarray:
 
 
 def read_split(manual_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images [N, 28, 28], uint8 labels [N]) of 'train' or 'test', checksums verified."""
+    """(uint8 images [N, 28, 28], uint8 labels [N]) of 'train' or 'test', checksums verified.
+    Raises FileNotFoundError with the one-line fix (`missing_files_message`) when files are missing."""
+    message = missing_files_message(manual_dir)
+    if message:
+        raise FileNotFoundError(message)
     images_file, labels_file, count = SPLIT_FILES[split]
     images = read_idx(os.path.join(manual_dir, images_file), IDX_SHA256[images_file])
     labels = read_idx(os.path.join(manual_dir, labels_file), IDX_SHA256[labels_file])
