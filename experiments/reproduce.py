@@ -303,9 +303,9 @@ def agc_clip_groups(settings: AgcSettings) -> dict[str, str]:
 
 def run_agc(settings: AgcSettings, out: str, progress: Progress,
             save_partial: Callable[[dict[str, Any]], None] | None = None, name: str = "agc") -> dict[str, Any]:
-    """The study, batch by batch; after each batch but the last, `save_partial(record)` (default:
-    write `<name>.json` as it is) so that a stopped study leaves its finished batches on the page.
-    `name` also names the figure."""
+    """The study, batch by batch; after each batch but the last, `save_partial(record)` if given
+    (`main` writes the JSON and the page), so that a stopped study leaves its finished batches on
+    the page. `name` names the figure."""
     from nfnets_jax.analysis import agc_study, in_memory_training as imt  # pylint: disable=import-outside-toplevel
     from nfnets_jax import models  # pylint: disable=import-outside-toplevel
 
@@ -367,11 +367,8 @@ def run_agc(settings: AgcSettings, out: str, progress: Progress,
             means[extra] = float(np.mean([r["test_acc"] for r in run_point("nf", extra, batch)]))
         record = summarize_agc(settings, records, out, depth=depth, num_train=num_train, name=name)
         if batch != settings.batches[-1]:
-            partial = record | {"complete": False}
-            if save_partial is None:
-                _write_json(os.path.join(out, f"{name}.json"), _jsonable(partial))
-            else:
-                save_partial(partial)
+            if save_partial is not None:
+                save_partial(record | {"complete": False})
     return record | {"complete": True}
 
 
@@ -403,7 +400,7 @@ def summarize_agc(settings: AgcSettings, records: list[dict[str, Any]], out: str
     return {"settings": dataclasses.asdict(settings), "paper": PAPER["agc"], "depth": depth, "num_train": num_train,
             "batches_done": batches, "rows": rows, "runs": records,
             "run_minutes_total": sum(r["seconds"] for r in records) / 60,  # stored runs included
-            "verdicts": agc_verdicts(rows), "figures": [png]}
+            "figures": [png]}
 
 
 def _agc_figure(rows: Sequence[dict[str, Any]], png_path: str, settings: AgcSettings, depth: int,
@@ -422,7 +419,7 @@ def run_agc_steps(settings: AgcSettings, out: str, progress: Progress) -> dict[s
     """`agc_steps`: the largest batch at a smaller batch's step count; judged against that batch's
     rows of the `agc` study in `out` (`agc.json`, which `main` requires before any work), and
     drawn beside them."""
-    record = run_agc(settings, out, progress, save_partial=lambda partial: None, name="agc_steps")
+    record = run_agc(settings, out, progress, name="agc_steps")
     with open(os.path.join(out, "agc.json"), encoding="utf-8") as f:
         study = json.load(f)
     merged = equal_steps_record(record, study)
@@ -437,15 +434,15 @@ def run_agc_steps(settings: AgcSettings, out: str, progress: Progress) -> dict[s
 
 def equal_steps_record(record: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
     """`record` (one or more batches trained for a common step count) beside the rows of the
-    `study` batch with that same step count; the verdicts are `agc_verdicts` over both, so the
-    design check compares the BN-ResNet at two batch sizes with equal steps."""
+    `study` batch with that same step count; its verdicts (`VERDICTS['agc_steps']`) are
+    `agc_verdicts` over both, so the design check compares the BN-ResNet at two batch sizes with
+    equal steps."""
     steps = {r["steps"] for r in record["rows"]}
     own = {r["batch"] for r in record["rows"]}
     reference = [r for r in study["rows"] if r["steps"] in steps and r["batch"] not in own]
     reference_batches = sorted({r["batch"] for r in reference})
     return record | {"reference_batches": reference_batches, "reference_rows": reference,
-                     "reference_command": study.get("command"),
-                     "verdicts": VERDICTS["agc_steps"]({"reference_rows": reference, "rows": record["rows"]})}
+                     "reference_command": study.get("command")}
 
 
 def _row(rows: Sequence[dict[str, Any]], series: str, batch: int) -> dict[str, Any] | None:
@@ -649,7 +646,7 @@ def run_nf_vs_bn(settings: NfVsBnSettings, out: str, progress: Progress) -> dict
               "time_ratio_per_repeat": per_repeat,
               "memory_ratio_bn_over_nf": rows["BN"]["memory"]["peak_estimate"] / rows["NF"]["memory"]["peak_estimate"],
               "figures": [png]}
-    return record | {"verdicts": nf_vs_bn_verdicts(record)}
+    return record
 
 
 def nf_vs_bn_verdicts(record: dict[str, Any]) -> dict[str, Any]:
@@ -734,7 +731,7 @@ def run_cost(settings: CostSettings, out: str, progress: Progress) -> dict[str, 
                       {f"{name}: step time / plain step": result["ratio_to_plain"] for name, result in results.items()},
                       "Cost of AGC and SAM per train step (median of interleaved repeats)", reference=1.0)
     return {"settings": _jsonable(dataclasses.asdict(settings)), "paper": PAPER["cost"], "results": results,
-            "verdicts": cost_verdicts(results), "figures": [png]}
+            "figures": [png]}
 
 
 def cost_verdicts(results: dict[str, Any]) -> dict[str, Any]:
@@ -811,7 +808,7 @@ def run_spp(settings: SppSettings, out: str, progress: Progress) -> dict[str, An
                                         f"Signal propagation at init, {titles[probe]}, batch {settings.batch}, "
                                         f"{settings.resolution}px, skip gains 1"))
     return {"settings": _jsonable(dataclasses.asdict(settings)), "results": results, "titles": titles,
-            "verdicts": spp_verdicts(results), "figures": figures}
+            "figures": figures}
 
 
 def _variance_ratio(curves: dict[str, Any]) -> list[float] | None:
@@ -880,8 +877,9 @@ def _bar_figure(png_path: str, panels: dict[str, dict[str, float]], title: str,
     return png_path
 
 
-# Each claim's verdicts as a function of its stored measurements: what a run computes, and what a
-# test recomputes from the committed JSON (so that stored verdicts cannot drift from their rows).
+# Each claim's verdicts as a function of its stored measurements: what `main` attaches to the
+# claim's JSON, and what a test recomputes from the committed JSON (so that stored verdicts
+# cannot drift from their rows).
 VERDICTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "agc": lambda record: agc_verdicts(record["rows"]),
     "agc_steps": lambda record: agc_verdicts(record["reference_rows"] + record["rows"]),
@@ -991,7 +989,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  provenance: dict[str, str] = provenance) -> str:
             """Writes the claim's JSON with how, where and when it was measured, then the page."""
             load_end = " ".join(f"{v:.1f}" for v in os.getloadavg())
-            record = {"complete": True, **record, "claim": claim, "quick": args.quick, "command": command,
+            record = {"complete": True, **record, "verdicts": VERDICTS[claim](record), "claim": claim,
+                      "quick": args.quick, "command": command,
                       "seconds": round(time.perf_counter() - start, 1), "versions": provenance,
                       "load_average_at_end": load_end}
             path = _write_json(os.path.join(out, f"{claim}.json"), _jsonable(record))

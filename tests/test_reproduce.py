@@ -223,19 +223,18 @@ def test_equal_steps_pairs_the_largest_batch_with_the_study_batch_that_had_its_s
                          _row("no AGC", "nf", 0.0, 4096, [0.1] * 3, diverged=1.0),
                          _row("λ=0.02", "nf", 0.02, 4096, [0.84, 0.85, 0.86]))}
     merged = reproduce.equal_steps_record(record, study)
+    verdicts = reproduce.VERDICTS["agc_steps"](merged)  # what main stores with the record
     assert merged["reference_batches"] == [1024]
-    check = merged["verdicts"]["bn_across_batches"]
+    check = verdicts["bn_across_batches"]
     # BN at 1024 and 4096, both 100 steps: 0.86 vs 0.86, no loss, so the steps suffice.
     assert (check["small_batch"], check["large_batch"], check["steps_small"], check["steps_large"]) == (1024, 4096, 100, 100)
     assert check["enough_steps"] and check["difference"] == pytest.approx(0.0, abs=1e-9)
-    gap = merged["verdicts"]["agc_matches_bn"]["by_batch"][4096]  # BN 0.86 − λ=0.02 0.85, spread 0.02
+    gap = verdicts["agc_matches_bn"]["by_batch"][4096]  # BN 0.86 − λ=0.02 0.85, spread 0.02
     assert gap["difference"] == pytest.approx(0.01) and gap["matches"]
     # Without AGC the NF-ResNet is at chance already at batch 1024: nothing left to degrade, and no
     # "where nothing diverges" comparison at that batch.
-    assert merged["verdicts"]["unclipped_degrades"]["answer"] == "not tested"
-    assert "no_agc_vs_best_clipping_at_smallest_batch" not in merged["verdicts"]
-    # The rules recompute from the stored record alone, as the committed-verdicts test does.
-    assert reproduce.VERDICTS["agc_steps"](merged) == merged["verdicts"]
+    assert verdicts["unclipped_degrades"]["answer"] == "not tested"
+    assert "no_agc_vs_best_clipping_at_smallest_batch" not in verdicts
 
 
 def test_smaller_lambda_is_partly_when_the_small_batchs_best_lambda_was_not_run_at_the_large_batch():
