@@ -18,10 +18,11 @@ one compiled program trains them all:
   every convolution into a grouped one, whose weight gradient XLA:CPU computes 10–1000× slower
   (`models/grouped_conv.py`).
 
-Each run uses the library's model (`models.create`), loss (`losses.softmax_cross_entropy`) and
-optimizer pieces (`optim.adaptive_grad_clip` masked off the classifier and masked coupled weight
-decay, as `optim.make_optimizer` chains them, then Nesterov momentum with the library's
-linear-warmup cosine learning rate, `optim.schedules.warmup_cosine_at`), on batches drawn without
+Each run uses the forward its caller builds with `models.make_forward` (the registry's models), the
+library's loss (`losses.softmax_cross_entropy`) and optimizer pieces (`optim.adaptive_grad_clip`
+masked off the classifier and masked coupled weight decay, as `optim.make_optimizer` chains them,
+then Nesterov momentum with the library's linear-warmup cosine learning rate,
+`optim.schedules.warmup_cosine_at`), on batches drawn without
 replacement from the in-memory train split (a fresh permutation each epoch, the last partial
 batch of an epoch dropped), and is evaluated on the whole test split at the end. With
 `clip_groups` (label -> parameter-path regex, e.g. `models.stage_regexes`), a run also reports
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nfnets_jax import losses, models
+from nfnets_jax import losses
 from nfnets_jax.optim import agc as agc_lib
 from nfnets_jax.optim import config as optim_config
 from nfnets_jax.optim import groups as groups_lib
