@@ -281,6 +281,19 @@ def markdown_row(row: Row) -> str:
             f"{tflop} | " + " | ".join(verdict[fits[name]] for name in ACCELERATORS) + " |")
 
 
+def json_row(row: Row, target: str) -> dict:
+    """`row` as one JSON record: NaN sizes as null, what fits, and what compiled it (the target,
+    versions, commit, date), so a page rendered from records says what each number holds for."""
+    from nfnets_jax.runtime import provenance  # pylint: disable=import-outside-toplevel
+
+    fields = {key: None if isinstance(value, float) and math.isnan(value) else value
+              for key, value in dataclasses.asdict(row).items()}
+    run_provenance = provenance.collect(devices=False)
+    return {**fields, "fits": row.fits(), "target": target, "jax": run_provenance["versions"]["jax"],
+            "libtpu": run_provenance["versions"]["libtpu"], "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "provenance": run_provenance}
+
+
 FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
 flags.DEFINE_list("only", [], "Config specs file.py:arg (e.g. nfnet.py:F0,nf_regnet.py:B0; a trailing + is the "
                   "NFNet's F+ model); default: all of " + ", ".join(all_config_specs()), flag_values=FLAGS)
@@ -331,9 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         for remat in remats:
             row = measure(spec, args.per_device_batch, remat, args.time_steps, device=device)
             if args.json:
-                fields = {key: None if isinstance(value, float) and math.isnan(value) else value
-                          for key, value in dataclasses.asdict(row).items()}
-                print(json.dumps({**fields, "fits": row.fits()}), flush=True)
+                print(json.dumps(json_row(row, args.target)), flush=True)
             else:
                 extra = f" (compile {row.compile_s:.0f}s" + (f", step {row.step_s:.3f}s)" if row.step_s else ")")
                 print(markdown_row(row) + extra, flush=True)
