@@ -8,6 +8,10 @@ NAME end -->`, rewritten by the program that renders the JSON (e.g. `experiments
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any
+
 
 def markers(name: str) -> tuple[str, str]:
     """The start and end markers of the section `name`."""
@@ -33,3 +37,22 @@ def replace_section(page: str, name: str, text: str) -> str:
     """`page` with its generated section `name` replaced by `text`; ValueError without markers."""
     start, end = _span(page, name)
     return page[:start] + "\n" + text.strip("\n") + "\n" + page[end:]
+
+
+def read_json_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON records of a file a benchmark appended its output lines to (other lines, such as a
+    program's `#` header, are skipped)."""
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip().startswith("{")]
+
+
+def write_sections(path: str | os.PathLike[str], sections: dict[str, str]) -> None:
+    """Rewrites the generated sections of the page at `path` (name -> text), all or none: a page
+    without one of the markers raises ValueError and is left as it was; the write is atomic."""
+    from nfnets_jax.runtime import workdir  # pylint: disable=import-outside-toplevel
+
+    with open(path, encoding="utf-8") as page:
+        text = page.read()
+    for name, section_text in sections.items():
+        text = replace_section(text, name, section_text)
+    workdir.write_text_atomically(workdir.as_path(os.fspath(path)), text)

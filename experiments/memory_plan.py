@@ -74,6 +74,7 @@ class TpuTarget:
     # Dense bf16 peak of that one device (TFLOP/s, Google Cloud's TPU system-architecture pages):
     # a floor under any run-time estimate (`benchmarks.tpu_step_estimate` checks it).
     peak_bf16_tflops: float
+    hbm_gib: float  # HBM of that one device, which the step must fit (with HEADROOM)
     options: tuple[tuple[str, str], ...] = ()  # further `get_topology_desc` options, as (name, value)
 
 
@@ -81,11 +82,11 @@ class TpuTarget:
 # A TPUv4 chip's two cores run as one device ("megacore", 32 GiB) on a v4 host, but libtpu's
 # deviceless v4 topology lists them as separate 16 GiB devices unless asked for megacore chips.
 TPU_TARGETS: dict[str, TpuTarget] = {
-    "tpu-v3": TpuTarget("v3:2x2", "TPUv3 core", 123.0 / 2),
-    "tpu-v4": TpuTarget("v4:2x2x1", "TPUv4 chip", 275.0, (("chip_config_name", "megacore"),)),
-    "tpu-v5e": TpuTarget("v5e:2x2", "TPUv5e chip", 197.0),
-    "tpu-v5p": TpuTarget("v5p:2x2x1", "TPUv5p chip", 459.0),
-    "tpu-v6e": TpuTarget("v6e:2x2", "TPUv6e chip", 918.0),
+    "tpu-v3": TpuTarget("v3:2x2", "TPUv3 core", 123.0 / 2, 16.0),
+    "tpu-v4": TpuTarget("v4:2x2x1", "TPUv4 chip", 275.0, 32.0, (("chip_config_name", "megacore"),)),
+    "tpu-v5e": TpuTarget("v5e:2x2", "TPUv5e chip", 197.0, 16.0),
+    "tpu-v5p": TpuTarget("v5p:2x2x1", "TPUv5p chip", 459.0, 95.0),
+    "tpu-v6e": TpuTarget("v6e:2x2", "TPUv6e chip", 918.0, 32.0),
 }
 HERE = "here"
 
@@ -294,6 +295,23 @@ def json_row(row: Row, target: str) -> dict:
             "provenance": run_provenance}
 
 
+def render_page(records_path: str, page_path: str | None) -> None:
+    """Prints the page's generated sections rendered from the records, or writes them into the page."""
+    from experiments import generated_section, memory_plan_page  # pylint: disable=import-outside-toplevel
+
+    try:
+        sections = memory_plan_page.sections(generated_section.read_json_lines(records_path))
+    except (OSError, ValueError, KeyError) as error:
+        command_line.fail(f"--table={records_path}: cannot read its records ({error}).")
+    if page_path is None:
+        print("\n\n".join(f"## {name}\n\n{text}" for name, text in sections.items()))
+        return
+    try:
+        generated_section.write_sections(page_path, sections)
+    except (OSError, ValueError) as error:
+        command_line.fail(f"--into={page_path}: {error}")
+
+
 FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
 flags.DEFINE_list("only", [], "Config specs file.py:arg (e.g. nfnet.py:F0,nf_regnet.py:B0; a trailing + is the "
                   "NFNet's F+ model); default: all of " + ", ".join(all_config_specs()), flag_values=FLAGS)
@@ -304,6 +322,10 @@ flags.DEFINE_enum("remat", "both", ["off", "on", "both"], "Compile without hk.re
 flags.DEFINE_integer("time_steps", 0, "Also time this many real steps per row (on an accelerator; slow on a CPU).",
                      lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_bool("json", False, "One JSON line per row instead of a table.", flag_values=FLAGS)
+flags.DEFINE_string("table", None, "A file of this program's --json lines (docs/memory_plan.jsonl): print the "
+                    "page's tables and verdicts rendered from it and exit.", flag_values=FLAGS)
+flags.DEFINE_string("into", None, "With --table: write them into this page's generated sections instead of printing.",
+                    flag_values=FLAGS)
 flags.DEFINE_enum("target", HERE, [HERE, *TPU_TARGETS], "Compile for JAX's backend here, or for one device of a "
                   "TPU generation without a TPU (needs libtpu; see the module doc).", flag_values=FLAGS)
 
@@ -312,6 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
                              multihost=False, positional=False)
     args = FLAGS
+    if args.into and not args.table:
+        command_line.fail("--into writes the tables of --table=JSONL into a page: pass --table too.")
+    if args.table:
+        render_page(args.table, args.into)
+        return
     specs = [s.strip() for s in args.only if s.strip()] or all_config_specs()
     missing = [s for s in specs if not (CONFIGS / s.partition(":")[0]).is_file()]
     if missing:

@@ -82,7 +82,36 @@ def test_the_table_mode_reads_json_lines(tmp_path, capsys):
     path.write_text("# a comment line\n" + "\n".join(json.dumps(_row(t)) for t in ("tpu-v3", "tpu-v5e")) + "\n")
     estimate_lib.main(["--table", str(path)])
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 4 and "tpu-v5e" in out[3]
+    assert len(out) == 6 and "tpu-v5e" in out[3] and out[4] == "" and out[5].startswith("The runner's step")
+
+
+def _variant(config, target, step_ms, bare_ms, step_state_ms=None):
+    row = _row(target)
+    row["config"] = config
+    row["programs"] = {"step": {**row["programs"]["step"], "estimate_ms": step_ms},
+                       "bare": {**row["programs"]["bare"], "estimate_ms": bare_ms}}
+    if step_state_ms is not None:
+        row["programs"]["step_state"] = {**row["programs"]["step"], "estimate_ms": step_state_ms}
+    row["runner_over_bare"] = estimate_lib.runner_extras(row["programs"])
+    return row
+
+
+def test_a_rerun_replaces_its_row_and_the_summary_names_each_row_above_the_target():
+    rows = [_variant("nfnet.py:F2", "tpu-v5p", 45.0, 43.0),  # replaced by the rerun below
+            _variant("nfnet.py:F1", "tpu-v5p", 30.6, 30.0),  # 1.020×: at the target, not above it
+            _variant("nfnet.py:F0", "tpu-v3", 36.0, 36.1),
+            _variant("nfnet.py:F2", "tpu-v5p", 44.0, 40.0, step_state_ms=41.0),
+            _variant("nfnet.py:F2", "tpu-v3", 148.0, 140.0)]
+    latest = estimate_lib.latest_rows(rows)
+    assert [(r["config"], r["target"]) for r in latest] == [
+        ("nfnet.py:F0", "tpu-v3"), ("nfnet.py:F1", "tpu-v5p"), ("nfnet.py:F2", "tpu-v3"), ("nfnet.py:F2", "tpu-v5p")]
+    assert latest[3]["programs"]["step"]["estimate_ms"] == 44.0
+    # ratios: 36.0/36.1 = 0.997, 1.020, 148/140 = 1.057, 44/40 = 1.100 (metrics 3.0 ms, the rest 1.0 ms)
+    assert estimate_lib.summary(latest) == (
+        "The runner's step over the bare step: 0.997× to 1.100× over the 4 rows with both estimates; above "
+        "the 1.02× target: nfnet.py:F2 on tpu-v3 1.057× (+8.00 ms; split not compiled: add step_state to "
+        "--programs); nfnet.py:F2 on tpu-v5p 1.100× (+4.00 ms; metrics +3.00 ms, guard, means and RNG +1.00 ms).")
+    assert estimate_lib.summary(latest[:2]).endswith("none is above the 1.02× target.")
 
 
 def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, capsys):
@@ -92,7 +121,7 @@ def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, cap
     page.write_text(f"# Title\n\n{start}\nold table\n{end}\n\nafter\n")
     estimate_lib.main(["--table", str(rows), "--into", str(page)])
     text = page.read_text()
-    table = estimate_lib.markdown_table(estimate_lib.read_rows(rows))
+    table = estimate_lib.render(generated_section.read_json_lines(rows))
     assert text == f"# Title\n\n{start}\n{table}\n{end}\n\nafter\n"
     page.write_text("no markers")
     with pytest.raises(SystemExit):
@@ -102,10 +131,10 @@ def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, cap
 
 def test_the_docs_page_shows_the_table_of_its_json_lines():
     docs = pathlib.Path(REPO_ROOT) / "docs"
-    rows = estimate_lib.read_rows(docs / "tpu_step_cost.jsonl")
+    rows = generated_section.read_json_lines(docs / "tpu_step_cost.jsonl")
     assert rows and {"nfnet.py:F0"} <= {row["config"] for row in rows}
     page = (docs / "tpu_step_cost.md").read_text(encoding="utf-8")
-    assert generated_section.section(page, estimate_lib.SECTION) == estimate_lib.markdown_table(rows)
+    assert generated_section.section(page, estimate_lib.SECTION) == estimate_lib.render(rows)
 
 
 @pytest.mark.slow
