@@ -133,7 +133,8 @@ def _short(config: str) -> str:
 
 
 def _ranges(names: Sequence[str]) -> str:
-    """Consecutive `F2`, `F3`, `F4` as `F2–F4`; anything else listed as it is."""
+    """Consecutive `F2`, `F3`, `F4` as `F2–F4` (`NF-RegNet-B0`…`B2` as `NF-RegNet-B0–B2`); anything
+    else listed as it is."""
     parts: list[list[str]] = []
     for name in names:
         match = re.fullmatch(r"(.*?)(\d+)(\+?)", name)
@@ -144,7 +145,11 @@ def _ranges(names: Sequence[str]) -> str:
                 parts[-1].append(name)
                 continue
         parts.append([name])
-    return ", ".join(group[0] if len(group) == 1 else f"{group[0]}–{group[-1]}" for group in parts)
+    def span(group: list[str]) -> str:  # NF-RegNet-B0–B4: the last name without the family's prefix
+        prefix = group[0].rsplit("-", 1)[0] + "-" if "-" in group[0] else ""
+        return group[0] if len(group) == 1 else f"{group[0]}–{group[-1].removeprefix(prefix)}"
+
+    return ", ".join(span(group) for group in parts)
 
 
 # verdict -> (said of several configs, said of one)

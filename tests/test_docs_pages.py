@@ -80,3 +80,13 @@ def test_the_readme_quotes_the_fashion_mnist_reference_record():
     assert f"target ≥ {100 * record['target_top_1']:.0f}%" in row
     assert f"after {record['train']['epochs']:g} epochs" in row
     assert f"a {record['model']['params']:,}-parameter NFNet" in row
+
+
+def test_the_readme_states_the_nfnet_verdicts_the_memory_plans_records_give():
+    from experiments import generated_section, memory_plan_page  # pylint: disable=import-outside-toplevel
+    records = generated_section.read_json_lines(ROOT / "docs" / "memory_plan.jsonl")
+    nfnets = {key: compiles for key, compiles in memory_plan_page.latest(records).items()
+              if memory_plan_page.SECTIONS["nfnet"](key[0])}
+    row = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| Train-step memory")][0]
+    assert memory_plan_page.verdicts(nfnets, "tpu-v3") in row, (
+        "README's memory row must quote the verdicts docs/memory_plan.md renders from its records")

@@ -127,6 +127,12 @@ def test_the_command_prints_or_writes_the_sections_and_leaves_a_page_without_mar
     with pytest.raises(SystemExit):
         memory_plan.main(["--into", str(page)])
     assert "pass --table too" in capsys.readouterr().err
+    for bad in (tmp_path / "missing.jsonl", tmp_path / "broken.jsonl"):
+        if bad.name == "broken.jsonl":
+            bad.write_text('{"config": "nfnet.py:F0"}\n')  # a record without its sizes
+        with pytest.raises(SystemExit):
+            memory_plan.main(["--table", str(bad), "--into", str(page)])
+        assert "cannot read its records" in capsys.readouterr().err and page.read_text() == partial
 
 
 def test_the_docs_page_shows_what_its_records_render_to():
@@ -135,3 +141,10 @@ def test_the_docs_page_shows_what_its_records_render_to():
     page = (REPO_ROOT / "docs" / "memory_plan.md").read_text(encoding="utf-8")
     for name, text in memory_plan_page.sections(records).items():
         assert generated_section.section(page, name) == text, f"re-render the page: section {name}"
+
+
+def test_consecutive_configs_are_said_as_a_range():
+    assert memory_plan_page._ranges(["F0", "F1", "F2", "F4"]) == "F0–F2, F4"
+    assert memory_plan_page._ranges(["F0+", "F1+", "F3"]) == "F0+–F1+, F3"
+    assert memory_plan_page._ranges(["NF-RegNet-B0", "NF-RegNet-B1", "NF-RegNet-B2"]) == "NF-RegNet-B0–B2"
+    assert memory_plan_page._ranges(["NF-ResNet-50", "NF-ResNet-101"]) == "NF-ResNet-50, NF-ResNet-101"
