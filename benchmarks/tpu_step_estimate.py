@@ -206,7 +206,7 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
 
 
 def _fits(result: dict[str, Any], target: str) -> bool:
-    return "refused" not in result and result["peak_gib"] <= memory_plan.HEADROOM * memory_plan.TPU_TARGETS[target].hbm_gib
+    return "refused" not in result and memory_plan.fits_target(result["peak_gib"], target)
 
 
 def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str,
@@ -265,10 +265,10 @@ def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     last: dict[tuple, dict[str, Any]] = {}
     for row in rows:
         last[(row["config"], row["target"], row["per_device_batch"], row["remat"])] = row
-    specs, targets = memory_plan.all_config_specs(), list(memory_plan.TPU_TARGETS)
-    position = lambda value, order: order.index(value) if value in order else len(order)
-    return sorted(last.values(), key=lambda row: (position(row["config"], specs), row["config"],
-                                                  position(row["target"], targets), -row["per_device_batch"]))
+    targets = list(memory_plan.TPU_TARGETS)
+    target_order = lambda target: targets.index(target) if target in targets else len(targets)
+    return sorted(last.values(), key=lambda row: (memory_plan.spec_order(row["config"]), target_order(row["target"]),
+                                                  -row["per_device_batch"]))
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> str:
@@ -277,10 +277,11 @@ def summary(rows: Sequence[dict[str, Any]]) -> str:
     measured = [row for row in rows if row["estimate_valid"] and (row["runner_over_bare"] or {}).get("ratio")]
     if not measured:
         return "No row has both the runner's and the bare step's estimate yet."
-    ratios = [row["runner_over_bare"]["ratio"] for row in measured]
-    above = [row for row in measured if row["runner_over_bare"]["ratio"] > RUNNER_OVER_BARE_TARGET]
-    text = (f"The runner's step over the bare step: {min(ratios):.3f}× to {max(ratios):.3f}× over the "
-            f"{len(measured)} rows with both estimates; ")
+    ratios = [round(row["runner_over_bare"]["ratio"], 3) for row in measured]  # as printed
+    above = [row for row, ratio in zip(measured, ratios) if ratio > RUNNER_OVER_BARE_TARGET]
+    low, high = f"{min(ratios):.3f}×", f"{max(ratios):.3f}×"
+    text = (f"The runner's step over the bare step: {low if low == high else f'{low} to {high}'} over the "
+            f"{len(measured)} row{'s' if len(measured) > 1 else ''} with both estimates; ")
     if not above:
         return text + f"none is above the {RUNNER_OVER_BARE_TARGET:.2f}× target."
     said = []
@@ -288,8 +289,8 @@ def summary(rows: Sequence[dict[str, Any]]) -> str:
         extras = row["runner_over_bare"]
         split = ("; split not compiled: add step_state to --programs" if extras["metrics_ms"] is None else
                  f"; metrics {extras['metrics_ms']:+.2f} ms, guard, means and RNG {extras['guard_means_rng_ms']:+.2f} ms")
-        said.append(f"{row['config']} on {row['target']} {extras['ratio']:.3f}× "
-                    f"({extras['extra_ms']:+.2f} ms{split})")
+        said.append(f"{row['config']} on {row['target']} at {row['per_device_batch']} per device"
+                    f"{', remat on' if row['remat'] else ''} {extras['ratio']:.3f}× ({extras['extra_ms']:+.2f} ms{split})")
     return text + f"above the {RUNNER_OVER_BARE_TARGET:.2f}× target: " + "; ".join(said) + "."
 
 
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.table:
         try:
             table = render(generated_section.read_json_lines(args.table))
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
             command_line.fail(f"--table={args.table}: cannot read its rows ({error}).")
         if not args.into:
             print(table)

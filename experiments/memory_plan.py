@@ -137,6 +137,17 @@ def all_config_specs() -> list[str]:
     return specs
 
 
+def spec_order(spec: str) -> tuple[int, str]:
+    """Sort key putting configs in the plan's order (F0 … F7, F0+ … F7+, NF-ResNets, NF-RegNets)."""
+    specs = all_config_specs()
+    return (specs.index(spec) if spec in specs else len(specs)), spec
+
+
+def fits_target(peak_gib: float, target: str) -> bool:
+    """Whether a step of this peak fits one device of the TPU `target` with HEADROOM to spare."""
+    return peak_gib <= HEADROOM * TPU_TARGETS[target].hbm_gib
+
+
 def load_config(spec: str):
     """The config of `file.py:arg` from configs/ (a trailing `+` swaps NFNet-Fk for Fk+)."""
     from nfnets_jax.train import config_files  # pylint: disable=import-outside-toplevel
@@ -301,7 +312,7 @@ def render_page(records_path: str, page_path: str | None) -> None:
 
     try:
         sections = memory_plan_page.sections(generated_section.read_json_lines(records_path))
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         command_line.fail(f"--table={records_path}: cannot read its records ({error}).")
     if page_path is None:
         print("\n\n".join(f"## {name}\n\n{text}" for name, text in sections.items()))
@@ -337,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.into and not args.table:
         command_line.fail("--into writes the tables of --table=JSONL into a page: pass --table too.")
     if args.table:
+        compiling = [name for name in ("only", "per_device_batch", "time_steps", "json", "target")
+                     if FLAGS[name].present]
+        if compiling or FLAGS["remat"].present:
+            command_line.fail(f"--table renders records and compiles nothing: drop --{', --'.join(compiling or ['remat'])}.")
         render_page(args.table, args.into)
         return
     specs = [s.strip() for s in args.only if s.strip()] or all_config_specs()

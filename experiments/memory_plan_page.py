@@ -32,38 +32,58 @@ SECTIONS: dict[str, Callable[[str], bool]] = {
 }
 
 
+REQUIRED = ("config", "per_device_batch", "remat", "compiled_for", "image_size", "compute_dtype", "compile_s")
+
+
+def check(records: Sequence[Record]) -> None:
+    """One clear ValueError naming the first record (1-based) that lacks what the page reads."""
+    for number, record in enumerate(records, 1):
+        missing = [name for name in REQUIRED if record.get(name) is None]
+        sizes = ("temp_gib",) if record.get("out_of_memory") else ("argument_gib", "temp_gib", "peak_gib")
+        missing += [name for name in sizes if not isinstance(record.get(name), (int, float))
+                    and not (name == "temp_gib" and record.get("out_of_memory"))]
+        if missing:
+            raise ValueError(f"record {number} ({record.get('config', '?')}) has no {', '.join(missing)}; "
+                             "write records with `experiments.memory_plan --json`")
+
+
+def _target(record: Record) -> str:
+    """A TPU target's name, or for a compile for the local backend the device it compiled for (so
+    a CPU host's and a GPU host's records stay apart)."""
+    target = record.get("target", memory_plan.HERE)
+    return target if target in memory_plan.TPU_TARGETS else record["compiled_for"]
+
+
 def latest(records: Sequence[Record]) -> dict[Key, dict[bool, Record]]:
     """(config, batch, target) -> {remat: record}, the last record of each compile winning."""
     compiles: dict[Key, dict[bool, Record]] = {}
     for record in records:
-        key = (record["config"], record["per_device_batch"], record.get("target", memory_plan.HERE))
+        key = (record["config"], record["per_device_batch"], _target(record))
         compiles.setdefault(key, {})[bool(record["remat"])] = record
     return compiles
 
 
+def _target_order(target: str) -> int:
+    targets = list(memory_plan.TPU_TARGETS)
+    return targets.index(target) if target in targets else len(targets)
+
+
 def _order(key: Key) -> tuple:
     """Configs in the plan's order (F0 … F7, F0+ …, NF-ResNets by depth, NF-RegNets), the recipe's
-    batch before smaller ones, TPU generations in order."""
+    batch before smaller ones, TPU generations in order, then other compilers."""
     config, batch, target = key
-    specs = memory_plan.all_config_specs()
-    position = specs.index(config) if config in specs else len(specs)
-    return position, config, -batch, target
-
-
-def _device_hbm_gib(target: str) -> float | None:
-    tpu = memory_plan.TPU_TARGETS.get(target)
-    return None if tpu is None else tpu.hbm_gib
+    return memory_plan.spec_order(config), -batch, _target_order(target), target
 
 
 def fits(record: Record | None, target: str) -> bool | None:
     """Whether the compile's peak is within HEADROOM of the target's device: False for a compile the
-    TPU compiler refused, None when it was not compiled or the device's memory is not known here."""
-    hbm = _device_hbm_gib(target)
-    if record is None or hbm is None:
+    TPU compiler refused, None when it was not compiled or the target is not a TPU (then the
+    device's memory is not known here)."""
+    if record is None or target not in memory_plan.TPU_TARGETS:
         return None
     if record.get("out_of_memory"):
         return False
-    return record["peak_gib"] <= memory_plan.HEADROOM * hbm
+    return memory_plan.fits_target(record["peak_gib"], target)
 
 
 def _gib(value: float | None) -> str:
@@ -114,10 +134,11 @@ def markdown_table(compiles: dict[Key, dict[bool, Record]]) -> str:
         off, on = compiles[key].get(False), compiles[key].get(True)
         some = off or on
         state = next((r["argument_gib"] for r in (off, on) if r and not r.get("out_of_memory")), None)
-        dated = sorted({f"{r['date']}, jax {r['jax']}" + (f", libtpu {r['libtpu']}" if r.get("libtpu") else "")
-                        for r in (off, on) if r})
+        tpu = target in memory_plan.TPU_TARGETS
+        dated = sorted({f"{r.get('date', '?')}, jax {r.get('jax', '?')}"
+                        + (f", libtpu {r.get('libtpu', '?')}" if tpu else "") for r in (off, on) if r})
         lines.append(" | ".join([
-            f"| {config}", target if target != memory_plan.HERE else some["compiled_for"], str(some["image_size"]),
+            f"| {config}", target, str(some["image_size"]),
             str(batch), some["compute_dtype"], _gib(state) if state is not None else "—",
             f"{_temporaries(off)} → {_temporaries(on)}", f"**{_peak(off)} → {_peak(on)}**",
             f"{_tflop(off)} → {_tflop(on)}", f"{_answer(fits(off, target))} / {_answer(fits(on, target))}",
@@ -187,42 +208,55 @@ def verdicts(compiles: dict[Key, dict[bool, Record]], target: str) -> str:
         by_batch.setdefault(batch, {}).setdefault(verdict, []).append(_short(config))
     label = memory_plan.TPU_TARGETS[target].label if target in memory_plan.TPU_TARGETS else target
     sentences = []
-    for batch, groups in by_batch.items():
+    for batch, groups in sorted(by_batch.items(), key=lambda item: -item[0]):
         said = "; ".join(f"{_ranges(names)} {_VERDICT_WORDS[verdict][len(names) == 1]}"
                          for verdict, names in groups.items())
         sentences.append(f"At {batch} images per {label}: {said}.")
     return " ".join(sentences)
 
 
-def remat_effect(compiles: dict[Key, dict[bool, Record]]) -> str:
-    """What remat did where both compiles succeeded: temporaries on/off and FLOPs on/off, as ranges."""
-    temps, flops = [], []
-    for versions in compiles.values():
+def remat_effect(compiles: dict[Key, dict[bool, Record]], target: str) -> str:
+    """What remat did on `target` where both compiles succeeded: temporaries with / without remat and
+    FLOPs with / without, as ranges over those configs."""
+    temps, flops, configs = [], [], set()
+    for (config, _, key_target), versions in compiles.items():
         off, on = versions.get(False), versions.get(True)
-        if off and on and not off.get("out_of_memory") and not on.get("out_of_memory"):
+        if key_target == target and off and on and not off.get("out_of_memory") and not on.get("out_of_memory"):
+            configs.add(config)
             temps.append(on["temp_gib"] / off["temp_gib"])
             if off.get("gflops") and on.get("gflops"):
                 flops.append(on["gflops"] / off["gflops"] - 1)
     if not temps:
-        return "No config has both compiles yet, so what remat saves is not shown."
+        return f"On {target}, no config has both compiles yet, so what remat changes is not shown."
+    verb = "cut" if max(temps) < 1 else "changed"
     flop_text = f", for {_span_text(flops, '{:+.0%}')} step FLOPs" if flops else ""
-    configs = f"{len(temps)} config{'s' if len(temps) > 1 else ''}"
-    return (f"Where both compiles succeeded ({configs}), remat cut the temporaries to "
-            f"{_span_text(temps, '{:.2f}×')} of those without it{flop_text} (XLA's own FLOP count: the "
-            "recomputed forward).")
+    return (f"On {target}, where both compiles succeeded ({len(configs)} config{'s' if len(configs) > 1 else ''}), "
+            f"remat {verb} the temporaries to {_span_text(temps, '{:.2f}×')} of those without it{flop_text} "
+            "(XLA's own FLOP count: the recomputed forward).")
+
+
+def not_compiled(compiles: dict[Key, dict[bool, Record]], shows: Callable[[str], bool]) -> str:
+    """The section's configs of the plan that no record covers yet ('' when every one is covered)."""
+    covered = {key[0] for key in compiles}
+    missing = [_short(spec) for spec in memory_plan.all_config_specs() if shows(spec) and spec not in covered]
+    return f"Not compiled yet: {_ranges(missing)}." if missing else ""
 
 
 def sections(records: Sequence[Record]) -> dict[str, str]:
-    """Generated section name -> its Markdown: each section's table, then its verdicts per target."""
+    """Generated section name -> its Markdown: each section's table, its verdicts per TPU target,
+    what remat changed, and the configs of the plan not compiled yet. ValueError on a bad record."""
+    check(records)
     rendered = {}
     for name, shows in SECTIONS.items():
         compiles = {key: value for key, value in latest(records).items() if shows(key[0])}
+        missing = not_compiled(compiles, shows)
         if not compiles:
-            rendered[name] = "No records yet: run the command above for these configs."
+            rendered[name] = "No records yet: run the command above for these configs. " + missing
             continue
-        targets = sorted({key[2] for key in compiles if key[2] in memory_plan.TPU_TARGETS})
-        text = [markdown_table(compiles), ""]
-        text += [verdicts(compiles, target) for target in targets]
-        text += ["", remat_effect(compiles)]
-        rendered[name] = "\n".join(text)
+        targets = sorted({key[2] for key in compiles if key[2] in memory_plan.TPU_TARGETS}, key=_target_order)
+        paragraphs = [markdown_table(compiles)]
+        paragraphs += [verdicts(compiles, target) for target in targets]
+        paragraphs += [remat_effect(compiles, target) for target in targets]
+        paragraphs += [missing] if missing else []
+        rendered[name] = "\n\n".join(paragraphs)
     return rendered

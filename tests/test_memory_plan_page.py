@@ -88,11 +88,39 @@ def test_a_config_compiled_only_without_remat_that_does_not_fit_is_not_judged():
     assert "F5 is not judged yet" in memory_plan_page.verdicts(compiles, "tpu-v3")
 
 
-def test_what_remat_saves_is_the_range_over_configs_with_both_compiles():
-    text = memory_plan_page.remat_effect(memory_plan_page.latest(_plan()))
+def test_what_remat_saves_is_the_range_over_configs_with_both_compiles_on_one_target():
+    cpu = [dict(_record("nfnet.py:F0", remat, peak=9.0, temp=temp, gflops=1000.0, target=memory_plan.HERE),
+                compiled_for="cpu") for remat, temp in ((False, 4.0), (True, 4.2))]
+    compiles = memory_plan_page.latest(_plan() + cpu)
+    text = memory_plan_page.remat_effect(compiles, "tpu-v3")
     # temporaries on/off: F0 0.5/1.0, F1 6.5/13.0, F2 6.5/13.0 → 0.50; FLOPs: +30%, +20%, +30%.
-    assert text.startswith("Where both compiles succeeded (3 configs), remat cut the temporaries to "
+    assert text.startswith("On tpu-v3, where both compiles succeeded (3 configs), remat cut the temporaries to "
                            "0.50× of those without it, for +20% to +30% step FLOPs")
+    # The CPU's compiles stay apart, and a growth is not called a cut (4.2 / 4.0 = 1.05×).
+    assert memory_plan_page.remat_effect(compiles, "cpu").startswith(
+        "On cpu, where both compiles succeeded (1 config), remat changed the temporaries to 1.05×")
+
+
+def test_records_of_the_local_backend_are_kept_apart_per_device_and_never_judged():
+    cpu = dict(_record("nfnet.py:F0", False, peak=9.0, temp=4.0, target=memory_plan.HERE), compiled_for="cpu")
+    gpu = dict(_record("nfnet.py:F0", True, peak=2.0, temp=1.0, target=memory_plan.HERE), compiled_for="NVIDIA H200")
+    compiles = memory_plan_page.latest([cpu, gpu])
+    assert set(compiles) == {("nfnet.py:F0", 32, "cpu"), ("nfnet.py:F0", 32, "NVIDIA H200")}
+    table = memory_plan_page.markdown_table(compiles)
+    assert "| nfnet.py:F0 | cpu |" in table and "| nfnet.py:F0 | NVIDIA H200 |" in table
+    assert "libtpu" not in table and "yes" not in table  # no TPU compiler, no device memory to judge by
+
+
+def test_a_section_names_the_plans_configs_it_has_no_record_of():
+    rendered = memory_plan_page.sections(_plan())
+    assert rendered["nfnet"].endswith("Not compiled yet: F5–F6.")
+    assert rendered["nfnet_plus"].startswith("No records yet") and "F0+–F7+" in rendered["nfnet_plus"]
+
+
+def test_a_record_without_what_the_page_reads_is_one_error_naming_it():
+    broken = _record("nfnet.py:F1", False, peak=None, temp=1.0)  # compiled, but no peak
+    with pytest.raises(ValueError, match=r"record 2 \(nfnet.py:F1\) has no peak_gib"):
+        memory_plan_page.sections([_plan()[0], broken])
 
 
 def test_every_section_shows_only_its_configs():
@@ -127,6 +155,9 @@ def test_the_command_prints_or_writes_the_sections_and_leaves_a_page_without_mar
     with pytest.raises(SystemExit):
         memory_plan.main(["--into", str(page)])
     assert "pass --table too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--table", str(records), "--only", "nfnet.py:F0"])
+    assert "compiles nothing: drop --only" in capsys.readouterr().err
     for bad in (tmp_path / "missing.jsonl", tmp_path / "broken.jsonl"):
         if bad.name == "broken.jsonl":
             bad.write_text('{"config": "nfnet.py:F0"}\n')  # a record without its sizes

@@ -98,7 +98,7 @@ def _variant(config, target, step_ms, bare_ms, step_state_ms=None):
 
 def test_a_rerun_replaces_its_row_and_the_summary_names_each_row_above_the_target():
     rows = [_variant("nfnet.py:F2", "tpu-v5p", 45.0, 43.0),  # replaced by the rerun below
-            _variant("nfnet.py:F1", "tpu-v5p", 30.6, 30.0),  # 1.020×: at the target, not above it
+            _variant("nfnet.py:F1", "tpu-v5p", 30.59, 30.0),  # 1.0197×: below the target
             _variant("nfnet.py:F0", "tpu-v3", 36.0, 36.1),
             _variant("nfnet.py:F2", "tpu-v5p", 44.0, 40.0, step_state_ms=41.0),
             _variant("nfnet.py:F2", "tpu-v3", 148.0, 140.0)]
@@ -109,9 +109,15 @@ def test_a_rerun_replaces_its_row_and_the_summary_names_each_row_above_the_targe
     # ratios: 36.0/36.1 = 0.997, 1.020, 148/140 = 1.057, 44/40 = 1.100 (metrics 3.0 ms, the rest 1.0 ms)
     assert estimate_lib.summary(latest) == (
         "The runner's step over the bare step: 0.997× to 1.100× over the 4 rows with both estimates; above "
-        "the 1.02× target: nfnet.py:F2 on tpu-v3 1.057× (+8.00 ms; split not compiled: add step_state to "
-        "--programs); nfnet.py:F2 on tpu-v5p 1.100× (+4.00 ms; metrics +3.00 ms, guard, means and RNG +1.00 ms).")
+        "the 1.02× target: nfnet.py:F2 on tpu-v3 at 32 per device 1.057× (+8.00 ms; split not compiled: add "
+        "step_state to --programs); nfnet.py:F2 on tpu-v5p at 32 per device 1.100× (+4.00 ms; metrics +3.00 ms, "
+        "guard, means and RNG +1.00 ms).")
     assert estimate_lib.summary(latest[:2]).endswith("none is above the 1.02× target.")
+    # One row: no range, no plural; 1.0204 prints as 1.020×, so it is not said to be above 1.02×.
+    assert estimate_lib.summary([_variant("nfnet.py:F0", "tpu-v3", 36.0, 36.1)]).startswith(
+        "The runner's step over the bare step: 0.997× over the 1 row with both estimates;")
+    assert estimate_lib.summary([_variant("nfnet.py:F0", "tpu-v3", 30.612, 30.0)]).endswith(
+        "1.020× over the 1 row with both estimates; none is above the 1.02× target.")
 
 
 def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, capsys):
