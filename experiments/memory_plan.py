@@ -308,7 +308,7 @@ def json_row(row: Row, target: str) -> dict:
 
 def render_page(records_path: str, page_path: str | None) -> None:
     """Prints the page's generated sections rendered from the records, or writes them into the page."""
-    from experiments import generated_section, memory_plan_page  # pylint: disable=import-outside-toplevel
+    from . import generated_section, memory_plan_page  # pylint: disable=import-outside-toplevel
 
     try:
         sections = memory_plan_page.sections(generated_section.read_json_lines(records_path))
