@@ -265,10 +265,8 @@ def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     last: dict[tuple, dict[str, Any]] = {}
     for row in rows:
         last[(row["config"], row["target"], row["per_device_batch"], row["remat"])] = row
-    targets = list(memory_plan.TPU_TARGETS)
-    target_order = lambda target: targets.index(target) if target in targets else len(targets)
-    return sorted(last.values(), key=lambda row: (memory_plan.spec_order(row["config"]), target_order(row["target"]),
-                                                  -row["per_device_batch"]))
+    return sorted(last.values(), key=lambda row: (memory_plan.spec_order(row["config"]),
+                                                  memory_plan.target_order(row["target"]), -row["per_device_batch"]))
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> str:
@@ -279,8 +277,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> str:
         return "No row has both the runner's and the bare step's estimate yet."
     ratios = [round(row["runner_over_bare"]["ratio"], 3) for row in measured]  # as printed
     above = [row for row, ratio in zip(measured, ratios) if ratio > RUNNER_OVER_BARE_TARGET]
-    low, high = f"{min(ratios):.3f}×", f"{max(ratios):.3f}×"
-    text = (f"The runner's step over the bare step: {low if low == high else f'{low} to {high}'} over the "
+    text = (f"The runner's step over the bare step: {generated_section.value_range(ratios, '{:.3f}×')} over the "
             f"{len(measured)} row{'s' if len(measured) > 1 else ''} with both estimates; ")
     if not above:
         return text + f"none is above the {RUNNER_OVER_BARE_TARGET:.2f}× target."

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -37,6 +38,13 @@ def replace_section(page: str, name: str, text: str) -> str:
     """`page` with its generated section `name` replaced by `text`; ValueError without markers."""
     start, end = _span(page, name)
     return page[:start] + "\n" + text.strip("\n") + "\n" + page[end:]
+
+
+def value_range(values: Sequence[float], template: str) -> str:
+    """`values` as the page prints a range: "low to high" in `template`, or one value where the two
+    print alike (so a page never says "1.02× to 1.02×")."""
+    low, high = template.format(min(values)), template.format(max(values))
+    return low if low == high else f"{low} to {high}"
 
 
 def read_json_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -143,6 +143,12 @@ def spec_order(spec: str) -> tuple[int, str]:
     return (specs.index(spec) if spec in specs else len(specs)), spec
 
 
+def target_order(target: str) -> int:
+    """Sort key putting TPU targets in generation order (v3, v4, v5e, v5p, v6e), anything else after."""
+    targets = list(TPU_TARGETS)
+    return targets.index(target) if target in targets else len(targets)
+
+
 def fits_target(peak_gib: float, target: str) -> bool:
     """Whether a step of this peak fits one device of the TPU `target` with HEADROOM to spare."""
     return peak_gib <= HEADROOM * TPU_TARGETS[target].hbm_gib

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import memory_plan
+from . import generated_section, memory_plan
 
 Record = dict[str, Any]
 Key = tuple[str, int, str]  # (config, per-device batch, target)
@@ -39,9 +39,8 @@ def check(records: Sequence[Record]) -> None:
     """One clear ValueError naming the first record (1-based) that lacks what the page reads."""
     for number, record in enumerate(records, 1):
         missing = [name for name in REQUIRED if record.get(name) is None]
-        sizes = ("temp_gib",) if record.get("out_of_memory") else ("argument_gib", "temp_gib", "peak_gib")
-        missing += [name for name in sizes if not isinstance(record.get(name), (int, float))
-                    and not (name == "temp_gib" and record.get("out_of_memory"))]
+        sizes = () if record.get("out_of_memory") else ("argument_gib", "temp_gib", "peak_gib")  # refused: none
+        missing += [name for name in sizes if not isinstance(record.get(name), (int, float))]
         if missing:
             raise ValueError(f"record {number} ({record.get('config', '?')}) has no {', '.join(missing)}; "
                              "write records with `experiments.memory_plan --json`")
@@ -63,16 +62,11 @@ def latest(records: Sequence[Record]) -> dict[Key, dict[bool, Record]]:
     return compiles
 
 
-def _target_order(target: str) -> int:
-    targets = list(memory_plan.TPU_TARGETS)
-    return targets.index(target) if target in targets else len(targets)
-
-
 def _order(key: Key) -> tuple:
     """Configs in the plan's order (F0 … F7, F0+ …, NF-ResNets by depth, NF-RegNets), the recipe's
     batch before smaller ones, TPU generations in order, then other compilers."""
     config, batch, target = key
-    return memory_plan.spec_order(config), -batch, _target_order(target), target
+    return memory_plan.spec_order(config), -batch, memory_plan.target_order(target), target
 
 
 def fits(record: Record | None, target: str) -> bool | None:
@@ -183,11 +177,6 @@ _VERDICT_WORDS = {
 }
 
 
-def _span_text(values: Sequence[float], template: str) -> str:
-    low, high = template.format(min(values)), template.format(max(values))
-    return low if low == high else f"{low} to {high}"
-
-
 def verdicts(compiles: dict[Key, dict[bool, Record]], target: str) -> str:
     """One sentence per per-device batch on `target`: which configs fit as they are, only with remat,
     not even with remat (computed from `fits`), and which could not be judged yet."""
@@ -229,9 +218,9 @@ def remat_effect(compiles: dict[Key, dict[bool, Record]], target: str) -> str:
     if not temps:
         return f"On {target}, no config has both compiles yet, so what remat changes is not shown."
     verb = "cut" if max(temps) < 1 else "changed"
-    flop_text = f", for {_span_text(flops, '{:+.0%}')} step FLOPs" if flops else ""
+    flop_text = f", for {generated_section.value_range(flops, '{:+.0%}')} step FLOPs" if flops else ""
     return (f"On {target}, where both compiles succeeded ({len(configs)} config{'s' if len(configs) > 1 else ''}), "
-            f"remat {verb} the temporaries to {_span_text(temps, '{:.2f}×')} of those without it{flop_text} "
+            f"remat {verb} the temporaries to {generated_section.value_range(temps, '{:.2f}×')} of those without it{flop_text} "
             "(XLA's own FLOP count: the recomputed forward).")
 
 
@@ -246,14 +235,14 @@ def sections(records: Sequence[Record]) -> dict[str, str]:
     """Generated section name -> its Markdown: each section's table, its verdicts per TPU target,
     what remat changed, and the configs of the plan not compiled yet. ValueError on a bad record."""
     check(records)
-    rendered = {}
+    rendered, every_compile = {}, latest(records)
     for name, shows in SECTIONS.items():
-        compiles = {key: value for key, value in latest(records).items() if shows(key[0])}
+        compiles = {key: value for key, value in every_compile.items() if shows(key[0])}
         missing = not_compiled(compiles, shows)
         if not compiles:
             rendered[name] = "No records yet: run the command above for these configs. " + missing
             continue
-        targets = sorted({key[2] for key in compiles if key[2] in memory_plan.TPU_TARGETS}, key=_target_order)
+        targets = sorted({key[2] for key in compiles if key[2] in memory_plan.TPU_TARGETS}, key=memory_plan.target_order)
         paragraphs = [markdown_table(compiles)]
         paragraphs += [verdicts(compiles, target) for target in targets]
         paragraphs += [remat_effect(compiles, target) for target in targets]
