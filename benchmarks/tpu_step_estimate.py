@@ -20,6 +20,8 @@ bare` its guard, device means and RNG folding.
 
     python -m benchmarks.tpu_step_estimate                                    # F0–F6, every target
     python -m benchmarks.tpu_step_estimate --only nfnet.py:F0 --targets tpu-v3
+    python -m benchmarks.tpu_step_estimate --config=configs/nfnet.py:F0 --config.data.image_size=224 \
+        --targets tpu-v3                                                    # one config, with overrides
     python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl   # JSON lines -> Markdown
     python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl --into docs/tpu_step_cost.md
 
@@ -210,16 +212,18 @@ def _fits(result: dict[str, Any], target: str) -> bool:
 
 
 def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str,
-             programs: Sequence[str] = PROGRAMS) -> dict[str, Any]:
-    """One JSON row: every program of `spec` compiled for one device of `target` (deviceless)."""
+             programs: Sequence[str] = PROGRAMS, config: Any = None) -> dict[str, Any]:
+    """One JSON row: every program of `spec` compiled for one device of `target` (deviceless).
+    `config`: the config to compile (a `--config` with its overrides, `spec` being its
+    `memory_plan.config_label`); default: `spec`'s from configs/."""
     import jax  # pylint: disable=import-outside-toplevel
 
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
     tpu = memory_plan.TPU_TARGETS[target]
     device = memory_plan.target_device(tpu)
-    config = memory_plan.load_config(spec)
-    file_name = spec.partition(":")[0]
+    config = memory_plan.load_config(spec) if config is None else config.copy_and_resolve_references().unlock()
+    file_name = memory_plan.recipe_file(spec)
     batch = per_device_batch or max(1, config.train.batch_size // memory_plan.RECIPE_DEVICES.get(file_name, 1))
 
     def compile_all(use_remat: bool, names: Sequence[str], done: dict[str, Any]) -> dict[str, Any]:
@@ -352,6 +356,7 @@ def _number(value: float | None, template: str) -> str:
 FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
 flags.DEFINE_list("only", list(DEFAULT_SPECS), "Config specs file.py:arg, as experiments.memory_plan takes them.",
                   flag_values=FLAGS)
+_CONFIG = command_line.define_config_flag(FLAGS, "to estimate instead of --only's list", None)
 flags.DEFINE_list("targets", list(memory_plan.TPU_TARGETS), "TPU targets, of " + ", ".join(memory_plan.TPU_TARGETS),
                   flag_values=FLAGS)
 flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile, of " + ", ".join(PROGRAMS), flag_values=FLAGS)
@@ -366,7 +371,8 @@ flags.DEFINE_string("into", None, "With --table: write it between this page's ge
 
 
 def _child_command(spec: str, target: str, programs: Sequence[str]) -> list[str]:
-    command = [sys.executable, "-m", "benchmarks.tpu_step_estimate", f"--only={spec}", f"--targets={target}",
+    configs = command_line.config_arguments(FLAGS) or [f"--only={spec}"]
+    command = [sys.executable, "-m", "benchmarks.tpu_step_estimate", *configs, f"--targets={target}",
                f"--remat={FLAGS.remat}", f"--programs={','.join(programs)}"]
     if FLAGS.per_device_batch:
         command.append(f"--per_device_batch={FLAGS.per_device_batch}")
@@ -374,8 +380,8 @@ def _child_command(spec: str, target: str, programs: Sequence[str]) -> list[str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
-                             multihost=False, positional=False)
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
+                             flag_values=FLAGS, multihost=False, positional=False)
     args = FLAGS
     if args.into and not args.table:
         command_line.fail("--into writes the table of --table=JSONL into a page: pass --table too.")
@@ -392,7 +398,11 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as error:
             command_line.fail(f"--into={args.into}: {error}")
         return
+    if _CONFIG.value is not None and FLAGS["only"].present:
+        command_line.fail("--config estimates one config and --only a list of them: pass one of the two.")
     specs = [s.strip() for s in args.only if s.strip()]
+    if _CONFIG.value is not None:
+        specs = [memory_plan.config_label(command_line.config_spec(FLAGS), command_line.config_overrides(FLAGS))]
     targets = [t.strip() for t in args.targets if t.strip()]
     programs = [p.strip() for p in args.programs if p.strip()]
     unknown = [t for t in targets if t not in memory_plan.TPU_TARGETS]
@@ -400,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         command_line.fail(f"unknown --targets {unknown}; choose from {list(memory_plan.TPU_TARGETS)}.")
     if set(programs) - set(PROGRAMS) or not programs:
         command_line.fail(f"--programs must be some of {list(PROGRAMS)}.")
-    missing = [s for s in specs if not (memory_plan.CONFIGS / s.partition(":")[0]).is_file()]
+    missing = [s for s in specs if _CONFIG.value is None and not (memory_plan.CONFIGS / s.partition(":")[0]).is_file()]
     if missing or not specs:
         command_line.fail(f"no config file for {missing or '--only'} in {memory_plan.CONFIGS}; e.g. {DEFAULT_SPECS[0]}")
     try:
@@ -418,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     memory_plan.prepare_deviceless_compiles()
     row = estimate(specs[0], targets[0], per_device_batch=args.per_device_batch, remat=args.remat,
-                   programs=programs)
+                   programs=programs, config=_CONFIG.value)
     print(json.dumps(row), flush=True)
 
 

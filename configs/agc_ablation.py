@@ -18,10 +18,11 @@ Arguments: `batch` (256 ... 4096), `clipping` (λ; 0 disables AGC, the no-clippi
 with the base LR 0.1 per 256 examples scaled linearly with the batch.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
+
+from nfnets_jax.train import config_files
 
 BATCH_SIZES = (256, 512, 1024, 2048, 4096)
 CLIPPINGS = (0.01, 0.02, 0.04, 0.08, 0.16)
@@ -30,11 +31,7 @@ GRID = tuple((batch, clipping) for batch in BATCH_SIZES for clipping in CLIPPING
 
 def _nf_resnet_recipe():
     """configs/nf_resnet.py, loaded by path (config files are not an installed package)."""
-    path = pathlib.Path(__file__).with_name("nf_resnet.py")
-    spec = importlib.util.spec_from_file_location("nfnets_configs_nf_resnet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.resnet_study_config
+    return config_files.load_module(pathlib.Path(__file__).with_name("nf_resnet.py")).resnet_study_config
 
 
 def parse_arg(arg: str) -> dict[str, str]:

@@ -168,15 +168,32 @@ def parse_flags(argv: Sequence[str], load_config: Callable[[], object] | None = 
     return remaining
 
 
-def define_config_flag(flag_values: flags.FlagValues, purpose: str, default: str) -> flags.FlagHolder:
+def define_config_flag(flag_values: flags.FlagValues, purpose: str, default: str | None) -> flags.FlagHolder:
     """The `--config=FILE[:arg]` flag of a program driven by one config, with `--config.a.b=value`
     overrides as `experiments.train` takes them (locked: a misspelt field is an error). It has no
     default of its own (see `_config_first`): pass `default_config=project_config(default)` to
-    `parse_flags`; `default` is only named in the help."""
+    `parse_flags`; `default` is only named in the help (None: the program runs without a config
+    unless one is given, as the plans over a list of configs do)."""
     from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-    return config_flags.DEFINE_config_file("config", None, f"Config file[:arg] {purpose} (default: configs/{default}).",
+    said_default = f" (default: configs/{default})" if default else ""
+    return config_flags.DEFINE_config_file("config", None, f"Config file[:arg] {purpose}{said_default}.",
                                            lock_config=True, flag_values=flag_values)
+
+
+def config_overrides(flag_values: flags.FlagValues) -> list[str]:
+    """Each `--config.a.b=value` override given, as `a.b=value` with the value as parsed (however
+    it was written: `--config.a.b value`, `--noconfig.a.b`), sorted by field."""
+    return sorted(f"{name[len('config.'):]}={flag_values[name].value}" for name in flag_values
+                  if name.startswith("config.") and flag_values[name].present)
+
+
+def config_arguments(flag_values: flags.FlagValues) -> list[str]:
+    """`--config=FILE[:arg]` and its overrides as given (none without a config), for a program to
+    pass on to a child process of its own."""
+    if flag_values["config"].value is None:
+        return []
+    return [f"--config={config_spec(flag_values)}", *(f"--config.{item}" for item in config_overrides(flag_values))]
 
 
 def project_config(spec: str) -> str:

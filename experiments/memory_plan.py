@@ -14,6 +14,8 @@ is the recomputed forward (on an accelerator, `--time_steps N` also times both v
     python -m experiments.memory_plan --only nfnet.py:F0,nfnet.py:F6   # some configs
     python -m experiments.memory_plan --only nfnet.py:F6 --per_device_batch 16 --remat on
     python -m experiments.memory_plan --target tpu-v3 --only nfnet.py:F7       # the TPU compiler's plan
+    python -m experiments.memory_plan --target tpu-v3 --config=configs/nfnet.py:F3 \
+        --config.data.image_size=288 --remat off              # one config, with any overrides
 
 How to read it: the figures are those of the compiler that compiles. By default that is the
 backend JAX runs on here (on a laptop or CI, XLA:CPU, whose plan came out 1.7–1.8× XLA:GPU's for
@@ -154,6 +156,21 @@ def fits_target(peak_gib: float, target: str) -> bool:
     return peak_gib <= HEADROOM * TPU_TARGETS[target].hbm_gib
 
 
+def config_label(spec: str, overrides: list[str]) -> str:
+    """The name a `--config=FILE[:arg]` plan's rows carry: the file as configs/ names it
+    (`nfnet.py:F3`) or its path, then each `a.b=value` override, so that a row never passes for
+    the recipe it changed."""
+    path, separator, arg = spec.partition(":")
+    resolved = pathlib.Path(path).resolve()
+    name = resolved.name if resolved.parent == CONFIGS else path
+    return " ".join([f"{name}{separator}{arg}", *overrides])
+
+
+def recipe_file(label: str) -> str:
+    """The config file's name in a row's label (`nfnet.py` of `nfnet.py:F3 train.seed=1`)."""
+    return pathlib.Path(label.split(" ", 1)[0].partition(":")[0]).name
+
+
 def load_config(spec: str):
     """The config of `file.py:arg` from configs/ (a trailing `+` swaps NFNet-Fk for Fk+)."""
     from nfnets_jax.train import config_files  # pylint: disable=import-outside-toplevel
@@ -222,11 +239,14 @@ def refusal_sizes(message: str) -> tuple[float, float]:
     return bounds[0], max(known) if known else math.nan
 
 
-def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: int, device=None) -> Row:
+def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: int, device=None,
+            config=None) -> Row:
     """Compiles `spec`'s train step for one device from abstract inputs and reads its memory.
 
     `device`: where to compile for (default: JAX's first device); a deviceless TPU device
     (`target_device`) compiles with the TPU compiler here, and then nothing can be timed.
+    `config`: the config to plan (a `--config` with its overrides; `spec` is then its
+    `config_label`); default: `load_config(spec)`.
     """
     import jax  # pylint: disable=import-outside-toplevel
 
@@ -234,9 +254,8 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
     from nfnets_jax.models.flops import xla_flops  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
-    config = load_config(spec)
-    file_name = spec.partition(":")[0]
-    batch = per_device_batch or max(1, config.train.batch_size // RECIPE_DEVICES.get(file_name, 1))
+    config = load_config(spec) if config is None else config.copy_and_resolve_references().unlock()
+    batch = per_device_batch or max(1, config.train.batch_size // RECIPE_DEVICES.get(recipe_file(spec), 1))
     if config.model.name.startswith(("nfnet", "nf_regnet")):
         config.model.kwargs.grouped_conv_impl = "xla"  # the accelerators' op, whatever compiles here
     config.train.remat = remat
@@ -332,6 +351,7 @@ def render_page(records_path: str, page_path: str | None) -> None:
 FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
 flags.DEFINE_list("only", [], "Config specs file.py:arg (e.g. nfnet.py:F0,nf_regnet.py:B0; a trailing + is the "
                   "NFNet's F+ model); default: all of " + ", ".join(all_config_specs()), flag_values=FLAGS)
+_CONFIG = command_line.define_config_flag(FLAGS, "to plan instead of --only's list", None)
 flags.DEFINE_integer("per_device_batch", None, "Images per device (default: the recipe's).", lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_enum("remat", "both", ["off", "on", "both"], "Compile without hk.remat, with it, or both.",
@@ -348,20 +368,24 @@ flags.DEFINE_enum("target", HERE, [HERE, *TPU_TARGETS], "Compile for JAX's backe
 
 
 def main(argv: list[str] | None = None) -> None:
-    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], flag_values=FLAGS,
-                             multihost=False, positional=False)
+    command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
+                             flag_values=FLAGS, multihost=False, positional=False)
     args = FLAGS
     if args.into and not args.table:
         command_line.fail("--into writes the tables of --table=JSONL into a page: pass --table too.")
     if args.table:
-        compiling = [name for name in ("only", "per_device_batch", "time_steps", "json", "target")
+        compiling = [name for name in ("only", "config", "per_device_batch", "time_steps", "json", "target")
                      if FLAGS[name].present]
         if compiling or FLAGS["remat"].present:
             command_line.fail(f"--table renders records and compiles nothing: drop --{', --'.join(compiling or ['remat'])}.")
         render_page(args.table, args.into)
         return
+    if _CONFIG.value is not None and FLAGS["only"].present:
+        command_line.fail("--config plans one config and --only a list of them: pass one of the two.")
     specs = [s.strip() for s in args.only if s.strip()] or all_config_specs()
-    missing = [s for s in specs if not (CONFIGS / s.partition(":")[0]).is_file()]
+    if _CONFIG.value is not None:
+        specs = [config_label(command_line.config_spec(FLAGS), command_line.config_overrides(FLAGS))]
+    missing = [s for s in specs if _CONFIG.value is None and not (CONFIGS / s.partition(":")[0]).is_file()]
     if missing:
         command_line.fail(f"--only: no config file for {missing} in {CONFIGS}; e.g. "
                           + ", ".join(all_config_specs()[:3]))
@@ -390,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_header(), flush=True)
     for spec in specs:
         for remat in remats:
-            row = measure(spec, args.per_device_batch, remat, args.time_steps, device=device)
+            row = measure(spec, args.per_device_batch, remat, args.time_steps, device=device, config=_CONFIG.value)
             if args.json:
                 print(json.dumps(json_row(row, args.target)), flush=True)
             else:

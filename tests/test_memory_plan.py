@@ -46,6 +46,25 @@ def test_fits_uses_the_headroom():
     assert fits["TPUv4 32G"] and fits["H200 141G"]
 
 
+def test_a_config_with_overrides_is_planned_under_a_name_that_shows_them(capsys):
+    """`--config` plans one config as experiments.train would run it, overrides included."""
+    recipe = memory_plan.load_config("digits.py").train.batch_size
+    batch = recipe // 2 + 1  # not the recipe's, nor any default
+    memory_plan.main([f"--config={memory_plan.CONFIGS / 'digits.py'}", f"--config.train.batch_size={batch}",
+                      "--remat=off", "--json"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["config"] == f"digits.py train.batch_size={batch}"
+    assert row["per_device_batch"] == batch  # digits' recipe runs on one device: the global batch
+
+
+def test_a_config_outside_the_project_keeps_its_path_in_the_rows_name():
+    assert memory_plan.config_label(f"{memory_plan.CONFIGS / 'nfnet.py'}:F3", ["data.image_size=288"]) == (
+        "nfnet.py:F3 data.image_size=288")
+    assert memory_plan.config_label("/elsewhere/mine.py", []) == "/elsewhere/mine.py"
+    assert memory_plan.recipe_file("nf_regnet.py:B2 train.seed=1") == "nf_regnet.py"
+    assert memory_plan.recipe_file("/elsewhere/mine.py:a") == "mine.py"
+
+
 def _plan(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-m", "experiments.memory_plan", *args], cwd=REPO_ROOT, env=env,

@@ -12,7 +12,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROGRAMS = ("experiments.memory_plan", "experiments.reproduce", "benchmarks.compare_timm",
             "benchmarks.profile_train_step", "benchmarks.train_step_throughput", "benchmarks.train_step_latency",
             "benchmarks.grouped_conv_grads", "benchmarks.tpu_step_estimate", "tools/make_timm_golden.py")
-CONFIG_DRIVEN = ("benchmarks.compare_timm", "benchmarks.profile_train_step", "benchmarks.train_step_throughput")
+CONFIG_DRIVEN = ("benchmarks.compare_timm", "benchmarks.profile_train_step", "benchmarks.train_step_throughput",
+                 "experiments.memory_plan", "benchmarks.tpu_step_estimate")
 
 
 def _program(name: str):
@@ -50,6 +51,9 @@ def test_config_driven_programs_take_config_overrides_and_name_a_misspelt_field(
     ("experiments.memory_plan", ["--only=nope.py:F0"], "no config file for ['nope.py:F0']"),
     ("experiments.memory_plan", ["--remat=maybe"], "flag --remat=maybe: value should be one of"),
     ("experiments.memory_plan", ["--per_device_batch=0"], "flag --per_device_batch=0: 0 is not a positive integer"),
+    ("experiments.memory_plan", ["--config=configs/digits.py", "--only=nfnet.py:F0"], "pass one of the two"),
+    ("benchmarks.tpu_step_estimate", ["--config=configs/digits.py", "--only=nfnet.py:F0"], "pass one of the two"),
+    ("experiments.memory_plan", ["--config.train.batch_size=3"], "pass --config=FILE too"),
     ("experiments.reproduce", ["--out="], "--out= is empty"),
     ("benchmarks.train_step_latency", ["--model=nfnet_f9"], "--model=nfnet_f9 is not a model"),
     ("benchmarks.train_step_latency", ["--model=nf_resnet50", "--grouped_conv_impl=xla"],

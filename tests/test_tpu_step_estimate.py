@@ -77,6 +77,26 @@ def test_bad_arguments_are_one_error_before_any_compile(capsys):
         assert "error:" in capsys.readouterr().err
 
 
+def test_a_config_and_its_overrides_reach_each_targets_child_process():
+    """With several targets each is compiled in a child process: it must get the same config."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    from experiments import command_line  # pylint: disable=import-outside-toplevel
+
+    given = ["--config=configs/digits.py", "--config.train.batch_size=24", "--noconfig.train.remat"]
+    command_line.parse_flags(["tpu_step_estimate", *given], lambda: estimate_lib._CONFIG.value,
+                             flag_values=estimate_lib.FLAGS, multihost=False, positional=False)
+    child = estimate_lib._child_command("digits.py", "tpu-v3", ["step"])
+    assert not any(arg.startswith("--only") for arg in child)
+    child_flags = flags.FlagValues()
+    child_config = command_line.define_config_flag(child_flags, "as the child defines it", None)
+    child_args = [arg for arg in child if arg.startswith(("--config", "--noconfig"))]
+    command_line.parse_flags(["child", *child_args], lambda: child_config.value, flag_values=child_flags,
+                             multihost=False, positional=False)
+    assert child_config.value.train.batch_size == 24 and child_config.value.train.remat is False
+    assert child_config.value == estimate_lib._CONFIG.value
+
+
 def test_the_table_mode_reads_json_lines(tmp_path, capsys):
     path = tmp_path / "rows.jsonl"
     path.write_text("# a comment line\n" + "\n".join(json.dumps(_row(t)) for t in ("tpu-v3", "tpu-v5e")) + "\n")
