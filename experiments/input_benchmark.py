@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import sys
 import time
 
@@ -28,7 +27,6 @@ from nfnets_jax.runtime import provenance
 
 from . import command_line
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "nfnet.py"
 FLAGS = flags.FlagValues()  # this program's own (command_line.parse_flags says why)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config[:arg] whose data section is measured "
                                           "(default: configs/nfnet.py:F0).", lock_config=True, flag_values=FLAGS)
@@ -48,7 +46,7 @@ def _cpu_cores() -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     command_line.parse_flags([__name__, *(sys.argv[1:] if argv is None else argv)], lambda: _CONFIG.value,
-                             default_config=f"{DEFAULT_CONFIG}:F0", flag_values=FLAGS, multihost=False)
+                             default_config=command_line.project_config("nfnet.py:F0"), flag_values=FLAGS, multihost=False)
     from nfnets_jax.data import pipeline  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
     args = FLAGS

@@ -43,10 +43,11 @@ import time
 
 from absl import flags
 
+from nfnets_jax.train import config_files  # (no jax)
+
 from . import command_line
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "configs"
+CONFIGS = config_files.configs_folder()
 
 # Accelerator memory per device (GiB) that a step may use.
 ACCELERATORS: dict[str, float] = {

@@ -17,24 +17,23 @@ resume, steps with periodic actions, finish) -> summary. The config is read by t
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from nfnets_jax.runtime import program_output, stop_signals  # pylint: disable=wrong-import-position
+from nfnets_jax.train import config_files  # pylint: disable=wrong-import-position  (no jax)
 
 from . import command_line  # pylint: disable=wrong-import-position  # multi-host flags
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "digits.py"
+DEFAULT_CONFIG = config_files.configs_folder() / "digits.py"
 
 # No default here: ml_collections would apply the command line's overrides to it at import, where
 # a misspelt one is a traceback; parse_flags puts DEFAULT_CONFIG in when --config is absent.
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, f"Experiment config file, optionally with ':arg' (a variant; default: "
-    f"{DEFAULT_CONFIG.relative_to(REPO_ROOT)}).", lock_config=True)
+    f"configs/{DEFAULT_CONFIG.name}).", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints, metrics and plots go here (default: ./workdirs/<config>).")
 
