@@ -143,10 +143,10 @@ def bare_train_step(forward, optimizer, settings) -> Callable:
 def build_programs(step) -> dict[str, tuple[Callable, tuple]]:
     """name -> (jitted program, abstract arguments) for every entry of PROGRAMS, all over the same
     one-device mesh as the runner's step (`step`: a `train.one_device_step.OneDeviceStep`); the
-    steps are wrapped as the runner wraps its own (`step.backend.wrap_train`, state donated)."""
+    steps are wrapped as the runner wraps its own (`step.backend.wrap_train`, state donated), the
+    forward and forward + backward as it wraps its eval step (`step.backend.wrap_eval`)."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
     from nfnets_jax import losses  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
@@ -156,18 +156,15 @@ def build_programs(step) -> dict[str, tuple[Callable, tuple]]:
     images, labels = step.batch_shapes["images"], step.batch_shapes["labels"]
     compute_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, settings.compute_dtype), state.params)
 
-    def on_mesh(fn, in_specs):
-        return jax.jit(jax.shard_map(fn, mesh=step.backend.mesh, in_specs=in_specs, out_specs=P(), check_vma=False))
-
     def logits(params, model_state, batch_images):
         out, _ = step.forward.apply(params, model_state, jax.random.PRNGKey(0),
                                     batch_images.astype(settings.compute_dtype), is_training=True)
         return out.astype(jnp.float32)
 
-    def summed_grads(params, model_state, batch_images, batch_labels):
-        targets = jax.nn.one_hot(batch_labels, step.num_classes, dtype=jnp.float32)
+    def summed_grads(params, model_state, batch):
+        targets = jax.nn.one_hot(batch["labels"], step.num_classes, dtype=jnp.float32)
         loss = lambda p: jnp.mean(losses.softmax_cross_entropy(
-            logits(p, model_state, batch_images), targets, settings.label_smoothing))
+            logits(p, model_state, batch["images"]), targets, settings.label_smoothing))
         return jax.lax.psum(jax.grad(loss)(params), axis)
 
     bare = bare_train_step(step.forward, step.optimizer, settings)
@@ -175,9 +172,10 @@ def build_programs(step) -> dict[str, tuple[Callable, tuple]]:
         "step": (step.train, (state, step.batch_shapes)),
         "step_state": (jax.jit(lambda s, b: step.train(s, b)[0], donate_argnums=(0,)), (state, step.batch_shapes)),
         "bare": (step.backend.wrap_train(lambda s, b: (bare(s, b), {})), (state, step.batch_shapes)),
-        "fwd_bwd": (on_mesh(summed_grads, (P(), P(), P(axis), P(axis))),
-                    (compute_params, state.model_state, images, labels)),
-        "forward": (on_mesh(logits, (P(), P(), P(axis))), (compute_params, state.model_state, images)),
+        # the runner's eval wrapping: (params, model state) replicated, the batch split, one output
+        "fwd_bwd": (step.backend.wrap_eval(summed_grads),
+                    (compute_params, state.model_state, {"images": images, "labels": labels})),
+        "forward": (step.backend.wrap_eval(logits), (compute_params, state.model_state, images)),
     }
 
 
