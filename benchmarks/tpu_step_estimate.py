@@ -396,11 +396,19 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as error:
             command_line.fail(f"--into={args.into}: {error}")
         return
-    if _CONFIG.value is not None and FLAGS["only"].present:
-        command_line.fail("--config estimates one config and --only a list of them: pass one of the two.")
-    specs = [s.strip() for s in args.only if s.strip()]
     if _CONFIG.value is not None:
-        specs = [memory_plan.config_label(command_line.config_spec(FLAGS), command_line.config_overrides(FLAGS))]
+        if FLAGS["only"].present:
+            command_line.fail("--config estimates one config and --only a list of them: pass one of the two.")
+        try:
+            specs = [memory_plan.config_label(command_line.config_spec(FLAGS), command_line.config_overrides(FLAGS))]
+        except ValueError as error:
+            command_line.fail(error)
+    else:
+        specs = [s.strip() for s in args.only if s.strip()]
+        missing = [s for s in specs if not (memory_plan.CONFIGS / s.partition(":")[0]).is_file()]
+        if missing or not specs:
+            command_line.fail(f"no config file for {missing or '--only'} in {memory_plan.CONFIGS}; "
+                              f"e.g. {DEFAULT_SPECS[0]}")
     targets = [t.strip() for t in args.targets if t.strip()]
     programs = [p.strip() for p in args.programs if p.strip()]
     unknown = [t for t in targets if t not in memory_plan.TPU_TARGETS]
@@ -408,9 +416,6 @@ def main(argv: list[str] | None = None) -> None:
         command_line.fail(f"unknown --targets {unknown}; choose from {list(memory_plan.TPU_TARGETS)}.")
     if set(programs) - set(PROGRAMS) or not programs:
         command_line.fail(f"--programs must be some of {list(PROGRAMS)}.")
-    missing = [s for s in specs if _CONFIG.value is None and not (memory_plan.CONFIGS / s.partition(":")[0]).is_file()]
-    if missing or not specs:
-        command_line.fail(f"no config file for {missing or '--only'} in {memory_plan.CONFIGS}; e.g. {DEFAULT_SPECS[0]}")
     try:
         memory_plan.check_target(targets[0])
     except ValueError as error:

@@ -160,7 +160,13 @@ def fits_target(peak_gib: float, target: str) -> bool:
 def config_label(spec: str, overrides: list[str]) -> str:
     """The name a `--config=FILE[:arg]` plan's rows carry: the file as configs/ names it
     (`nfnet.py:F3`) or its path, then each `a.b=value` override, so that a row never passes for
-    the recipe it changed."""
+    the recipe it changed.
+
+    Raises:
+      ValueError: an override of `train.remat`, which the plan's own `--remat` sets per row.
+    """
+    if any(item.startswith("train.remat=") for item in overrides):
+        raise ValueError("--config.train.remat: the plan sets remat per row; pass --remat instead.")
     path, separator, arg = spec.partition(":")
     resolved = pathlib.Path(path).resolve()
     name = resolved.name if resolved.parent == CONFIGS else path
@@ -174,8 +180,6 @@ def recipe_file(label: str) -> str:
 
 def load_config(spec: str):
     """The config of `file.py:arg` from configs/ (a trailing `+` swaps NFNet-Fk for Fk+)."""
-    from nfnets_jax.train import config_files  # pylint: disable=import-outside-toplevel
-
     file_name, _, arg = spec.partition(":")
     plus = arg.endswith("+")
     config = config_files.load_config(f"{CONFIGS / file_name}:{arg.rstrip('+')}")
@@ -381,15 +385,19 @@ def main(argv: list[str] | None = None) -> None:
             command_line.fail(f"--table renders records and compiles nothing: drop --{', --'.join(compiling or ['remat'])}.")
         render_page(args.table, args.into)
         return
-    if _CONFIG.value is not None and FLAGS["only"].present:
-        command_line.fail("--config plans one config and --only a list of them: pass one of the two.")
-    specs = [s.strip() for s in args.only if s.strip()] or all_config_specs()
     if _CONFIG.value is not None:
-        specs = [config_label(command_line.config_spec(FLAGS), command_line.config_overrides(FLAGS))]
-    missing = [s for s in specs if _CONFIG.value is None and not (CONFIGS / s.partition(":")[0]).is_file()]
-    if missing:
-        command_line.fail(f"--only: no config file for {missing} in {CONFIGS}; e.g. "
-                          + ", ".join(all_config_specs()[:3]))
+        if FLAGS["only"].present:
+            command_line.fail("--config plans one config and --only a list of them: pass one of the two.")
+        try:
+            specs = [config_label(command_line.config_spec(FLAGS), command_line.config_overrides(FLAGS))]
+        except ValueError as error:
+            command_line.fail(error)
+    else:
+        specs = [s.strip() for s in args.only if s.strip()] or all_config_specs()
+        missing = [s for s in specs if not (CONFIGS / s.partition(":")[0]).is_file()]
+        if missing:
+            command_line.fail(f"--only: no config file for {missing} in {CONFIGS}; e.g. "
+                              + ", ".join(all_config_specs()[:3]))
     remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
     try:
         tpu = check_target(args.target)

@@ -54,6 +54,8 @@ def test_config_driven_programs_take_config_overrides_and_name_a_misspelt_field(
     ("experiments.memory_plan", ["--config=configs/digits.py", "--only=nfnet.py:F0"], "pass one of the two"),
     ("benchmarks.tpu_step_estimate", ["--config=configs/digits.py", "--only=nfnet.py:F0"], "pass one of the two"),
     ("experiments.memory_plan", ["--config.train.batch_size=3"], "pass --config=FILE too"),
+    ("experiments.memory_plan", ["--config=configs/digits.py", "--config.train.remat=True"], "pass --remat instead"),
+    ("benchmarks.tpu_step_estimate", ["--config=configs/digits.py", "--noconfig.train.remat"], "pass --remat instead"),
     ("experiments.reproduce", ["--out="], "--out= is empty"),
     ("benchmarks.train_step_latency", ["--model=nfnet_f9"], "--model=nfnet_f9 is not a model"),
     ("benchmarks.train_step_latency", ["--model=nf_resnet50", "--grouped_conv_impl=xla"],

@@ -83,7 +83,7 @@ def test_a_config_and_its_overrides_reach_each_targets_child_process():
 
     from experiments import command_line  # pylint: disable=import-outside-toplevel
 
-    given = ["--config=configs/digits.py", "--config.train.batch_size=24", "--noconfig.train.remat"]
+    given = ["--config=configs/digits.py", "--config.train.batch_size", "24", "--noconfig.data.synthetic.encode_jpeg"]
     command_line.parse_flags(["tpu_step_estimate", *given], lambda: estimate_lib._CONFIG.value,
                              flag_values=estimate_lib.FLAGS, multihost=False, positional=False)
     child = estimate_lib._child_command("digits.py", "tpu-v3", ["step"])
@@ -93,7 +93,7 @@ def test_a_config_and_its_overrides_reach_each_targets_child_process():
     child_args = [arg for arg in child if arg.startswith(("--config", "--noconfig"))]
     command_line.parse_flags(["child", *child_args], lambda: child_config.value, flag_values=child_flags,
                              multihost=False, positional=False)
-    assert child_config.value.train.batch_size == 24 and child_config.value.train.remat is False
+    assert child_config.value.train.batch_size == 24 and child_config.value.data.synthetic.encode_jpeg is False
     assert child_config.value == estimate_lib._CONFIG.value
 
 
