@@ -102,7 +102,8 @@ def test_the_table_mode_reads_json_lines(tmp_path, capsys):
     path.write_text("# a comment line\n" + "\n".join(json.dumps(_row(t)) for t in ("tpu-v3", "tpu-v5e")) + "\n")
     estimate_lib.main(["--table", str(path)])
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 6 and "tpu-v5e" in out[3] and out[4] == "" and out[5].startswith("The runner's step")
+    assert len(out) == 8 and "tpu-v5e" in out[3] and out[4] == "" and out[5].startswith("The runner's step")
+    assert out[6] == "" and out[7].startswith("Compile time of the runner's step")
 
 
 def _variant(config, target, step_ms, bare_ms, step_state_ms=None):
@@ -138,6 +139,32 @@ def test_a_rerun_replaces_its_row_and_the_summary_names_each_row_above_the_targe
         "The runner's step over the bare step: 0.997× over the 1 row with both estimates;")
     assert estimate_lib.summary([_variant("nfnet.py:F0", "tpu-v3", 30.612, 30.0)]).endswith(
         "1.020× over the 1 row with both estimates; none is above the 1.02× target.")
+
+
+def test_compile_time_compares_cpu_seconds_where_both_have_them_and_names_each_row_above_the_target():
+    def timed(config, target, step, bare):
+        row = _variant(config, target, 40.0, 40.0)
+        row["programs"]["step"] = {**row["programs"]["step"], **step}
+        row["programs"]["bare"] = {**row["programs"]["bare"], **bare}
+        return row
+
+    rows = [timed("nfnet.py:F0", "tpu-v3", {"compile_s": 495.0}, {"compile_s": 649.0}),  # wall only: 0.76×
+            timed("nfnet.py:F3", "tpu-v3", {"compile_s": 704.0, "compile_cpu_s": 480.0},
+                  {"compile_s": 366.0, "compile_cpu_s": 373.0}),  # CPU: 480 / 373 = 1.29× (wall would be 1.92×)
+            timed("nfnet.py:F2", "tpu-v3", {"compile_s": 845.0, "compile_cpu_s": 418.0},
+                  {"compile_s": 727.0}),  # the bare step has no CPU time: wall, 845 / 727 = 1.16×
+            timed("nfnet.py:F1", "tpu-v5p", {"compile_s": 230.0, "compile_cpu_s": 362.0},
+                  {"compile_s": 228.0, "compile_cpu_s": 353.0})]  # 1.03×
+    assert estimate_lib.compile_summary(rows) == (
+        "Compile time of the runner's step over the bare step's (CPU seconds where both were recorded, else "
+        "wall seconds): 0.76× to 1.29× over the 4 rows with both; above the 1.1× target: nfnet.py:F3 on "
+        "tpu-v3 1.29× (480 / 373 CPU s); nfnet.py:F2 on tpu-v3 1.16× (845 / 727 s).")
+    assert estimate_lib.compile_summary(rows[3:]) == (
+        "Compile time of the runner's step over the bare step's (CPU seconds where both were recorded, else "
+        "wall seconds): 1.03× over the 1 row with both; none is above the 1.1× target.")
+    no_bare = _variant("nfnet.py:F0", "tpu-v3", 40.0, 40.0)
+    del no_bare["programs"]["bare"]
+    assert estimate_lib.compile_summary([no_bare]) == "No row has both programs' compile times yet."
 
 
 def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, capsys):
