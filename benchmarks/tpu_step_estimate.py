@@ -220,9 +220,7 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
 
     tpu = memory_plan.TPU_TARGETS[target]
     device = memory_plan.target_device(tpu)
-    config = memory_plan.load_config(spec) if config is None else config.copy_and_resolve_references().unlock()
-    file_name = memory_plan.recipe_file(spec)
-    batch = per_device_batch or max(1, config.train.batch_size // memory_plan.RECIPE_DEVICES.get(file_name, 1))
+    config, batch = memory_plan.planned_config(spec, config, per_device_batch)
 
     def compile_all(use_remat: bool, names: Sequence[str], done: dict[str, Any]) -> dict[str, Any]:
         config.train.remat = use_remat
@@ -430,19 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as error:
             command_line.fail(f"--into={args.into}: {error}")
         return
-    if _CONFIG.value is not None:
-        if FLAGS["only"].present:
-            command_line.fail("--config estimates one config and --only a list of them: pass one of the two.")
-        try:
-            specs = [memory_plan.config_label(command_line.config_spec(FLAGS), command_line.config_overrides(FLAGS))]
-        except ValueError as error:
-            command_line.fail(error)
-    else:
-        specs = [s.strip() for s in args.only if s.strip()]
-        missing = [s for s in specs if not (memory_plan.CONFIGS / s.partition(":")[0]).is_file()]
-        if missing or not specs:
-            command_line.fail(f"no config file for {missing or '--only'} in {memory_plan.CONFIGS}; "
-                              f"e.g. {DEFAULT_SPECS[0]}")
+    specs = memory_plan.requested_specs(FLAGS, _CONFIG.value, [])
     targets = [t.strip() for t in args.targets if t.strip()]
     programs = [p.strip() for p in args.programs if p.strip()]
     unknown = [t for t in targets if t not in memory_plan.TPU_TARGETS]

@@ -178,6 +178,32 @@ def recipe_file(label: str) -> str:
     return pathlib.Path(label.split(" ", 1)[0].partition(":")[0]).name
 
 
+def planned_config(spec: str, config=None, per_device_batch: int | None = None):
+    """(a config this plan may change, the per-device batch) of one row: `config` (a `--config`
+    with its overrides, `spec` its `config_label`) or `spec`'s from configs/, at `per_device_batch`
+    or the recipe's (the global batch over `RECIPE_DEVICES`)."""
+    config = load_config(spec) if config is None else config.copy_and_resolve_references().unlock()
+    return config, per_device_batch or max(1, config.train.batch_size // RECIPE_DEVICES.get(recipe_file(spec), 1))
+
+
+def requested_specs(flag_values, config, default: list[str]) -> list[str]:
+    """The rows' configs a plan was asked for: the one `--config` (with its overrides) or
+    `--only`'s list (default: `default`); every mistake is one error line (`command_line.fail`)."""
+    if config is not None:
+        if flag_values["only"].present:
+            command_line.fail("--config names one config and --only a list of them: pass one of the two.")
+        try:
+            return [config_label(command_line.config_spec(flag_values), command_line.config_overrides(flag_values))]
+        except ValueError as error:
+            command_line.fail(error)
+    specs = [s.strip() for s in flag_values["only"].value if s.strip()] or default
+    missing = [s for s in specs if not (CONFIGS / s.partition(":")[0]).is_file()]
+    if missing or not specs:
+        command_line.fail(f"--only: no config file for {missing or 'any config'} in {CONFIGS}; e.g. "
+                          + ", ".join(all_config_specs()[:3]))
+    return specs
+
+
 def load_config(spec: str):
     """The config of `file.py:arg` from configs/ (a trailing `+` swaps NFNet-Fk for Fk+)."""
     file_name, _, arg = spec.partition(":")
@@ -259,8 +285,7 @@ def measure(spec: str, per_device_batch: int | None, remat: bool, time_steps: in
     from nfnets_jax.models.flops import xla_flops  # pylint: disable=import-outside-toplevel
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
 
-    config = load_config(spec) if config is None else config.copy_and_resolve_references().unlock()
-    batch = per_device_batch or max(1, config.train.batch_size // RECIPE_DEVICES.get(recipe_file(spec), 1))
+    config, batch = planned_config(spec, config, per_device_batch)
     if config.model.name.startswith(("nfnet", "nf_regnet")):
         config.model.kwargs.grouped_conv_impl = "xla"  # the accelerators' op, whatever compiles here
     config.train.remat = remat
@@ -385,19 +410,7 @@ def main(argv: list[str] | None = None) -> None:
             command_line.fail(f"--table renders records and compiles nothing: drop --{', --'.join(compiling or ['remat'])}.")
         render_page(args.table, args.into)
         return
-    if _CONFIG.value is not None:
-        if FLAGS["only"].present:
-            command_line.fail("--config plans one config and --only a list of them: pass one of the two.")
-        try:
-            specs = [config_label(command_line.config_spec(FLAGS), command_line.config_overrides(FLAGS))]
-        except ValueError as error:
-            command_line.fail(error)
-    else:
-        specs = [s.strip() for s in args.only if s.strip()] or all_config_specs()
-        missing = [s for s in specs if not (CONFIGS / s.partition(":")[0]).is_file()]
-        if missing:
-            command_line.fail(f"--only: no config file for {missing} in {CONFIGS}; e.g. "
-                              + ", ".join(all_config_specs()[:3]))
+    specs = requested_specs(FLAGS, _CONFIG.value, all_config_specs())
     remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
     try:
         tpu = check_target(args.target)
