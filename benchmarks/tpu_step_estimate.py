@@ -25,6 +25,10 @@ bare` its guard, device means and RNG folding.
     python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl   # JSON lines -> Markdown
     python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl --into docs/tpu_step_cost.md
 
+`--table` renders both generated sections of that page: this benchmark's rows, and our step against
+DeepMind's, from rows of DeepMind's own step kept in the same JSON lines (marked
+`"code": "deepmind-research/nfnets"`; the page says how they were compiled, outside this repository).
+
 How to read it (docs/tpu_step_cost.md): the estimate is a roofline-style model of the compiled
 program, not a wall time (the paper measured 73.3 ms per F0 step on a TPUv3), so compare programs
 with each other under it. A target's estimate is only used where it is plausible: positive and no
@@ -260,12 +264,25 @@ RUNNER_OVER_BARE_TARGET = 1.02  # issue's goal: the runner's extras cost at most
 COMPILE_OVER_BARE_TARGET = 1.1  # and the runner's step compiles in at most 1.1x the bare step's time
 
 
+# Rows of DeepMind's own step (deepmind-research `nfnets/experiment.py:_train_fn`, compiled the same way
+# outside this repository; docs/tpu_step_cost.md says how) sit in the same JSON lines, marked so.
+DEEPMIND = "deepmind-research/nfnets"
+OURS_OVER_DEEPMIND_TARGETS = (1.00, 0.95)  # the issue's goal, then its stretch goal
+
+
+def is_deepmind(row: dict[str, Any]) -> bool:
+    """Whether a row measures DeepMind's step rather than this benchmark's programs."""
+    return row.get("code") == DEEPMIND
+
+
 def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last row of each (config, target, batch, remat), in the order of the configs and targets:
-    re-running a row (e.g. with more programs) replaces it on the page."""
+    """The last row of each (config, target, batch, remat) of ours, in the order of the configs and
+    targets: re-running a row (e.g. with more programs) replaces it on the page. DeepMind's rows
+    are left out (`latest_deepmind_rows`)."""
     last: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        last[(row["config"], row["target"], row["per_device_batch"], row["remat"])] = row
+        if not is_deepmind(row):
+            last[(row["config"], row["target"], row["per_device_batch"], row["remat"])] = row
     return sorted(last.values(), key=lambda row: (memory_plan.spec_order(row["config"]),
                                                   memory_plan.target_order(row["target"]), -row["per_device_batch"]))
 
@@ -331,6 +348,64 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(latest) + "\n\n" + summary(latest) + "\n\n" + compile_summary(latest)
 
 
+def render_sections(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Every generated section of docs/tpu_step_cost.md (name -> text) from its JSON lines."""
+    return {SECTION: render(rows), DEEPMIND_SECTION: deepmind_comparison(rows)}
+
+
+def latest_deepmind_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last DeepMind row of each (config, target, batch), in the order of the configs and targets."""
+    last = {(row["config"], row["target"], row["per_device_batch"]): row for row in rows if is_deepmind(row)}
+    return sorted(last.values(), key=lambda row: (memory_plan.spec_order(row["config"]),
+                                                  memory_plan.target_order(row["target"])))
+
+
+def ours_over_deepmind(ours: dict[str, Any] | None, deepmind: dict[str, Any], program: str) -> float | None:
+    """Our program's estimate over DeepMind's, where both were compiled without remat (DeepMind's
+    code has none, so a remat step of ours is not the same computation) with valid estimates."""
+    if ours is None or ours["remat"] or not ours["estimate_valid"]:
+        return None
+    mine = (ours["programs"].get(program) or {}).get("estimate_ms")
+    theirs = (deepmind["programs"].get(program) or {}).get("estimate_ms")
+    return None if mine is None or theirs is None else mine / theirs
+
+
+def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
+    """The table of our step against DeepMind's, per config and target DeepMind's step was compiled
+    for, and what it says about the targets (OURS_OVER_DEEPMIND_TARGETS)."""
+    ours_of = {(row["config"], row["target"], row["per_device_batch"]): row
+               for row in latest_rows(rows) if not row["remat"]}
+    head = ("| config | target | px | batch | DeepMind's step (ms) | ours (ms) | ours / DeepMind's | "
+            "DeepMind's fwd+bwd (ms) | ours (ms) | ours / DeepMind's | step GB accessed, DeepMind's / ours | "
+            "DeepMind's compiled |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    ratios = []
+    for theirs in latest_deepmind_rows(rows):
+        key = (theirs["config"], theirs["target"], theirs["per_device_batch"])
+        ours = ours_of.get(key)
+        ms = lambda row, name: _number(((row or {}).get("programs", {}).get(name) or {}).get("estimate_ms"), "{:.2f}")
+        gb = lambda row: _number(_scaled(((row or {}).get("programs", {}).get("step") or {}).get("bytes_accessed"),
+                                         1e-9), "{:.2f}")
+        step_ratio, fwd_bwd_ratio = (ours_over_deepmind(ours, theirs, name) for name in ("step", "fwd_bwd"))
+        if step_ratio is not None:
+            ratios.append((key, round(step_ratio, 3)))  # as printed
+        lines.append(f"| {theirs['config']} | {theirs['target']} | {theirs['image_size']} | {key[2]} | " + " | ".join([
+            ms(theirs, "step"), f"**{ms(ours, 'step')}**", _number(step_ratio, "{:.3f}×"),
+            ms(theirs, "fwd_bwd"), ms(ours, "fwd_bwd"), _number(fwd_bwd_ratio, "{:.3f}×"),
+            f"{gb(theirs)} / {gb(ours)}", theirs["date"]]) + " |")
+    if not ratios:
+        return "\n".join(lines) + "\n\nNo config has both DeepMind's step and ours compiled without remat yet."
+    goal, stretch = OURS_OVER_DEEPMIND_TARGETS
+    name = lambda key: f"{key[0]} on {key[1]}"
+    over = [f"{name(key)} {ratio:.3f}×" for key, ratio in ratios if ratio > goal]
+    within_stretch = [name(key) for key, ratio in ratios if ratio <= stretch]
+    text = (f"Our step over DeepMind's: {generated_section.value_range([r for _, r in ratios], '{:.3f}×')} over the "
+            f"{len(ratios)} config{'s' if len(ratios) > 1 else ''} and target{'s' if len(ratios) > 1 else ''} with "
+            f"both; above the {goal:.2f}× goal: {'; '.join(over) if over else 'none'}; at or below the "
+            f"{stretch:.2f}× stretch goal: {', '.join(within_stretch) if within_stretch else 'none'}.")
+    return "\n".join(lines) + "\n\n" + text
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per config and target: the estimate of each program (ms), the runner over the bare
     step and what its extras cost, bytes accessed and peak memory of the runner's step, compile times."""
@@ -360,7 +435,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-SECTION = "table"  # the page's generated section (experiments.generated_section)
+SECTION = "table"  # the page's generated sections (experiments.generated_section)
+DEEPMIND_SECTION = "deepmind"
 
 
 def _compile_time(program: dict[str, Any]) -> str:
@@ -417,14 +493,14 @@ def main(argv: list[str] | None = None) -> None:
         command_line.fail("--into writes the table of --table=JSONL into a page: pass --table too.")
     if args.table:
         try:
-            table = render(generated_section.read_json_lines(args.table))
+            sections = render_sections(generated_section.read_json_lines(args.table))
         except (OSError, ValueError, KeyError, TypeError) as error:
             command_line.fail(f"--table={args.table}: cannot read its rows ({error}).")
         if not args.into:
-            print(table)
+            print("\n\n".join(sections.values()))
             return
         try:
-            generated_section.write_sections(args.into, {SECTION: table})
+            generated_section.write_sections(args.into, sections)
         except (OSError, ValueError) as error:
             command_line.fail(f"--into={args.into}: {error}")
         return

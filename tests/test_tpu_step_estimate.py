@@ -102,8 +102,55 @@ def test_the_table_mode_reads_json_lines(tmp_path, capsys):
     path.write_text("# a comment line\n" + "\n".join(json.dumps(_row(t)) for t in ("tpu-v3", "tpu-v5e")) + "\n")
     estimate_lib.main(["--table", str(path)])
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 8 and "tpu-v5e" in out[3] and out[4] == "" and out[5].startswith("The runner's step")
+    assert len(out) == 13 and "tpu-v5e" in out[3] and out[4] == "" and out[5].startswith("The runner's step")
     assert out[6] == "" and out[7].startswith("Compile time of the runner's step")
+    assert out[9].startswith("| config | target | px | batch | DeepMind's step (ms) |")
+    assert out[12] == "No config has both DeepMind's step and ours compiled without remat yet."
+
+
+def _deepmind(config, target, step_ms, fwd_bwd_ms=None, date="2026-12-06"):
+    """A row of DeepMind's step, as docs/tpu_step_cost.jsonl keeps them."""
+    programs = {"step": {"estimate_ms": step_ms, "bytes_accessed": 11.57e9}}
+    if fwd_bwd_ms is not None:
+        programs["fwd_bwd"] = {"estimate_ms": fwd_bwd_ms, "bytes_accessed": 8.62e9}
+    return {"code": estimate_lib.DEEPMIND, "config": config, "target": target, "image_size": 192,
+            "per_device_batch": 32, "programs": programs, "date": date}
+
+
+def _ours(config, target, step_ms, fwd_bwd_ms=None, remat=False):
+    row = _variant(config, target, step_ms, step_ms)
+    row["remat"] = remat
+    if fwd_bwd_ms is not None:
+        row["programs"]["fwd_bwd"] = {"estimate_ms": fwd_bwd_ms}
+    return row
+
+
+def test_our_step_is_compared_with_deepminds_where_both_ran_without_remat():
+    rows = [_deepmind("nfnet.py:F0", "tpu-v3", 40.0, 32.0, date="2026-12-05"),
+            _deepmind("nfnet.py:F0", "tpu-v3", 38.0, 31.0),  # a rerun replaces the row above
+            _ours("nfnet.py:F0", "tpu-v3", 36.1, 30.69),
+            _deepmind("nfnet.py:F4", "tpu-v3", 600.0),  # ours there only with remat: not the same program
+            _ours("nfnet.py:F4", "tpu-v3", 640.0, remat=True),
+            _deepmind("nfnet.py:F2", "tpu-v5p", 44.0),
+            _ours("nfnet.py:F2", "tpu-v5p", 45.54),
+            _deepmind("nfnet.py:F1", "tpu-v5p", 28.0)]  # ours not compiled there
+    # DeepMind's rows are not rows of our table
+    assert [(r["config"], r["target"]) for r in estimate_lib.latest_rows(rows)] == [
+        ("nfnet.py:F0", "tpu-v3"), ("nfnet.py:F2", "tpu-v5p"), ("nfnet.py:F4", "tpu-v3")]
+    lines = estimate_lib.deepmind_comparison(rows).splitlines()
+    assert len(lines) == 2 + 4 + 2 and len({line.count("|") for line in lines[:6]}) == 1
+    # 36.1 / 38.0 = 0.950, 30.69 / 31.0 = 0.990; 45.54 / 44.0 = 1.035
+    assert lines[2] == ("| nfnet.py:F0 | tpu-v3 | 192 | 32 | 38.00 | **36.10** | 0.950× | 31.00 | 30.69 | 0.990× "
+                        "| 11.57 / 11.05 | 2026-12-06 |")
+    assert lines[3].startswith("| nfnet.py:F1 | tpu-v5p | 192 | 32 | 28.00 | **—** | — |")
+    assert lines[4].startswith("| nfnet.py:F2 | tpu-v5p | 192 | 32 | 44.00 | **45.54** | 1.035× | — | — | — |")
+    assert lines[5].startswith("| nfnet.py:F4 | tpu-v3 | 192 | 32 | 600.00 | **—** | — |")
+    assert lines[7] == ("Our step over DeepMind's: 0.950× to 1.035× over the 2 configs and targets with both; above "
+                        "the 1.00× goal: nfnet.py:F2 on tpu-v5p 1.035×; at or below the 0.95× stretch goal: "
+                        "nfnet.py:F0 on tpu-v3.")
+    one = estimate_lib.deepmind_comparison(rows[1:3]).splitlines()[-1]
+    assert one == ("Our step over DeepMind's: 0.950× over the 1 config and target with both; above the 1.00× goal: "
+                   "none; at or below the 0.95× stretch goal: nfnet.py:F0 on tpu-v3.")
 
 
 def _variant(config, target, step_ms, bare_ms, step_state_ms=None):
@@ -171,11 +218,13 @@ def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, cap
     rows, page = tmp_path / "rows.jsonl", tmp_path / "page.markdown"
     rows.write_text(json.dumps(_row("tpu-v3")) + "\n")
     start, end = generated_section.markers(estimate_lib.SECTION)
-    page.write_text(f"# Title\n\n{start}\nold table\n{end}\n\nafter\n")
+    start2, end2 = generated_section.markers(estimate_lib.DEEPMIND_SECTION)
+    page.write_text(f"# Title\n\n{start}\nold table\n{end}\n\nbetween\n{start2}\nold\n{end2}\nafter\n")
     estimate_lib.main(["--table", str(rows), "--into", str(page)])
     text = page.read_text()
     table = estimate_lib.render(generated_section.read_json_lines(rows))
-    assert text == f"# Title\n\n{start}\n{table}\n{end}\n\nafter\n"
+    comparison = estimate_lib.deepmind_comparison(generated_section.read_json_lines(rows))
+    assert text == f"# Title\n\n{start}\n{table}\n{end}\n\nbetween\n{start2}\n{comparison}\n{end2}\nafter\n"
     page.write_text("no markers")
     with pytest.raises(SystemExit):
         estimate_lib.main(["--table", str(rows), "--into", str(page)])
@@ -187,7 +236,9 @@ def test_the_docs_page_shows_the_table_of_its_json_lines():
     rows = generated_section.read_json_lines(docs / "tpu_step_cost.jsonl")
     assert rows and {"nfnet.py:F0"} <= {row["config"] for row in rows}
     page = (docs / "tpu_step_cost.md").read_text(encoding="utf-8")
-    assert generated_section.section(page, estimate_lib.SECTION) == estimate_lib.render(rows)
+    for name, text in estimate_lib.render_sections(rows).items():
+        assert generated_section.section(page, name) == text
+    assert any(estimate_lib.is_deepmind(row) for row in rows)
 
 
 @pytest.mark.slow
