@@ -338,9 +338,11 @@ class _TrainingRun:
                     # The first step includes compilation: time it on its own (one sync, once)
                     # so that later step times and the ETA leave it out.
                     jax.block_until_ready(metrics)
+                    # From now on a stop saves this run's steps. Marked before the line that
+                    # announces the step: a signal sent on reading it must find the mark set.
+                    watcher.nothing_to_lose(False)
                     self.progress.message(
                         f"First step (compilation included): {self.timer.read_and_reset()[0]:.1f}s")
-                    watcher.nothing_to_lose(False)  # from now on a stop saves this run's steps
                 due = {action.name for action in _PERIODIC if action.due(settings, step, end_step)}
                 stop_requested = watcher.should_stop(step)
                 # Check the previous step while this one runs (no sync inside the step); check
