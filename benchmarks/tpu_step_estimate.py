@@ -275,16 +275,19 @@ def is_deepmind(row: dict[str, Any]) -> bool:
     return row.get("code") == DEEPMIND
 
 
-def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last row of each (config, target, batch, remat) of ours, in the order of the configs and
-    targets: re-running a row (e.g. with more programs) replaces it on the page. DeepMind's rows
-    are left out (`latest_deepmind_rows`)."""
-    last: dict[tuple, dict[str, Any]] = {}
-    for row in rows:
-        if not is_deepmind(row):
-            last[(row["config"], row["target"], row["per_device_batch"], row["remat"])] = row
+def _last_of_each(rows: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], tuple]) -> list[dict[str, Any]]:
+    """The last of `rows` for each `key`, in the order of the configs, targets and (largest first)
+    batches: a row compiled again replaces the earlier one on the page (the JSON lines keep both)."""
+    last = {key(row): row for row in rows}
     return sorted(last.values(), key=lambda row: (memory_plan.spec_order(row["config"]),
                                                   memory_plan.target_order(row["target"]), -row["per_device_batch"]))
+
+
+def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last row of ours for each (config, target, batch, remat): re-running a row (e.g. with
+    more programs) replaces it. DeepMind's rows are left out (`latest_deepmind_rows`)."""
+    return _last_of_each([row for row in rows if not is_deepmind(row)],
+                         lambda row: (row["config"], row["target"], row["per_device_batch"], row["remat"]))
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> str:
@@ -354,10 +357,9 @@ def render_sections(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
 
 
 def latest_deepmind_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last DeepMind row of each (config, target, batch), in the order of the configs and targets."""
-    last = {(row["config"], row["target"], row["per_device_batch"]): row for row in rows if is_deepmind(row)}
-    return sorted(last.values(), key=lambda row: (memory_plan.spec_order(row["config"]),
-                                                  memory_plan.target_order(row["target"])))
+    """The last DeepMind row of each (config, target, batch)."""
+    return _last_of_each([row for row in rows if is_deepmind(row)],
+                         lambda row: (row["config"], row["target"], row["per_device_batch"]))
 
 
 def ours_over_deepmind(ours: dict[str, Any] | None, deepmind: dict[str, Any], program: str) -> float | None:
@@ -372,38 +374,50 @@ def ours_over_deepmind(ours: dict[str, Any] | None, deepmind: dict[str, Any], pr
 
 def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
     """The table of our step against DeepMind's, per config and target DeepMind's step was compiled
-    for, and what it says about the targets (OURS_OVER_DEEPMIND_TARGETS)."""
-    ours_of = {(row["config"], row["target"], row["per_device_batch"]): row
-               for row in latest_rows(rows) if not row["remat"]}
+    for, and what it says about the targets (OURS_OVER_DEEPMIND_TARGETS). Our row without remat is
+    compared where there is one; a remat row of ours is shown, marked, without a ratio; a step of
+    DeepMind's that the compiler refused (more than the device's HBM) reads "does not fit"."""
+    ours_of: dict[tuple, dict[str, Any]] = {}
+    for row in latest_rows(rows):
+        key = (row["config"], row["target"], row["per_device_batch"])
+        if key not in ours_of or ours_of[key]["remat"]:
+            ours_of[key] = row
     head = ("| config | target | px | batch | DeepMind's step (ms) | ours (ms) | ours / DeepMind's | "
             "DeepMind's fwd+bwd (ms) | ours (ms) | ours / DeepMind's | step GB accessed, DeepMind's / ours | "
             "DeepMind's compiled |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    ratios = []
+    ratios, refused = [], []
+    program = lambda row, name: (row or {}).get("programs", {}).get(name) or {}
     for theirs in latest_deepmind_rows(rows):
         key = (theirs["config"], theirs["target"], theirs["per_device_batch"])
         ours = ours_of.get(key)
-        ms = lambda row, name: _number(((row or {}).get("programs", {}).get(name) or {}).get("estimate_ms"), "{:.2f}")
-        gb = lambda row: _number(_scaled(((row or {}).get("programs", {}).get("step") or {}).get("bytes_accessed"),
-                                         1e-9), "{:.2f}")
+        ms = lambda row, name: _number(program(row, name).get("estimate_ms"), "{:.2f}")
+        gb = lambda row: _number(_scaled(program(row, "step").get("bytes_accessed"), 1e-9), "{:.2f}")
         step_ratio, fwd_bwd_ratio = (ours_over_deepmind(ours, theirs, name) for name in ("step", "fwd_bwd"))
         if step_ratio is not None:
             ratios.append((key, round(step_ratio, 3)))  # as printed
+        theirs_step = ms(theirs, "step")
+        if "refused" in program(theirs, "step"):
+            refused.append(key)
+            theirs_step = "does not fit"
         lines.append(f"| {theirs['config']} | {theirs['target']} | {theirs['image_size']} | {key[2]} | " + " | ".join([
-            ms(theirs, "step"), f"**{ms(ours, 'step')}**", _number(step_ratio, "{:.3f}×"),
-            ms(theirs, "fwd_bwd"), ms(ours, "fwd_bwd"), _number(fwd_bwd_ratio, "{:.3f}×"),
+            theirs_step, f"**{ms(ours, 'step')}**" + (" (remat)" if ours and ours["remat"] else ""),
+            _number(step_ratio, "{:.3f}×"), ms(theirs, "fwd_bwd"), ms(ours, "fwd_bwd"), _number(fwd_bwd_ratio, "{:.3f}×"),
             f"{gb(theirs)} / {gb(ours)}", theirs["date"]]) + " |")
-    if not ratios:
-        return "\n".join(lines) + "\n\nNo config has both DeepMind's step and ours compiled without remat yet."
-    goal, stretch = OURS_OVER_DEEPMIND_TARGETS
     name = lambda key: f"{key[0]} on {key[1]}"
+    not_fitting = ("" if not refused else " DeepMind's step does not fit the device at that batch (the compiler "
+                   f"refused it): {', '.join(name(key) for key in refused)}.")
+    if not ratios:
+        return ("\n".join(lines) + "\n\nNo config has both DeepMind's step and ours compiled without remat yet."
+                + not_fitting)
+    goal, stretch = OURS_OVER_DEEPMIND_TARGETS
     over = [f"{name(key)} {ratio:.3f}×" for key, ratio in ratios if ratio > goal]
     within_stretch = [name(key) for key, ratio in ratios if ratio <= stretch]
     text = (f"Our step over DeepMind's: {generated_section.value_range([r for _, r in ratios], '{:.3f}×')} over the "
             f"{len(ratios)} config{'s' if len(ratios) > 1 else ''} and target{'s' if len(ratios) > 1 else ''} with "
             f"both; above the {goal:.2f}× goal: {'; '.join(over) if over else 'none'}; at or below the "
             f"{stretch:.2f}× stretch goal: {', '.join(within_stretch) if within_stretch else 'none'}.")
-    return "\n".join(lines) + "\n\n" + text
+    return "\n".join(lines) + "\n\n" + text + not_fitting
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

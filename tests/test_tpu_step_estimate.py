@@ -110,7 +110,8 @@ def test_the_table_mode_reads_json_lines(tmp_path, capsys):
 
 def _deepmind(config, target, step_ms, fwd_bwd_ms=None, date="2026-12-06"):
     """A row of DeepMind's step, as docs/tpu_step_cost.jsonl keeps them."""
-    programs = {"step": {"estimate_ms": step_ms, "bytes_accessed": 11.57e9}}
+    programs = {"step": {"estimate_ms": step_ms, "bytes_accessed": 11.57e9} if step_ms is not None else
+                {"refused": "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm."}}
     if fwd_bwd_ms is not None:
         programs["fwd_bwd"] = {"estimate_ms": fwd_bwd_ms, "bytes_accessed": 8.62e9}
     return {"code": estimate_lib.DEEPMIND, "config": config, "target": target, "image_size": 192,
@@ -133,21 +134,28 @@ def test_our_step_is_compared_with_deepminds_where_both_ran_without_remat():
             _ours("nfnet.py:F4", "tpu-v3", 640.0, remat=True),
             _deepmind("nfnet.py:F2", "tpu-v5p", 44.0),
             _ours("nfnet.py:F2", "tpu-v5p", 45.54),
-            _deepmind("nfnet.py:F1", "tpu-v5p", 28.0)]  # ours not compiled there
+            _deepmind("nfnet.py:F1", "tpu-v5p", 28.0),  # ours not compiled there
+            _deepmind("nfnet.py:F5", "tpu-v3", None),  # refused: more than the core's HBM
+            _ours("nfnet.py:F5", "tpu-v3", 890.0, remat=True),
+            _ours("nfnet.py:F5", "tpu-v3", 880.0, remat=False)]  # our row without remat is the one compared
     # DeepMind's rows are not rows of our table
-    assert [(r["config"], r["target"]) for r in estimate_lib.latest_rows(rows)] == [
-        ("nfnet.py:F0", "tpu-v3"), ("nfnet.py:F2", "tpu-v5p"), ("nfnet.py:F4", "tpu-v3")]
+    assert [(r["config"], r["target"], r["remat"]) for r in estimate_lib.latest_rows(rows)] == [
+        ("nfnet.py:F0", "tpu-v3", False), ("nfnet.py:F2", "tpu-v5p", False), ("nfnet.py:F4", "tpu-v3", True),
+        ("nfnet.py:F5", "tpu-v3", True), ("nfnet.py:F5", "tpu-v3", False)]
     lines = estimate_lib.deepmind_comparison(rows).splitlines()
-    assert len(lines) == 2 + 4 + 2 and len({line.count("|") for line in lines[:6]}) == 1
+    assert len(lines) == 2 + 5 + 2 and len({line.count("|") for line in lines[:7]}) == 1
     # 36.1 / 38.0 = 0.950, 30.69 / 31.0 = 0.990; 45.54 / 44.0 = 1.035
     assert lines[2] == ("| nfnet.py:F0 | tpu-v3 | 192 | 32 | 38.00 | **36.10** | 0.950× | 31.00 | 30.69 | 0.990× "
                         "| 11.57 / 11.05 | 2026-12-06 |")
     assert lines[3].startswith("| nfnet.py:F1 | tpu-v5p | 192 | 32 | 28.00 | **—** | — |")
     assert lines[4].startswith("| nfnet.py:F2 | tpu-v5p | 192 | 32 | 44.00 | **45.54** | 1.035× | — | — | — |")
-    assert lines[5].startswith("| nfnet.py:F4 | tpu-v3 | 192 | 32 | 600.00 | **—** | — |")
-    assert lines[7] == ("Our step over DeepMind's: 0.950× to 1.035× over the 2 configs and targets with both; above "
+    # our remat step is shown, marked, and not divided by DeepMind's
+    assert lines[5].startswith("| nfnet.py:F4 | tpu-v3 | 192 | 32 | 600.00 | **640.00** (remat) | — |")
+    assert lines[6].startswith("| nfnet.py:F5 | tpu-v3 | 192 | 32 | does not fit | **880.00** | — |")
+    assert lines[8] == ("Our step over DeepMind's: 0.950× to 1.035× over the 2 configs and targets with both; above "
                         "the 1.00× goal: nfnet.py:F2 on tpu-v5p 1.035×; at or below the 0.95× stretch goal: "
-                        "nfnet.py:F0 on tpu-v3.")
+                        "nfnet.py:F0 on tpu-v3. DeepMind's step does not fit the device at that batch (the compiler "
+                        "refused it): nfnet.py:F5 on tpu-v3.")
     one = estimate_lib.deepmind_comparison(rows[1:3]).splitlines()[-1]
     assert one == ("Our step over DeepMind's: 0.950× over the 1 config and target with both; above the 1.00× goal: "
                    "none; at or below the 0.95× stretch goal: nfnet.py:F0 on tpu-v3.")
