@@ -386,7 +386,7 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
             "DeepMind's fwd+bwd (ms) | ours (ms) | ours / DeepMind's | step GB accessed, DeepMind's / ours | "
             "DeepMind's compiled |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    ratios, refused = [], []
+    ratios, refused, remat_only = [], [], []
     program = lambda row, name: (row or {}).get("programs", {}).get(name) or {}
     for theirs in latest_deepmind_rows(rows):
         key = (theirs["config"], theirs["target"], theirs["per_device_batch"])
@@ -400,16 +400,22 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
         if "refused" in program(theirs, "step"):
             refused.append(key)
             theirs_step = "does not fit"
+        elif ours and ours["remat"] and program(ours, "step").get("estimate_ms") and program(theirs, "step").get(
+                "estimate_ms"):  # a user of ours pays for the remat where DeepMind's step fits without it
+            remat_only.append((key, program(ours, "step")["estimate_ms"] / program(theirs, "step")["estimate_ms"]))
         lines.append(f"| {theirs['config']} | {theirs['target']} | {theirs['image_size']} | {key[2]} | " + " | ".join([
             theirs_step, f"**{ms(ours, 'step')}**" + (" (remat)" if ours and ours["remat"] else ""),
             _number(step_ratio, "{:.3f}×"), ms(theirs, "fwd_bwd"), ms(ours, "fwd_bwd"), _number(fwd_bwd_ratio, "{:.3f}×"),
             f"{gb(theirs)} / {gb(ours)}", theirs["date"]]) + " |")
     name = lambda key: f"{key[0]} on {key[1]}"
-    not_fitting = ("" if not refused else " DeepMind's step does not fit the device at that batch (the compiler "
+    fit_notes = ("" if not refused else " DeepMind's step does not fit the device at that batch (the compiler "
                    f"refused it): {', '.join(name(key) for key in refused)}.")
+    if remat_only:
+        fit_notes += (" DeepMind's step fits without remat where ours needs it: " + "; ".join(
+            f"{name(key)}, ours with remat {ratio:.3f}× DeepMind's step" for key, ratio in remat_only) + ".")
     if not ratios:
         return ("\n".join(lines) + "\n\nNo config has both DeepMind's step and ours compiled without remat yet."
-                + not_fitting)
+                + fit_notes)
     goal, stretch = OURS_OVER_DEEPMIND_TARGETS
     over = [f"{name(key)} {ratio:.3f}×" for key, ratio in ratios if ratio > goal]
     within_stretch = [name(key) for key, ratio in ratios if ratio <= stretch]
@@ -417,7 +423,7 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
             f"{len(ratios)} config{'s' if len(ratios) > 1 else ''} and target{'s' if len(ratios) > 1 else ''} with "
             f"both; above the {goal:.2f}× goal: {'; '.join(over) if over else 'none'}; at or below the "
             f"{stretch:.2f}× stretch goal: {', '.join(within_stretch) if within_stretch else 'none'}.")
-    return "\n".join(lines) + "\n\n" + text + not_fitting
+    return "\n".join(lines) + "\n\n" + text + fit_notes
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
