@@ -109,6 +109,8 @@ def platform_choices(config: Any, platform: str) -> dict[str, Any]:
         "activation_backward": ("recomputed (jax.checkpoint)" if platform in layers.RECOMPUTE_ACTIVATIONS_ON
                                 else "XLA's choice"),
         "weight_standardisation_derivative": "hand-written JVP (every platform)",
+        "weight_standardisation_statistics": ("on [fan_in, out] rows" if platform in layers.STANDARDIZE_ON_ROWS_ON
+                                              else "over the kernel's axes"),
     }
 
 
@@ -466,7 +468,10 @@ def _compile_time(program: dict[str, Any]) -> str:
 
 def _choices_cell(choices: dict[str, Any]) -> str:
     recompute = str(choices.get("activation_backward", "")).startswith("recomputed")
-    return f"{choices.get('grouped_convs_as', '?')} convs, activations {'recomputed' if recompute else 'kept'}"
+    # rows compiled before the weight standardisation's layout was chosen per platform (2026-12-06) lack it
+    statistics = choices.get("weight_standardisation_statistics")
+    return (f"{choices.get('grouped_convs_as', '?')} convs, activations {'recomputed' if recompute else 'kept'}"
+            + ("" if statistics is None else f", WS statistics {statistics}"))
 
 
 def _scaled(value: float | None, factor: float) -> float | None:

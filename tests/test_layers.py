@@ -118,6 +118,24 @@ def test_standardize_weight_forward_mode_and_hessian_vector_products_equal_autod
                                atol=1e-5 * float(jnp.max(jnp.abs(want_hvp))))
 
 
+@pytest.mark.parametrize("as_rows", [True, False])
+@pytest.mark.parametrize("shape", [(3, 3, 4, 5), (1, 1, 16, 3), (1, 1, 4, 2)])
+def test_both_layouts_of_the_statistics_give_the_formulas_value_and_tangent(as_rows, shape):
+    """The CPU computes the statistics on [fan_in, out] rows, every other platform on the kernel
+    as it is (`layers._on_lowering_platform`); tests run on the CPU, so each layout is checked
+    here directly, the last shape under the eps floor (fan_in·var < eps)."""
+    w, gain, rng = _ws_inputs(shape, seed=2)
+    if shape == (1, 1, 4, 2):
+        w = jnp.full(shape, 0.5, jnp.float32).at[0, 0, 0, :].add(1e-3)
+    dw, dgain = (jnp.asarray(rng.standard_normal(a.shape).astype(np.float32)) for a in (w, gain))
+    value = layers._standardized(w, gain, eps=1e-4, as_rows=as_rows)
+    np.testing.assert_allclose(value, numpy_standardize(np.asarray(w), np.asarray(gain)), rtol=1e-5, atol=1e-6)
+    got_value, got_tangent = layers._standardized_jvp(w, gain, dw, dgain, eps=1e-4, as_rows=as_rows)
+    want_value, want_tangent = jax.jvp(plain_standardize, (w, gain), (dw, dgain))
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_tangent, want_tangent, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want_tangent))))
+
+
 def test_standardize_weight_gradient_under_the_eps_floor_keeps_the_scale_constant():
     # fan_in·var < eps: the scale is the constant rsqrt(eps), so only the mean subtraction and
     # the gain carry gradient (the autodiff of the formula agrees).

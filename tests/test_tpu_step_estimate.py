@@ -67,6 +67,10 @@ def test_the_docs_table_has_one_full_line_per_row_and_says_no_estimate_where_the
     assert "| nfnet.py:F0 | tpu-v3 | 192 | 32 | off | **36.70** | 36.00 | 1.019× |" in table[2]
     assert "11.05" in table[2] and "355 / 355" in table[2] and "xla convs, activations kept" in table[2]
     assert "no estimate (the compiler's estimate is -394 s)" in table[3] and "36.70" not in table[3]
+    # a row that records its weight standardisation's layout says it (older rows do not have it)
+    row = _row("tpu-v3")
+    row["choices"]["weight_standardisation_statistics"] = "over the kernel's axes"
+    assert "xla convs, activations kept, WS statistics over the kernel's axes |" in estimate_lib.markdown_table([row])
 
 
 def test_bad_arguments_are_one_error_before_any_compile(capsys):
@@ -283,6 +287,7 @@ def test_every_program_is_compiled_for_the_tpu_and_the_runner_costs_at_least_the
     assert row["device"] == "TPU v3" and row["estimate_valid"]
     # Compiled for a TPU from this CPU host: the TPU's choices, not the CPU's.
     assert row["choices"]["grouped_convs_as"] == "xla" and row["choices"]["activation_backward"] == "XLA's choice"
+    assert row["choices"]["weight_standardisation_statistics"] == "over the kernel's axes"
     programs = row["programs"]
     ms = {name: programs[name]["estimate_ms"] for name in estimate_lib.PROGRAMS}
     assert ms["forward"] < ms["fwd_bwd"] < ms["bare"] <= ms["step_state"] <= ms["step"]

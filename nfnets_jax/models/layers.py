@@ -161,13 +161,39 @@ class WSConv2D(hk.Module):
         return out + bias
 
 
-def _standardization_stats(w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(w as [fan_in, out] rows, per-output mean, r = rsqrt(max(fan_in·var, eps)), r's floor inactive)."""
-    fan_in = int(np.prod(w.shape[:-1]))
-    rows = w.reshape(fan_in, w.shape[-1])
-    mean = jnp.mean(rows, axis=0)
-    scaled_var = jnp.mean(jnp.square(rows - mean), axis=0) * fan_in
-    return rows, mean, jax.lax.rsqrt(jnp.maximum(scaled_var, eps)), scaled_var > eps
+def _per_channel_view(w: jax.Array, as_rows: bool) -> tuple[jax.Array, tuple[int, ...], Callable[[jax.Array], jax.Array]]:
+    """(w as the standardisation reads it, the axes its per-channel statistics reduce, the map back
+    to w's shape). `as_rows`: w reshaped to [fan_in, out] rows, reduced over axis 0; else w as it
+    is, reduced over every axis but the last, in place."""
+    if as_rows:
+        return w.reshape(-1, w.shape[-1]), (0,), lambda x: x.reshape(w.shape)
+    return w, tuple(range(w.ndim - 1)), lambda x: x
+
+
+def _standardization_stats(view: jax.Array, axes: tuple[int, ...], eps: float
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(per-output mean, r = rsqrt(max(fan_in·var, eps)), r's floor inactive), kept broadcastable."""
+    fan_in = int(np.prod([view.shape[axis] for axis in axes]))
+    mean = jnp.mean(view, axis=axes, keepdims=True)
+    scaled_var = jnp.mean(jnp.square(view - mean), axis=axes, keepdims=True) * fan_in
+    return mean, jax.lax.rsqrt(jnp.maximum(scaled_var, eps)), scaled_var > eps
+
+
+STANDARDIZE_ON_ROWS_ON = ("cpu",)  # platforms whose weight standardisation reduces [fan_in, out] rows
+
+
+def _on_lowering_platform(fn: Callable[..., Any], *args: jax.Array) -> Any:
+    """`fn(*args, as_rows=...)` with the layout the platform the program is lowered for computes
+    best (`jax.lax.platform_dependent`, resolved when lowered): rows on the CPU, where XLA:CPU
+    reduces a row axis 3–4× faster than the leading axes of a kernel (the gradient of every F0
+    kernel's standardisation), the kernel as it is elsewhere: on a TPU the reshape is a relayout of
+    each kernel and of its gradient, and under memory pressure it cost the v3 compiler 3.4 GB more
+    temporaries for F5's step (19.19 against 15.81 GB), enough that F4's step did not fit a v3 core
+    without remat. (Where memory is not short it costs F0's step on a v3 core 1.6 ms of 37.7 by
+    the TPU compiler's estimate, which F4's step without remat repays many times:
+    docs/tpu_step_cost.md.)"""
+    rows = {platform: functools.partial(fn, as_rows=True) for platform in STANDARDIZE_ON_ROWS_ON}
+    return jax.lax.platform_dependent(*args, **rows, default=functools.partial(fn, as_rows=False))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -180,26 +206,39 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
     slower on XLA:CPU (jax 0.10; F0's `final_conv`, 1536×3072: 73 ms against 8 ms), and the whole
     F0 training step ~10% slower. As a JVP rule it serves forward mode, reverse mode (JAX
     transposes it) and higher derivatives alike; tests/test_layers.py checks it against the
-    autodiff of the plain formula.
+    autodiff of the plain formula. How the statistics are laid out depends on the platform the
+    program is compiled for, never what they are (`_on_lowering_platform`).
     """
-    rows, mean, r, _ = _standardization_stats(w, eps)
-    return ((rows - mean) * (r * gain)).reshape(w.shape)
+    return _on_lowering_platform(functools.partial(_standardized, eps=eps), w, gain)
+
+
+def _standardized(w: jax.Array, gain: jax.Array, *, eps: float, as_rows: bool) -> jax.Array:
+    """The value of `standardize_weight` with its statistics laid out as `as_rows` says."""
+    view, axes, restore = _per_channel_view(w, as_rows)
+    mean, r, _ = _standardization_stats(view, axes, eps)
+    return restore((view - mean) * (r * gain))
 
 
 @standardize_weight.defjvp
 def _standardize_weight_jvp(eps: float, primals: tuple[jax.Array, jax.Array],
                             tangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    return _on_lowering_platform(functools.partial(_standardized_jvp, eps=eps), *primals, *tangents)
+
+
+def _standardized_jvp(w: jax.Array, gain: jax.Array, dw: jax.Array, dgain: jax.Array, *, eps: float,
+                      as_rows: bool) -> tuple[jax.Array, jax.Array]:
+    """(ŵ, dŵ) of `standardize_weight` with its statistics laid out as `as_rows` says."""
     # With c = w − mean, r = rsqrt(fan_in·var) and s = gain·r (Σc = 0 per channel):
     #   dŵ = s·(dw − mean(dw)) − s·r²·Σ(c·dw)·c + r·c·dgain,
     # the middle term vanishing while the eps floor holds r constant.
-    w, gain = primals
-    dw, dgain = tangents
-    rows, mean, r, floor_inactive = _standardization_stats(w, eps)
-    centred, scale = rows - mean, r * gain
-    d_rows = dw.reshape(rows.shape)
-    projection = jnp.where(floor_inactive, r * r * jnp.sum(centred * d_rows, axis=0), 0.0)
-    d_out = scale * (d_rows - jnp.mean(d_rows, axis=0) - projection * centred) + centred * (r * dgain)
-    return (centred * scale).reshape(w.shape), d_out.reshape(w.shape)
+    view, axes, restore = _per_channel_view(w, as_rows)
+    d_view = _per_channel_view(dw, as_rows)[0]
+    mean, r, floor_inactive = _standardization_stats(view, axes, eps)
+    centred, scale = view - mean, r * gain
+    projection = jnp.where(floor_inactive, r * r * jnp.sum(centred * d_view, axis=axes, keepdims=True), 0.0)
+    d_out = (scale * (d_view - jnp.mean(d_view, axis=axes, keepdims=True) - projection * centred)
+             + centred * (r * dgain))
+    return restore(centred * scale), restore(d_out)
 
 
 class SqueezeExcite(hk.Module):
