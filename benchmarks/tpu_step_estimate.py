@@ -399,12 +399,12 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
         if step_ratio is not None:
             ratios.append((key, round(step_ratio, 3)))  # as printed
         theirs_step = ms(theirs, "step")
+        ours_step_ms, theirs_step_ms = (program(row, "step").get("estimate_ms") for row in (ours, theirs))
         if "refused" in program(theirs, "step"):
             refused.append(key)
             theirs_step = "does not fit"
-        elif ours and ours["remat"] and program(ours, "step").get("estimate_ms") and program(theirs, "step").get(
-                "estimate_ms"):  # a user of ours pays for the remat where DeepMind's step fits without it
-            remat_only.append((key, program(ours, "step")["estimate_ms"] / program(theirs, "step")["estimate_ms"]))
+        elif ours and ours["remat"] and ours_step_ms and theirs_step_ms:
+            remat_only.append((key, ours_step_ms / theirs_step_ms))  # a user of ours pays for the remat there
         lines.append(f"| {theirs['config']} | {theirs['target']} | {theirs['image_size']} | {key[2]} | " + " | ".join([
             theirs_step, f"**{ms(ours, 'step')}**" + (" (remat)" if ours and ours["remat"] else ""),
             _number(step_ratio, "{:.3f}×"), ms(theirs, "fwd_bwd"), ms(ours, "fwd_bwd"), _number(fwd_bwd_ratio, "{:.3f}×"),

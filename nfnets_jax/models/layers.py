@@ -74,6 +74,15 @@ def raw_activation(name: str) -> Activation:
     return _RAW_ACTIVATIONS[name]
 
 
+def _lowered_for(platforms: tuple[str, ...], chosen: Callable[..., Any], otherwise: Callable[..., Any],
+                 *args: jax.Array) -> Any:
+    """`chosen(*args)` in a program lowered for one of `platforms`, `otherwise(*args)` in any other.
+
+    `jax.lax.platform_dependent` resolves the choice when the program is lowered, so an AOT compile
+    for a TPU from a CPU host gets the TPU's branch, not the host's (`jax.default_backend()`)."""
+    return jax.lax.platform_dependent(*args, **{platform: chosen for platform in platforms}, default=otherwise)
+
+
 # Platforms (lowering platform names) on which the backward pass recomputes the activations from
 # their inputs rather than keeping XLA's intermediates (`scaled_activation`).
 RECOMPUTE_ACTIVATIONS_ON = ("cpu",)
@@ -100,8 +109,7 @@ def scaled_activation(name: str) -> Activation:
         return fn(x) * gamma
 
     recomputed = jax.checkpoint(scaled)
-    per_platform = {platform: recomputed for platform in RECOMPUTE_ACTIVATIONS_ON}
-    return lambda x: jax.lax.platform_dependent(x, **per_platform, default=scaled)
+    return lambda x: _lowered_for(RECOMPUTE_ACTIVATIONS_ON, recomputed, scaled, x)
 
 
 class WSConv2D(hk.Module):
@@ -192,8 +200,8 @@ def _on_lowering_platform(fn: Callable[..., Any], *args: jax.Array) -> Any:
     without remat. (Where memory is not short it costs F0's step on a v3 core 1.6 ms of 37.7 by
     the TPU compiler's estimate, which F4's step without remat repays many times:
     docs/tpu_step_cost.md.)"""
-    rows = {platform: functools.partial(fn, as_rows=True) for platform in STANDARDIZE_ON_ROWS_ON}
-    return jax.lax.platform_dependent(*args, **rows, default=functools.partial(fn, as_rows=False))
+    return _lowered_for(STANDARDIZE_ON_ROWS_ON, functools.partial(fn, as_rows=True),
+                        functools.partial(fn, as_rows=False), *args)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
