@@ -110,7 +110,7 @@ def platform_choices(config: Any, platform: str) -> dict[str, Any]:
                                 else "XLA's choice"),
         "weight_standardisation_derivative": "hand-written JVP (every platform)",
         "weight_standardisation_statistics": ("on [fan_in, out] rows" if platform in layers.STANDARDIZE_ON_ROWS_ON
-                                              else "over the kernel's axes"),
+                                              else "over the kernel's axes, pinned to the parameters' layout"),
     }
 
 

@@ -136,6 +136,22 @@ def test_both_layouts_of_the_statistics_give_the_formulas_value_and_tangent(as_r
     np.testing.assert_allclose(got_tangent, want_tangent, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want_tangent))))
 
 
+def test_kernel_and_its_gradient_are_pinned_to_the_parameters_layout_off_the_cpu():
+    """Compiled for a TPU or GPU the standardisation reads the kernel in the row-major layout the
+    state stores it in, and its gradient is handed back in that layout (one constraint in the
+    forward, its transpose in the backward: `layers._in_parameter_layout`); compiled for the CPU
+    the kernel goes through [fan_in, out] rows, which XLA:CPU lays out row-major anyway."""
+    w, gain, _ = _ws_inputs((3, 3, 4, 8), seed=3)
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(layers.standardize_weight(w, gain, 1e-4)))))
+    lowered = {platform: grad.trace(w).lower(lowering_platforms=(platform,)).as_text()
+               for platform in ("cpu", "tpu", "cuda")}
+    row_major = "result_layouts = [dense<[3, 2, 1, 0]>"
+    for platform in ("tpu", "cuda"):
+        constraints = [line for line in lowered[platform].splitlines() if "@LayoutConstraint" in line]
+        assert len(constraints) == 2 and all(row_major in line for line in constraints), platform
+    assert "@LayoutConstraint" not in lowered["cpu"]
+
+
 def test_standardize_weight_gradient_under_the_eps_floor_keeps_the_scale_constant():
     # fan_in·var < eps: the scale is the constant rsqrt(eps), so only the mean subtraction and
     # the gain carry gradient (the autodiff of the formula agrees).

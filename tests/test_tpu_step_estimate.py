@@ -287,7 +287,8 @@ def test_every_program_is_compiled_for_the_tpu_and_the_runner_costs_at_least_the
     assert row["device"] == "TPU v3" and row["estimate_valid"]
     # Compiled for a TPU from this CPU host: the TPU's choices, not the CPU's.
     assert row["choices"]["grouped_convs_as"] == "xla" and row["choices"]["activation_backward"] == "XLA's choice"
-    assert row["choices"]["weight_standardisation_statistics"] == "over the kernel's axes"
+    assert (row["choices"]["weight_standardisation_statistics"]
+            == "over the kernel's axes, pinned to the parameters' layout")
     programs = row["programs"]
     ms = {name: programs[name]["estimate_ms"] for name in estimate_lib.PROGRAMS}
     assert ms["forward"] < ms["fwd_bwd"] < ms["bare"] <= ms["step_state"] <= ms["step"]

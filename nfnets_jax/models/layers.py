@@ -18,6 +18,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from nfnets_jax.models import grouped_conv
 
@@ -172,10 +173,26 @@ class WSConv2D(hk.Module):
 def _per_channel_view(w: jax.Array, as_rows: bool) -> tuple[jax.Array, tuple[int, ...], Callable[[jax.Array], jax.Array]]:
     """(w as the standardisation reads it, the axes its per-channel statistics reduce, the map back
     to w's shape). `as_rows`: w reshaped to [fan_in, out] rows, reduced over axis 0; else w as it
-    is, reduced over every axis but the last, in place."""
+    is, in the parameters' layout (`_in_parameter_layout`), reduced over every axis but the last."""
     if as_rows:
         return w.reshape(-1, w.shape[-1]), (0,), lambda x: x.reshape(w.shape)
-    return w, tuple(range(w.ndim - 1)), lambda x: x
+    return _in_parameter_layout(w), tuple(range(w.ndim - 1)), lambda x: x
+
+
+def _in_parameter_layout(w: jax.Array) -> jax.Array:
+    """w pinned to the row-major layout the train state stores every parameter in, and so (the
+    constraint's transpose) is its gradient.
+
+    Left free, XLA:TPU's layout assignment carries the layout a grouped convolution wants for its
+    kernel (input features minor) back through the standardisation to the float32 parameter, and
+    the gradient comes out of the backward pass in that layout too; the optimizer's update then
+    runs in it, copying the parameter, its momentum and its EMA there and back: six float32
+    copies of every 3×3 kernel per step. Pinned, the one relayout is of the bf16 standardised
+    kernel before the convolution and of its gradient after it. F0's bare step on a TPUv3 core:
+    35.92 ms and 10.72 GB accessed, against 37.67 ms and 11.47 GB unpinned (docs/tpu_step_cost.md).
+    Reshaping the kernel into rows pins it as well, but costs the v3 compiler temporaries under
+    memory pressure (`_on_lowering_platform`)."""
+    return with_layout_constraint(w, Layout(major_to_minor=tuple(range(w.ndim))))
 
 
 def _standardization_stats(view: jax.Array, axes: tuple[int, ...], eps: float
@@ -194,12 +211,10 @@ def _on_lowering_platform(fn: Callable[..., Any], *args: jax.Array) -> Any:
     """`fn(*args, as_rows=...)` with the layout the platform the program is lowered for computes
     best (`jax.lax.platform_dependent`, resolved when lowered): rows on the CPU, where XLA:CPU
     reduces a row axis 3–4× faster than the leading axes of a kernel (the gradient of every F0
-    kernel's standardisation), the kernel as it is elsewhere: on a TPU the reshape is a relayout of
-    each kernel and of its gradient, and under memory pressure it cost the v3 compiler 3.4 GB more
-    temporaries for F5's step (19.19 against 15.81 GB), enough that F4's step did not fit a v3 core
-    without remat. (Where memory is not short it costs F0's step on a v3 core 1.6 ms of 37.7 by
-    the TPU compiler's estimate, which F4's step without remat repays many times:
-    docs/tpu_step_cost.md.)"""
+    kernel's standardisation), the kernel as it is elsewhere, pinned to the parameters' layout
+    (`_in_parameter_layout`): on a TPU the reshape into rows cost the v3 compiler 3.4 GB more
+    temporaries for F5's step under memory pressure (19.19 against 15.81 GB), enough that F4's
+    step did not fit a v3 core without remat (docs/tpu_step_cost.md)."""
     return _lowered_for(STANDARDIZE_ON_ROWS_ON, functools.partial(fn, as_rows=True),
                         functools.partial(fn, as_rows=False), *args)
 
