@@ -388,7 +388,7 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
             "DeepMind's fwd+bwd (ms) | ours (ms) | ours / DeepMind's | step GB accessed, DeepMind's / ours | "
             "DeepMind's compiled |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    ratios, refused, remat_only = [], [], []
+    ratios, refused, remat_only, only_ours_fit = [], [], [], []
     program = lambda row, name: (row or {}).get("programs", {}).get(name) or {}
     for theirs in latest_deepmind_rows(rows):
         key = (theirs["config"], theirs["target"], theirs["per_device_batch"])
@@ -403,6 +403,8 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
         if "refused" in program(theirs, "step"):
             refused.append(key)
             theirs_step = "does not fit"
+            if ours and not ours["remat"] and ours_step_ms:
+                only_ours_fit.append((key, ours_step_ms))
         elif ours and ours["remat"] and ours_step_ms and theirs_step_ms:
             remat_only.append((key, ours_step_ms / theirs_step_ms))  # a user of ours pays for the remat there
         lines.append(f"| {theirs['config']} | {theirs['target']} | {theirs['image_size']} | {key[2]} | " + " | ".join([
@@ -412,6 +414,9 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
     name = lambda key: f"{key[0]} on {key[1]}"
     fit_notes = ("" if not refused else " DeepMind's step does not fit the device at that batch (the compiler "
                    f"refused it): {', '.join(name(key) for key in refused)}.")
+    if only_ours_fit:
+        fit_notes += (" Ours fits there without remat: " + "; ".join(
+            f"{name(key)}, {step_ms:.2f} ms" for key, step_ms in only_ours_fit) + ".")
     if remat_only:
         fit_notes += (" DeepMind's step fits without remat where ours needs it: " + "; ".join(
             f"{name(key)}, ours with remat {ratio:.3f}× DeepMind's step" for key, ratio in remat_only) + ".")

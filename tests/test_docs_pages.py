@@ -72,6 +72,8 @@ def test_the_readme_quotes_the_tpu_step_estimate_of_its_json_line():
     row = [line for line in (ROOT / "README.md").read_text().splitlines() if "TPUv3 core (32 images" in line][0]
     assert f"**{ours['programs']['step']['estimate_ms']:.2f} ms**" in row
     assert f"DeepMind's step compiled the same way: {deepmind['programs']['step']['estimate_ms']:.1f} ms" in row
+    ratio = ours["programs"]["step"]["estimate_ms"] / deepmind["programs"]["step"]["estimate_ms"]
+    assert f"ours is {ratio:.3f}× theirs" in row
     assert f"adds {100 * (ours['runner_over_bare']['ratio'] - 1):.1f}% over a bare step" in row
 
 
