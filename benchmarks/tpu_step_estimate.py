@@ -6,8 +6,11 @@ compiler's own estimate of its run time, `optimal_seconds`, beside the FLOPs and
 read and write in HBM. This benchmark compiles, per config and TPU target:
 
     step          the runner's train step (`train.one_device_step`: the step `experiments.train`
-                  compiles, with its device means, non-finite guard, metrics and EMA)
+                  compiles for the config, with its device means, metrics and EMA; under the
+                  default config.nonfinite='stop' it flags a non-finite step but keeps no guard)
     step_state    the same step with its metrics dropped (XLA removes what computes only them)
+    step_skip     the runner's step as config.nonfinite='skip' compiles it: a non-finite step
+                  leaves the state unchanged (the guard: every update waits for every gradient)
     bare          loss -> gradient -> the same optax chain -> EMA, and nothing else
     fwd_bwd       the model's forward and backward alone: compute-dtype params in, label-smoothed
                   cross-entropy, gradients summed over the (one-device) mesh out
@@ -16,7 +19,8 @@ read and write in HBM. This benchmark compiles, per config and TPU target:
 and prints one JSON line per config and target with each program's estimate (ms), FLOPs, bytes
 accessed, peak memory (XLA's memory analysis) and compile time, and the runner's extras over the
 bare step attributed by difference: `step − step_state` is what its metrics cost, `step_state −
-bare` its guard, device means and RNG folding.
+bare` its device means and RNG folding (and its guard where the config skips non-finite steps),
+`step_skip − step` what the guard of config.nonfinite='skip' costs.
 
     python -m benchmarks.tpu_step_estimate                                    # F0–F6, every target
     python -m benchmarks.tpu_step_estimate --only nfnet.py:F0 --targets tpu-v3
@@ -64,7 +68,7 @@ from absl import flags
 from experiments import command_line, generated_section, memory_plan
 from nfnets_jax.runtime import provenance
 
-PROGRAMS = ("step", "step_state", "bare", "fwd_bwd", "forward")
+PROGRAMS = ("step", "step_state", "step_skip", "bare", "fwd_bwd", "forward")
 DEFAULT_SPECS = tuple(f"nfnet.py:F{k}" for k in range(7))
 
 def estimate_problem(optimal_seconds: float | None, flops: float | None, peak_tflops: float) -> str | None:
@@ -87,14 +91,15 @@ def estimate_problem(optimal_seconds: float | None, flops: float | None, peak_tf
 
 def runner_extras(programs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """The runner's step over the bare step, in estimated ms, split by the programs' differences:
-    `metrics` = step − step_state, `guard_means_rng` = step_state − bare, and `ratio` = step / bare.
-    Each is None where one of its two programs has no estimate (or was not compiled: `--programs
-    step,bare` gives the ratio alone)."""
-    ms = {name: (programs.get(name) or {}).get("estimate_ms") for name in ("step", "step_state", "bare")}
+    `metrics` = step − step_state, `guard_means_rng` = step_state − bare, and `ratio` = step / bare;
+    `skip_guard` = step_skip − step, the guard a config with nonfinite='skip' adds. Each is None
+    where one of its two programs has no estimate (or was not compiled: `--programs step,bare`
+    gives the ratio alone)."""
+    ms = {name: (programs.get(name) or {}).get("estimate_ms") for name in ("step", "step_state", "step_skip", "bare")}
     difference = lambda a, b: None if ms[a] is None or ms[b] is None else ms[a] - ms[b]
     return {"ratio": None if difference("step", "bare") is None else ms["step"] / ms["bare"],
             "extra_ms": difference("step", "bare"), "metrics_ms": difference("step", "step_state"),
-            "guard_means_rng_ms": difference("step_state", "bare")}
+            "guard_means_rng_ms": difference("step_state", "bare"), "skip_guard_ms": difference("step_skip", "step")}
 
 
 def platform_choices(config: Any, platform: str) -> dict[str, Any]:
@@ -111,6 +116,7 @@ def platform_choices(config: Any, platform: str) -> dict[str, Any]:
         "weight_standardisation_derivative": "hand-written JVP (every platform)",
         "weight_standardisation_statistics": ("on [fan_in, out] rows" if platform in layers.STANDARDIZE_ON_ROWS_ON
                                               else "over the kernel's axes, pinned to the parameters' layout"),
+        "nonfinite_guard": config.nonfinite == "skip",  # the runner's step keeps the state on a non-finite step
     }
 
 
@@ -174,9 +180,12 @@ def build_programs(step) -> dict[str, tuple[Callable, tuple]]:
         return jax.lax.psum(jax.grad(loss)(params), axis)
 
     bare = bare_train_step(step.forward, step.optimizer, settings)
+    guarded = step_lib.make_train_step(step.forward, step.optimizer,
+                                       dataclasses.replace(settings, keep_state_on_nonfinite=True))
     return {
         "step": (step.train, (state, step.batch_shapes)),
         "step_state": (jax.jit(lambda s, b: step.train(s, b)[0], donate_argnums=(0,)), (state, step.batch_shapes)),
+        "step_skip": (step.backend.wrap_train(guarded), (state, step.batch_shapes)),
         "bare": (step.backend.wrap_train(lambda s, b: (bare(s, b), {})), (state, step.batch_shapes)),
         # the runner's eval wrapping: (params, model state) replicated, the batch split, one output
         "fwd_bwd": (step.backend.wrap_eval(summed_grads),
@@ -216,10 +225,14 @@ def _fits(result: dict[str, Any], target: str) -> bool:
 
 
 def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str,
-             programs: Sequence[str] = PROGRAMS, config: Any = None) -> dict[str, Any]:
+             programs: Sequence[str] = PROGRAMS, config: Any = None,
+             measure_alone: Callable[[str, bool], dict[str, Any]] | None = None) -> dict[str, Any]:
     """One JSON row: every program of `spec` compiled for one device of `target` (deviceless).
     `config`: the config to compile (a `--config` with its overrides, `spec` being its
-    `memory_plan.config_label`); default: `spec`'s from configs/."""
+    `memory_plan.config_label`); default: `spec`'s from configs/. `measure_alone(program, remat)`,
+    where given, measures each program in a process of its own (the command line's way: a compile
+    that follows another in the same process runs warm, see `_measure_in_child`); None compiles
+    them all here, one after the other."""
     import jax  # pylint: disable=import-outside-toplevel
 
     from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
@@ -230,11 +243,11 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
 
     def compile_all(use_remat: bool, names: Sequence[str], done: dict[str, Any]) -> dict[str, Any]:
         config.train.remat = use_remat
-        built = build_programs(one_device_step.build(config, batch, device=device))
+        built = None if measure_alone else build_programs(one_device_step.build(config, batch, device=device))
         results = dict(done)
         for name in names:
             if name not in results:
-                results[name] = measure_program(*built[name])
+                results[name] = measure_alone(name, use_remat) if built is None else measure_program(*built[name])
         return results
 
     use_remat = remat == "on"
@@ -251,6 +264,7 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
     return {
         "config": spec, "model": config.model.name, "target": target, "device": device.device_kind,
         "image_size": config.data.image_size, "per_device_batch": batch,
+        "compiled_in": ALONE if measure_alone else "one process",
         "compute_dtype": config.precision.compute_dtype, "remat": use_remat,
         "choices": platform_choices(config, device.platform),
         "estimate_valid": problem is None, "no_estimate_because": problem,
@@ -324,26 +338,37 @@ def compile_seconds(step: dict[str, Any], bare: dict[str, Any]) -> tuple[float, 
     return None
 
 
+ALONE = "a process per program"  # how a row's programs were compiled (`estimate`'s "compiled_in")
+
+
 def compile_summary(rows: Sequence[dict[str, Any]]) -> str:
     """What the rows say about compile time: the runner's step over the bare step's, its range and
-    each row above COMPILE_OVER_BARE_TARGET."""
-    timed = []
+    each row above COMPILE_OVER_BARE_TARGET, over the rows whose programs were each compiled in a
+    process of their own. Older rows compiled them one after another in one process, the runner's
+    step first, which is slower for being first (`_measure_in_child`): they are counted, not compared."""
+    timed, shared = [], 0
     for row in rows:
         programs = row["programs"]
         times = compile_seconds(programs["step"], programs["bare"]) if "bare" in programs else None
-        if times is not None:
+        if times is not None and row.get("compiled_in") != ALONE:
+            shared += 1
+        elif times is not None:
             timed.append((row, *times, round(times[0] / times[1], 2)))  # the ratio as printed
+    left_out = ("" if not shared else
+                f" {shared} older row{'s' if shared > 1 else ''}, whose programs were compiled one after another in "
+                f"one process (the runner's step first), {'are' if shared > 1 else 'is'} not compared.")
     if not timed:
-        return "No row has both programs' compile times yet."
-    text = (f"Compile time of the runner's step over the bare step's (CPU seconds where both were recorded, else "
-            f"wall seconds): {generated_section.value_range([t[-1] for t in timed], '{:.2f}×')} over the "
+        return "No row has both programs' compile times, each from a process of its own, yet." + left_out
+    text = (f"Compile time of the runner's step over the bare step's (each compiled in a process of its own; CPU "
+            f"seconds where both were recorded, else wall seconds): "
+            f"{generated_section.value_range([t[-1] for t in timed], '{:.2f}×')} over the "
             f"{len(timed)} row{'s' if len(timed) > 1 else ''} with both; ")
     above = [f"{row['config']} on {row['target']}{', remat on' if row['remat'] else ''} {ratio:.2f}× "
              f"({step:.0f} / {bare:.0f} {said})" for row, step, bare, said, ratio in timed
              if ratio > COMPILE_OVER_BARE_TARGET]
     if not above:
-        return text + f"none is above the {COMPILE_OVER_BARE_TARGET:.1f}× target."
-    return text + f"above the {COMPILE_OVER_BARE_TARGET:.1f}× target: " + "; ".join(above) + "."
+        return text + f"none is above the {COMPILE_OVER_BARE_TARGET:.1f}× target." + left_out
+    return text + f"above the {COMPILE_OVER_BARE_TARGET:.1f}× target: " + "; ".join(above) + "." + left_out
 
 
 def render(rows: Sequence[dict[str, Any]]) -> str:
@@ -437,7 +462,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per config and target: the estimate of each program (ms), the runner over the bare
     step and what its extras cost, bytes accessed and peak memory of the runner's step, compile times."""
     head = ("| config | target | px | batch | remat | runner's step (ms) | bare step (ms) | runner / bare | "
-            "metrics (ms) | guard, means, RNG (ms) | fwd+bwd (ms) | forward (ms) | step TFLOP | step GB accessed | "
+            "metrics (ms) | guard, means, RNG (ms) | 'skip' guard (ms) | fwd+bwd (ms) | forward (ms) | step TFLOP | "
+            "step GB accessed | "
             "step peak GiB | compile s (CPU s), step / bare | compiled with |")
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
@@ -449,12 +475,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         if not row["estimate_valid"]:
             lines.append(prefix + f"no estimate ({row['no_estimate_because']}) |" + " — |" * (columns - 6))
             continue
-        extras = row["runner_over_bare"]
+        extras = runner_extras(programs)
         ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.2f}")
         lines.append(prefix + " | ".join([
             f"**{ms('step')}**", ms("bare"), _number(extras["ratio"], "{:.3f}×"),
             _number(extras["metrics_ms"], "{:+.2f}"), _number(extras["guard_means_rng_ms"], "{:+.2f}"),
-            ms("fwd_bwd"), ms("forward"), _number(_scaled(step.get("flops"), 1e-12), "{:.2f}"),
+            _number(extras["skip_guard_ms"], "{:+.2f}"), ms("fwd_bwd"), ms("forward"), _number(_scaled(step.get("flops"), 1e-12), "{:.2f}"),
             _number(_scaled(step.get("bytes_accessed"), 1e-9), "{:.2f}"), _number(step.get("peak_gib"), "{:.2f}"),
             f"{_compile_time(step)} / {_compile_time(bare)}",
             _choices_cell(row.get("choices") or {}),
@@ -475,8 +501,11 @@ def _choices_cell(choices: dict[str, Any]) -> str:
     recompute = str(choices.get("activation_backward", "")).startswith("recomputed")
     # rows compiled before the weight standardisation's layout was chosen per platform (2026-12-06) lack it
     statistics = choices.get("weight_standardisation_statistics")
+    # rows compiled before config.nonfinite='stop' dropped the guard (2026-12-06) lack it: theirs had it
+    guard = choices.get("nonfinite_guard", True)
     return (f"{choices.get('grouped_convs_as', '?')} convs, activations {'recomputed' if recompute else 'kept'}"
-            + ("" if statistics is None else f", WS statistics {statistics}"))
+            + ("" if statistics is None else f", WS statistics {statistics}")
+            + (", non-finite guard" if guard else ", no non-finite guard ('stop')"))
 
 
 def _scaled(value: float | None, factor: float) -> float | None:
@@ -502,17 +531,50 @@ flags.DEFINE_enum("remat", "auto", ["auto", "off", "on"], "auto: remat where the
                   "target with headroom.", flag_values=FLAGS)
 flags.DEFINE_string("table", None, "A file of this benchmark's JSON lines: print its Markdown table and exit.",
                     flag_values=FLAGS)
+flags.DEFINE_bool("alone", False, "Internal: compile the one program of --programs with --remat on|off and print "
+                  "its measurement (each program gets a fresh process).", flag_values=FLAGS)
 flags.DEFINE_string("into", None, "With --table: write it between this page's generated-table markers instead of "
                     "printing it.", flag_values=FLAGS)
 
 
-def _child_command(spec: str, target: str, programs: Sequence[str]) -> list[str]:
+def _child_command(spec: str, target: str, programs: Sequence[str], remat: str | None = None) -> list[str]:
     configs = command_line.config_arguments(FLAGS) or [f"--only={spec}"]
     command = [sys.executable, "-m", "benchmarks.tpu_step_estimate", *configs, f"--targets={target}",
-               f"--remat={FLAGS.remat}", f"--programs={','.join(programs)}"]
+               f"--remat={remat or FLAGS.remat}", f"--programs={','.join(programs)}"]
     if FLAGS.per_device_batch:
         command.append(f"--per_device_batch={FLAGS.per_device_batch}")
     return command
+
+
+def _measure_in_child(spec: str, target: str) -> Callable[[str, bool], dict[str, Any]]:
+    """`(program, remat) -> measurement`, each compiled in a fresh process (`--alone`).
+
+    The first large compile in a process takes longer than the same compile after another: F0's
+    bare step on a TPUv3 core took 160 CPU s compiled first and 148 after the runner's step, which
+    took 140 after it and 153 compiled again (2026-12-06, docs/tpu_step_cost.md). Compiled in one
+    process, whichever program comes first (the runner's step: it decides whether the target's
+    estimate is usable) pays that; each in a process of its own, every program compiles cold."""
+
+    def measure(name: str, use_remat: bool) -> dict[str, Any]:
+        child = subprocess.run([*_child_command(spec, target, [name], "on" if use_remat else "off"), "--alone"],
+                               stdout=subprocess.PIPE, text=True, check=False)
+        if child.returncode:
+            command_line.fail(f"{spec} on {target}: compiling {name} failed (exit {child.returncode}); "
+                              "its error is above.")
+        return json.loads(child.stdout.strip().splitlines()[-1])
+
+    return measure
+
+
+def _measure_alone(spec: str, target: str, program: str, remat: str, per_device_batch: int | None,
+                   config: Any) -> dict[str, Any]:
+    """The `--alone` child: one program of `spec`, compiled first and only in this process."""
+    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+
+    config, batch = memory_plan.planned_config(spec, config, per_device_batch)
+    config.train.remat = remat == "on"
+    device = memory_plan.target_device(memory_plan.TPU_TARGETS[target])
+    return measure_program(*build_programs(one_device_step.build(config, batch, device=device))[program])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -556,8 +618,14 @@ def main(argv: list[str] | None = None) -> None:
                     command_line.fail(f"{spec} on {target} failed (exit {child.returncode}); its error is above.")
         return
     memory_plan.prepare_deviceless_compiles()
+    if args.alone:
+        if len(programs) != 1 or args.remat == "auto":
+            command_line.fail("--alone compiles one program (--programs=NAME) with --remat=on|off.")
+        print(json.dumps(_measure_alone(specs[0], targets[0], programs[0], args.remat, args.per_device_batch,
+                                        _CONFIG.value)), flush=True)
+        return
     row = estimate(specs[0], targets[0], per_device_batch=args.per_device_batch, remat=args.remat,
-                   programs=programs, config=_CONFIG.value)
+                   programs=programs, config=_CONFIG.value, measure_alone=_measure_in_child(specs[0], targets[0]))
     print(json.dumps(row), flush=True)
 
 
