@@ -6,11 +6,8 @@ compiler's own estimate of its run time, `optimal_seconds`, beside the FLOPs and
 read and write in HBM. This benchmark compiles, per config and TPU target:
 
     step          the runner's train step (`train.one_device_step`: the step `experiments.train`
-                  compiles for the config, with its device means, metrics and EMA; under the
-                  default config.nonfinite='stop' it flags a non-finite step but keeps no guard)
+                  compiles, with its device means, non-finite guard, metrics and EMA)
     step_state    the same step with its metrics dropped (XLA removes what computes only them)
-    step_skip     the runner's step as config.nonfinite='skip' compiles it: a non-finite step
-                  leaves the state unchanged (the guard: every update waits for every gradient)
     bare          loss -> gradient -> the same optax chain -> EMA, and nothing else
     fwd_bwd       the model's forward and backward alone: compute-dtype params in, label-smoothed
                   cross-entropy, gradients summed over the (one-device) mesh out
@@ -19,8 +16,7 @@ read and write in HBM. This benchmark compiles, per config and TPU target:
 and prints one JSON line per config and target with each program's estimate (ms), FLOPs, bytes
 accessed, peak memory (XLA's memory analysis) and compile time, and the runner's extras over the
 bare step attributed by difference: `step − step_state` is what its metrics cost, `step_state −
-bare` its device means and RNG folding (and its guard where the config skips non-finite steps),
-`step_skip − step` what the guard of config.nonfinite='skip' costs.
+bare` its guard, device means and RNG folding.
 
     python -m benchmarks.tpu_step_estimate                                    # F0–F6, every target
     python -m benchmarks.tpu_step_estimate --only nfnet.py:F0 --targets tpu-v3
@@ -68,7 +64,7 @@ from absl import flags
 from experiments import command_line, generated_section, memory_plan
 from nfnets_jax.runtime import provenance
 
-PROGRAMS = ("step", "step_state", "step_skip", "bare", "fwd_bwd", "forward")
+PROGRAMS = ("step", "step_state", "bare", "fwd_bwd", "forward")
 DEFAULT_SPECS = tuple(f"nfnet.py:F{k}" for k in range(7))
 
 def estimate_problem(optimal_seconds: float | None, flops: float | None, peak_tflops: float) -> str | None:
@@ -91,15 +87,14 @@ def estimate_problem(optimal_seconds: float | None, flops: float | None, peak_tf
 
 def runner_extras(programs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """The runner's step over the bare step, in estimated ms, split by the programs' differences:
-    `metrics` = step − step_state, `guard_means_rng` = step_state − bare, and `ratio` = step / bare;
-    `skip_guard` = step_skip − step, the guard a config with nonfinite='skip' adds. Each is None
-    where one of its two programs has no estimate (or was not compiled: `--programs step,bare`
-    gives the ratio alone)."""
-    ms = {name: (programs.get(name) or {}).get("estimate_ms") for name in ("step", "step_state", "step_skip", "bare")}
+    `metrics` = step − step_state, `guard_means_rng` = step_state − bare, and `ratio` = step / bare.
+    Each is None where one of its two programs has no estimate (or was not compiled: `--programs
+    step,bare` gives the ratio alone)."""
+    ms = {name: (programs.get(name) or {}).get("estimate_ms") for name in ("step", "step_state", "bare")}
     difference = lambda a, b: None if ms[a] is None or ms[b] is None else ms[a] - ms[b]
     return {"ratio": None if difference("step", "bare") is None else ms["step"] / ms["bare"],
             "extra_ms": difference("step", "bare"), "metrics_ms": difference("step", "step_state"),
-            "guard_means_rng_ms": difference("step_state", "bare"), "skip_guard_ms": difference("step_skip", "step")}
+            "guard_means_rng_ms": difference("step_state", "bare")}
 
 
 def platform_choices(config: Any, platform: str) -> dict[str, Any]:
@@ -116,7 +111,6 @@ def platform_choices(config: Any, platform: str) -> dict[str, Any]:
         "weight_standardisation_derivative": "hand-written JVP (every platform)",
         "weight_standardisation_statistics": ("on [fan_in, out] rows" if platform in layers.STANDARDIZE_ON_ROWS_ON
                                               else "over the kernel's axes, pinned to the parameters' layout"),
-        "nonfinite_guard": config.nonfinite == "skip",  # the runner's step keeps the state on a non-finite step
     }
 
 
@@ -180,12 +174,9 @@ def build_programs(step) -> dict[str, tuple[Callable, tuple]]:
         return jax.lax.psum(jax.grad(loss)(params), axis)
 
     bare = bare_train_step(step.forward, step.optimizer, settings)
-    guarded = step_lib.make_train_step(step.forward, step.optimizer,
-                                       dataclasses.replace(settings, keep_state_on_nonfinite=True))
     return {
         "step": (step.train, (state, step.batch_shapes)),
         "step_state": (jax.jit(lambda s, b: step.train(s, b)[0], donate_argnums=(0,)), (state, step.batch_shapes)),
-        "step_skip": (step.backend.wrap_train(guarded), (state, step.batch_shapes)),
         "bare": (step.backend.wrap_train(lambda s, b: (bare(s, b), {})), (state, step.batch_shapes)),
         # the runner's eval wrapping: (params, model state) replicated, the batch split, one output
         "fwd_bwd": (step.backend.wrap_eval(summed_grads),
@@ -462,8 +453,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per config and target: the estimate of each program (ms), the runner over the bare
     step and what its extras cost, bytes accessed and peak memory of the runner's step, compile times."""
     head = ("| config | target | px | batch | remat | runner's step (ms) | bare step (ms) | runner / bare | "
-            "metrics (ms) | guard, means, RNG (ms) | 'skip' guard (ms) | fwd+bwd (ms) | forward (ms) | step TFLOP | "
-            "step GB accessed | "
+            "metrics (ms) | guard, means, RNG (ms) | fwd+bwd (ms) | forward (ms) | step TFLOP | step GB accessed | "
             "step peak GiB | compile s (CPU s), step / bare | compiled with |")
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
@@ -480,7 +470,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(prefix + " | ".join([
             f"**{ms('step')}**", ms("bare"), _number(extras["ratio"], "{:.3f}×"),
             _number(extras["metrics_ms"], "{:+.2f}"), _number(extras["guard_means_rng_ms"], "{:+.2f}"),
-            _number(extras["skip_guard_ms"], "{:+.2f}"), ms("fwd_bwd"), ms("forward"), _number(_scaled(step.get("flops"), 1e-12), "{:.2f}"),
+            ms("fwd_bwd"), ms("forward"), _number(_scaled(step.get("flops"), 1e-12), "{:.2f}"),
             _number(_scaled(step.get("bytes_accessed"), 1e-9), "{:.2f}"), _number(step.get("peak_gib"), "{:.2f}"),
             f"{_compile_time(step)} / {_compile_time(bare)}",
             _choices_cell(row.get("choices") or {}),
@@ -501,11 +491,8 @@ def _choices_cell(choices: dict[str, Any]) -> str:
     recompute = str(choices.get("activation_backward", "")).startswith("recomputed")
     # rows compiled before the weight standardisation's layout was chosen per platform (2026-12-06) lack it
     statistics = choices.get("weight_standardisation_statistics")
-    # rows compiled before config.nonfinite='stop' dropped the guard (2026-12-06) lack it: theirs had it
-    guard = choices.get("nonfinite_guard", True)
     return (f"{choices.get('grouped_convs_as', '?')} convs, activations {'recomputed' if recompute else 'kept'}"
-            + ("" if statistics is None else f", WS statistics {statistics}")
-            + (", non-finite guard" if guard else ", no non-finite guard ('stop')"))
+            + ("" if statistics is None else f", WS statistics {statistics}"))
 
 
 def _scaled(value: float | None, factor: float) -> float | None:

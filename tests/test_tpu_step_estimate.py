@@ -8,7 +8,6 @@ import pathlib
 import subprocess
 import sys
 
-import chex
 import jax
 import numpy as np
 import pytest
@@ -48,10 +47,6 @@ def test_the_runner_over_the_bare_step_is_split_into_metrics_and_the_rest():
     assert refused["metrics_ms"] == pytest.approx(1.0)  # step and step_state still compare
     two = estimate_lib.runner_extras({"step": programs["step"], "bare": programs["bare"]})  # --programs step,bare
     assert two["ratio"] == pytest.approx(40.0 / 37.5) and two["metrics_ms"] is two["guard_means_rng_ms"] is None
-    assert two["skip_guard_ms"] is None
-    # The guard a config with nonfinite='skip' adds: its step over the runner's (unguarded) step.
-    guarded = estimate_lib.runner_extras({**programs, "step_skip": {"estimate_ms": 41.25}})
-    assert guarded["skip_guard_ms"] == pytest.approx(1.25) and guarded["ratio"] == pytest.approx(40.0 / 37.5)
 
 
 def _row(target, valid=True):
@@ -75,13 +70,7 @@ def test_the_docs_table_has_one_full_line_per_row_and_says_no_estimate_where_the
     # a row that records its weight standardisation's layout says it (older rows do not have it)
     row = _row("tpu-v3")
     row["choices"]["weight_standardisation_statistics"] = "over the kernel's axes"
-    assert ("xla convs, activations kept, WS statistics over the kernel's axes, non-finite guard |"
-            in estimate_lib.markdown_table([row]))
-    # rows compiled before the guard followed config.nonfinite had it; later ones say which they had
-    row["choices"]["nonfinite_guard"] = False
-    assert "over the kernel's axes, no non-finite guard ('stop') |" in estimate_lib.markdown_table([row])
-    row["programs"]["step_skip"]["estimate_ms"] = 37.0
-    assert "| **36.70** | 36.00 | 1.019× | +0.00 | +0.70 | +0.30 |" in estimate_lib.markdown_table([row])
+    assert "xla convs, activations kept, WS statistics over the kernel's axes |" in estimate_lib.markdown_table([row])
 
 
 def test_bad_arguments_are_one_error_before_any_compile(capsys):
@@ -295,11 +284,6 @@ def test_the_bare_step_is_the_runners_step_without_its_extras():
         for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
             np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=name)
     assert int(bare_state.step) == int(runner_state.step) == 1 and no_metrics == {}
-    # The step of config.nonfinite='skip' is the runner's with the guard: the same on a finite batch.
-    assert not step.settings.keep_state_on_nonfinite
-    skip_state, skip_metrics = programs["step_skip"][0](jax.tree.map(jax.numpy.array, copy(state)), batch)
-    chex.assert_trees_all_close(copy(skip_state.params), copy(runner_state.params), rtol=1e-6, atol=1e-7)
-    assert float(skip_metrics["nonfinite"]) == 0.0
 
 
 @pytest.mark.slow
@@ -312,7 +296,6 @@ def test_every_program_is_compiled_for_the_tpu_and_the_runner_costs_at_least_the
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["device"] == "TPU v3" and row["estimate_valid"]
-    assert row["choices"]["nonfinite_guard"] is False  # the config's nonfinite='stop'
     assert row["compiled_in"] == estimate_lib.ALONE  # each program cold, in a process of its own
     # Compiled for a TPU from this CPU host: the TPU's choices, not the CPU's.
     assert row["choices"]["grouped_convs_as"] == "xla" and row["choices"]["activation_backward"] == "XLA's choice"

@@ -3,7 +3,6 @@
 The expected eval numbers are recomputed with NumPy from the checkpointed params.
 """
 
-import dataclasses
 import glob
 import io
 import json
@@ -112,17 +111,3 @@ def test_step_time_leaves_out_evaluations_and_checkpoint_saves(monkeypatch):
     with timer.paused():
         clock[0] += 100.0  # an evaluation
     assert timer.read_and_reset() == (0.5, 20.0)
-
-
-def test_a_run_that_skips_non_finite_steps_refuses_a_step_that_does_not_keep_the_state(tmp_path):
-    """config.nonfinite='skip' carries on from the state a flagged step returned, so that step must
-    have left it unchanged: a hand-built experiment that pairs 'skip' with the unguarded step of
-    'stop' is one error before anything is compiled or written."""
-    experiment = fakes.fake_experiment(fakes.fake_config(nonfinite="stop"), fakes.FakeData())
-    skipping = dataclasses.replace(experiment, run_settings=dataclasses.replace(experiment.run_settings,
-                                                                                nonfinite="skip"))
-    with pytest.raises(ValueError, match="keep_state_on_nonfinite=True"):
-        loop.run(skipping, str(tmp_path / "run"))
-    assert not (tmp_path / "run").exists()
-    # The builder pairs them itself.
-    assert fakes.fake_experiment(fakes.fake_config(nonfinite="skip"), fakes.FakeData()).step_settings.keep_state_on_nonfinite

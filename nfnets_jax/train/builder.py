@@ -76,9 +76,7 @@ def optimizer_config(config: ml_collections.ConfigDict, num_train_examples: int)
 
 def step_settings_from_config(config: ml_collections.ConfigDict, opt_config: ml_collections.ConfigDict, *,
                               num_classes: int, agc_groups: Mapping[str, str] | None) -> StepSettings:
-    """The train step's settings: `config.loss`, `config.precision`, the EMA of `opt_config`, and
-    whether a non-finite step must leave the state as it was (`config.nonfinite == 'skip'`; under
-    'stop' the loop never uses that state, so the step spares the guard).
+    """The train step's settings: `config.loss`, `config.precision` and the EMA of `opt_config`.
 
     `agc_groups` (label -> regex, e.g. `models.stage_regexes`) name the per-stage clip fractions;
     they are only reported when the optimizer has an AGC.
@@ -89,7 +87,6 @@ def step_settings_from_config(config: ml_collections.ConfigDict, opt_config: ml_
         compute_dtype=jnp.dtype(config.precision.compute_dtype),
         ema_decay=opt_config.ema_decay if optim_config_lib.ema_enabled(opt_config) else None,
         agc_groups=None if agc_groups is None else dict(agc_groups),
-        keep_state_on_nonfinite=config.nonfinite == "skip",
     )
 
 

@@ -64,9 +64,7 @@ class RunSettings:
       checkpoint_every_steps: a checkpoint every N steps (and at the end, and on a stop request).
       checkpoints_kept: how many of the newest checkpoints to keep.
       nonfinite: 'stop' (raise `NonFiniteError`) or 'skip' (carry on) after a step whose loss or
-        gradients were not finite. 'skip' needs a step that returns the state it was given on
-        such a step (`StepSettings.keep_state_on_nonfinite`); under 'stop' the loop raises before
-        it saves, evaluates or logs any state after that step, so the step need not.
+        gradients were not finite; either way that update was never applied.
       config_json: the config as JSON, written to the workdir as `config.json` (None: not written).
     """
 
@@ -185,10 +183,6 @@ def run(experiment: Experiment, workdir: str, *, num_steps: int | None = None,
     """
     if num_steps is not None and not num_steps > 0:
         raise ValueError(f"num_steps must be a positive number of steps (or None: to the end), got {num_steps}.")
-    if experiment.run_settings.nonfinite == "skip" and not experiment.step_settings.keep_state_on_nonfinite:
-        raise ValueError("nonfinite='skip' carries on after a non-finite step, so the step must leave the state "
-                         "as it was: build it with StepSettings(keep_state_on_nonfinite=True), as "
-                         "build_experiment does for config.nonfinite='skip'.")
     lock = workdir_lock.acquire_for_run(workdir)
     try:
         return _TrainingRun(experiment, workdir_lib.as_path(workdir), num_steps=num_steps, prefetch=prefetch,
@@ -386,8 +380,8 @@ class _TrainingRun:
         if self.settings.nonfinite == "stop":
             last = self.checkpointer.latest_step()
             raise NonFiniteError(
-                f"Non-finite loss or gradients at step {at_step}: stopping. No checkpoint was "
-                f"written after it (last good checkpoint: "
+                f"Non-finite loss or gradients at step {at_step}: stopping. The update was not "
+                f"applied and no checkpoint was written after it (last good checkpoint: "
                 f"{'none' if last is None else f'step {last}'} in {self.checkpointer.directory}). "
                 "Lower config.optimizer.lr, check config.optimizer.agc.clipping, or set "
                 "config.nonfinite='skip' to skip such updates instead.")

@@ -51,18 +51,10 @@ class StepSettings:
       agc_groups: label -> regex for the per-stage AGC clip fraction (logged whenever the
         optimizer state holds an AGC, whatever wraps it), or None for the global fraction only.
 
-      keep_state_on_nonfinite: whether a step whose loss or gradients are not finite returns the
-        state it was given (floating leaves unchanged), so that the run can skip it and carry on
-        (config.nonfinite='skip'). Either way the step flags it (metric `nonfinite`). Off, the
-        step applies every update unconditionally; that is all config.nonfinite='stop' needs,
-        because the loop then stops before it saves, evaluates or logs any state after the flagged
-        step (`train.loop`). Off is also cheaper on some TPUs: the guard's predicate needs every
-        gradient before any parameter may be written, so no update can run while the backward pass
-        still does (the TPU compiler's estimates with and without it: docs/tpu_step_cost.md).
-
     SAM is not a setting of the step: it is part of the optimizer (`optim.with_sam`), which the
-    step calls with the extra arguments SAM needs. Whether the run stops or carries on after a
-    non-finite step (config.nonfinite 'stop' | 'skip') is the loop's decision.
+    step calls with the extra arguments SAM needs. A step whose loss or gradients are not
+    finite never changes the state; whether the run then stops or carries on
+    (config.nonfinite 'stop' | 'skip') is the loop's decision.
     """
 
     num_classes: int
@@ -70,7 +62,6 @@ class StepSettings:
     compute_dtype: Any = jnp.float32
     ema_decay: float | None = None
     agc_groups: Mapping[str, str] | None = None
-    keep_state_on_nonfinite: bool = True
 
 
 def _cast_floating(tree: Any, dtype: Any) -> Any:
@@ -205,17 +196,14 @@ def make_train_step(
         if settings.ema_decay is not None and state.ema_params is not None:
             new_ema = ema_lib.ema_update(state.ema_params, new_params, state.step, settings.ema_decay)
 
-        # ---- A non-finite step is flagged; where the run skips it, it never changes the values ----
+        # ---- A non-finite step never changes the values (the loop stops or skips) ----
         # Floating leaves (params, momentum, EMA, BN statistics, injected hyperparameters) keep
         # their old values; integer leaves (optax's step counts) advance with `state.step`, so
         # that after a skipped step the schedule and the EMA warmup still read the same step.
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        if settings.keep_state_on_nonfinite:
-            keep = lambda new, old: jax.tree.map(
-                lambda n, o: jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n,
-                new, old)
-        else:
-            keep = lambda new, old: new
+        keep = lambda new, old: jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n,
+            new, old)
         new_state = TrainState(
             step=state.step + 1,
             params=keep(new_params, state.params),
