@@ -75,6 +75,14 @@ def test_the_readme_quotes_the_tpu_step_estimate_of_its_json_line():
     ratio = ours["programs"]["step"]["estimate_ms"] / deepmind["programs"]["step"]["estimate_ms"]
     assert f"ours is {ratio:.3f}× theirs" in row
     assert f"adds {100 * (ours['runner_over_bare']['ratio'] - 1):.1f}% over a bare step" in row
+    # Every config and target where both steps compiled without remat, from the same rows.
+    key = lambda r: (r["config"], r["target"], r["per_device_batch"])
+    ours_of = {key(r): r for r in tpu_step_estimate.latest_rows(rows) if not r["remat"]}
+    ratios = [tpu_step_estimate.ours_over_deepmind(ours_of.get(key(theirs)), theirs, "step")
+              for theirs in tpu_step_estimate.latest_deepmind_rows(rows)]
+    ratios = [r for r in ratios if r is not None]
+    assert (f"ours is {min(ratios):.3f}–{max(ratios):.3f}× DeepMind's ({len(ratios)} configs × targets)"
+            in row)
 
 
 def test_the_readme_quotes_the_fashion_mnist_reference_record():
