@@ -22,6 +22,8 @@ bare` its guard, device means and RNG folding.
     python -m benchmarks.tpu_step_estimate --only nfnet.py:F0 --targets tpu-v3
     python -m benchmarks.tpu_step_estimate --config=configs/nfnet.py:F0 --config.data.image_size=224 \
         --targets tpu-v3                                                    # one config, with overrides
+    python -m benchmarks.tpu_step_estimate --only nfnet.py:F1 --targets tpu-v5p --programs step,bare \
+        --compile_repeats 3                     # compile each 3 times, alternating: median compile times
     python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl   # JSON lines -> Markdown
     python -m benchmarks.tpu_step_estimate --table docs/tpu_step_cost.jsonl --into docs/tpu_step_cost.md
 
@@ -53,6 +55,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -211,30 +214,38 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
             "compile_s": compile_s, "compile_cpu_s": compile_cpu_s}
 
 
+def programs_for(config: Any, batch: int, device: Any, use_remat: bool) -> dict[str, tuple[Callable, tuple]]:
+    """`build_programs` of `config`'s runner step for `batch` images on `device`, per-block remat on or off
+    (sets `config.train.remat`)."""
+    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
+
+    config.train.remat = use_remat
+    return build_programs(one_device_step.build(config, batch, device=device))
+
+
 def _fits(result: dict[str, Any], target: str) -> bool:
     return "refused" not in result and memory_plan.fits_target(result["peak_gib"], target)
 
 
 def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str,
              programs: Sequence[str] = PROGRAMS, config: Any = None,
-             measure_alone: Callable[[str, bool], dict[str, Any]] | None = None) -> dict[str, Any]:
+             measure_alone: Callable[[str, bool], dict[str, Any]] | None = None,
+             compile_repeats: int = 1) -> dict[str, Any]:
     """One JSON row: every program of `spec` compiled for one device of `target` (deviceless).
     `config`: the config to compile (a `--config` with its overrides, `spec` being its
     `memory_plan.config_label`); default: `spec`'s from configs/. `measure_alone(program, remat)`,
     where given, measures each program in a process of its own (the command line's way: a compile
     that follows another in the same process runs warm, see `_measure_in_child`); None compiles
-    them all here, one after the other."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
-
+    them all here, one after the other. `compile_repeats` > 1 compiles the runner's and the bare step
+    that many times each (`_repeat_compiles`; needs `measure_alone`)."""
+    if compile_repeats > 1 and measure_alone is None:
+        raise ValueError("compile_repeats > 1 needs measure_alone: a compile repeated in one process runs warm.")
     tpu = memory_plan.TPU_TARGETS[target]
     device = memory_plan.target_device(tpu)
     config, batch = memory_plan.planned_config(spec, config, per_device_batch)
 
     def compile_all(use_remat: bool, names: Sequence[str], done: dict[str, Any]) -> dict[str, Any]:
-        config.train.remat = use_remat
-        built = None if measure_alone else build_programs(one_device_step.build(config, batch, device=device))
+        built = None if measure_alone else programs_for(config, batch, device, use_remat)
         results = dict(done)
         for name in names:
             if name not in results:
@@ -251,6 +262,8 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
         None if step["estimate_ms"] is None else step["estimate_ms"] / 1e3, step["flops"], tpu.peak_bf16_tflops)
     if problem is None:  # a target without a usable estimate is not compiled further
         results = compile_all(use_remat, programs, results)
+        if compile_repeats > 1 and "bare" in results:
+            _repeat_compiles(results, compile_repeats, lambda name: measure_alone(name, use_remat))
     run_provenance = provenance.collect(devices=False)  # versions (libtpu too), commit, machine
     return {
         "config": spec, "model": config.model.name, "target": target, "device": device.device_kind,
@@ -263,6 +276,36 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
         "jax": run_provenance["versions"]["jax"], "libtpu": run_provenance["versions"]["libtpu"],
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "provenance": run_provenance,
     }
+
+
+COMPILE_TIMES = ("compile_s", "compile_cpu_s")  # what `measure_program` times
+
+
+def _repeat_compiles(results: dict[str, Any], repeats: int, measure: Callable[[str], dict[str, Any]]) -> None:
+    """Compiles the runner's and the bare step again, each in a fresh process, until each has
+    `repeats` compile times (`<time>_runs` beside the first, which `estimate` took: step, bare).
+
+    One compile of the same program moved by a fifth between sittings on a shared host
+    (docs/tpu_step_cost.md), so one pair does not settle a 1.1x ratio. The order alternates in
+    balanced pairs (step, bare | bare, step | step, bare | ...) so that a drift over the sitting
+    (other jobs starting or ending) weighs on both programs alike."""
+    for name in ("step", "bare"):
+        for key in COMPILE_TIMES:
+            if results[name].get(key) is not None:
+                results[name][key + "_runs"] = [results[name][key]]
+    for round_ in range(1, repeats):
+        for name in (("bare", "step") if round_ % 2 else ("step", "bare")):
+            again = measure(name)
+            for key in COMPILE_TIMES:
+                if key + "_runs" in results[name] and again.get(key) is not None:
+                    results[name][key + "_runs"].append(again[key])
+
+
+def compile_time(program: dict[str, Any], key: str) -> float | None:
+    """A program's compile time `key` ("compile_s" or "compile_cpu_s"): the median of its repeated
+    compiles where there are some (`_repeat_compiles`), else its one compile's."""
+    runs = program.get(key + "_runs")
+    return statistics.median(runs) if runs else program.get(key)
 
 
 # ---- The Markdown table of docs/tpu_step_cost.md, from the JSON lines ----
@@ -320,13 +363,29 @@ def summary(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def compile_seconds(step: dict[str, Any], bare: dict[str, Any]) -> tuple[float, float, str] | None:
-    """(runner's step, bare step, what was timed) compile times of one row: the process's CPU
-    seconds where both were recorded (other jobs on a shared host disturb them far less), else both
-    wall times; None where either program has neither (refused, not compiled)."""
-    for key, said in (("compile_cpu_s", "CPU s"), ("compile_s", "s")):
-        if step.get(key) is not None and bare.get(key) is not None:
-            return step[key], bare[key], said
-    return None
+    """(runner's step, bare step, what was timed) compile times of one row (`compile_time`: medians
+    where the compiles were repeated): the process's CPU seconds where both were recorded (other jobs
+    on a shared host disturb them far less), else both wall times; None where either program has
+    neither (refused, not compiled)."""
+    key = _compile_key(step, bare)
+    return None if key is None else (compile_time(step, key), compile_time(bare, key), COMPILE_UNITS[key])
+
+
+COMPILE_UNITS = {"compile_cpu_s": "CPU s", "compile_s": "s"}  # preferred first (`compile_seconds`)
+
+
+def _compile_key(step: dict[str, Any], bare: dict[str, Any]) -> str | None:
+    return next((key for key in COMPILE_UNITS if step.get(key) is not None and bare.get(key) is not None), None)
+
+
+def pair_ratios(step: dict[str, Any], bare: dict[str, Any]) -> list[float]:
+    """The runner's step over the bare step's compile time in each pair of repeated compiles
+    (`_repeat_compiles`), in the unit `compile_seconds` uses; empty where they were not repeated."""
+    key = _compile_key(step, bare)
+    runs = [program.get(f"{key}_runs") or [] for program in (step, bare)] if key else [[], []]
+    if min(len(r) for r in runs) < 2:
+        return []
+    return [s / b for s, b in zip(*runs)]
 
 
 ALONE = "a process per program"  # how a row's programs were compiled (`estimate`'s "compiled_in")
@@ -337,7 +396,7 @@ def compile_summary(rows: Sequence[dict[str, Any]]) -> str:
     each row above COMPILE_OVER_BARE_TARGET, over the rows whose programs were each compiled in a
     process of their own. Older rows compiled them one after another in one process, the runner's
     step first, which is slower for being first (`_measure_in_child`): they are counted, not compared."""
-    timed, shared = [], 0
+    timed, shared, pairs = [], 0, {}
     for row in rows:
         programs = row["programs"]
         times = compile_seconds(programs["step"], programs["bare"]) if "bare" in programs else None
@@ -345,6 +404,7 @@ def compile_summary(rows: Sequence[dict[str, Any]]) -> str:
             shared += 1
         elif times is not None:
             timed.append((row, *times, round(times[0] / times[1], 2)))  # the ratio as printed
+            pairs[id(row)] = pair_ratios(programs["step"], programs["bare"])
     left_out = ("" if not shared else
                 f" {shared} older row{'s' if shared > 1 else ''}, whose programs were compiled one after another in "
                 f"one process (the runner's step first), {'are' if shared > 1 else 'is'} not compared.")
@@ -354,12 +414,29 @@ def compile_summary(rows: Sequence[dict[str, Any]]) -> str:
             f"seconds where both were recorded, else wall seconds): "
             f"{generated_section.value_range([t[-1] for t in timed], '{:.2f}×')} over the "
             f"{len(timed)} row{'s' if len(timed) > 1 else ''} with both; ")
-    above = [f"{row['config']} on {row['target']}{', remat on' if row['remat'] else ''} {ratio:.2f}× "
-             f"({step:.0f} / {bare:.0f} {said})" for row, step, bare, said, ratio in timed
-             if ratio > COMPILE_OVER_BARE_TARGET]
+    row_said = lambda row, step, bare, said, ratio: (
+        f"{row['config']} on {row['target']}{', remat on' if row['remat'] else ''} {ratio:.2f}× "
+        f"({step:.0f} / {bare:.0f} {said}{_pairs_said(pairs[id(row)])})")
+    above = [row_said(*entry) for entry in timed if entry[-1] > COMPILE_OVER_BARE_TARGET]
+    repeated = [row_said(*entry) for entry in timed if pairs[id(entry[0])] and entry[-1] <= COMPILE_OVER_BARE_TARGET]
+    within = "" if not repeated else " Compiled repeatedly: " + "; ".join(repeated) + "."
     if not above:
-        return text + f"none is above the {COMPILE_OVER_BARE_TARGET:.1f}× target." + left_out
-    return text + f"above the {COMPILE_OVER_BARE_TARGET:.1f}× target: " + "; ".join(above) + "." + left_out
+        return text + f"none is above the {COMPILE_OVER_BARE_TARGET:.1f}× target." + within + left_out
+    return (text + f"above the {COMPILE_OVER_BARE_TARGET:.1f}× target: " + "; ".join(above) + "." + within
+            + left_out)
+
+
+def _pairs_said(ratios: list[float]) -> str:
+    """How a repeated row's pairs spread: the ratio's range over the pairs, and whether every pair,
+    none or only some are above COMPILE_OVER_BARE_TARGET (only then is the median's side of it settled)."""
+    if not ratios:
+        return ""
+    printed = [round(r, 2) for r in ratios]
+    over = sum(r > COMPILE_OVER_BARE_TARGET for r in printed)
+    side = ("every pair above the target" if over == len(printed) else
+            "no pair above the target" if not over else f"{over} of {len(printed)} pairs above the target")
+    return (f", medians of {len(printed)} compiles each, alternating; pairs "
+            f"{generated_section.value_range(printed, '{:.2f}×')}, {side}")
 
 
 def render(rows: Sequence[dict[str, Any]]) -> str:
@@ -454,7 +531,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     step and what its extras cost, bytes accessed and peak memory of the runner's step, compile times."""
     head = ("| config | target | px | batch | remat | runner's step (ms) | bare step (ms) | runner / bare | "
             "metrics (ms) | guard, means, RNG (ms) | fwd+bwd (ms) | forward (ms) | step TFLOP | step GB accessed | "
-            "step peak GiB | compile s (CPU s), step / bare | compiled with |")
+            "step peak GiB | compile s (CPU s), step / bare; ×n: median of n | compiled with |")
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
     for row in rows:
@@ -465,7 +542,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         if not row["estimate_valid"]:
             lines.append(prefix + f"no estimate ({row['no_estimate_because']}) |" + " — |" * (columns - 6))
             continue
-        extras = runner_extras(programs)
+        extras = row["runner_over_bare"]
         ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.2f}")
         lines.append(prefix + " | ".join([
             f"**{ms('step')}**", ms("bare"), _number(extras["ratio"], "{:.3f}×"),
@@ -483,8 +560,9 @@ DEEPMIND_SECTION = "deepmind"
 
 
 def _compile_time(program: dict[str, Any]) -> str:
-    cpu = program.get("compile_cpu_s")
-    return _number(program.get("compile_s"), "{:.0f}") + ("" if cpu is None else f" ({cpu:.0f})")
+    cpu, runs = compile_time(program, "compile_cpu_s"), len(program.get("compile_s_runs") or [])
+    return (_number(compile_time(program, "compile_s"), "{:.0f}") + ("" if cpu is None else f" ({cpu:.0f})")
+            + (f" ×{runs}" if runs > 1 else ""))
 
 
 def _choices_cell(choices: dict[str, Any]) -> str:
@@ -520,6 +598,9 @@ flags.DEFINE_string("table", None, "A file of this benchmark's JSON lines: print
                     flag_values=FLAGS)
 flags.DEFINE_bool("alone", False, "Internal: compile the one program of --programs with --remat on|off and print "
                   "its measurement (each program gets a fresh process).", flag_values=FLAGS)
+flags.DEFINE_integer("compile_repeats", 1, "Compile the runner's and the bare step this many times each, "
+                     "alternating, each in a fresh process, and compare their median compile times.",
+                     lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_string("into", None, "With --table: write it between this page's generated-table markers instead of "
                     "printing it.", flag_values=FLAGS)
 
@@ -530,6 +611,8 @@ def _child_command(spec: str, target: str, programs: Sequence[str], remat: str |
                f"--remat={remat or FLAGS.remat}", f"--programs={','.join(programs)}"]
     if FLAGS.per_device_batch:
         command.append(f"--per_device_batch={FLAGS.per_device_batch}")
+    if FLAGS.compile_repeats > 1 and remat is None:  # a row's process repeats; each --alone child compiles once
+        command.append(f"--compile_repeats={FLAGS.compile_repeats}")
     return command
 
 
@@ -556,12 +639,9 @@ def _measure_in_child(spec: str, target: str) -> Callable[[str, bool], dict[str,
 def _measure_alone(spec: str, target: str, program: str, remat: str, per_device_batch: int | None,
                    config: Any) -> dict[str, Any]:
     """The `--alone` child: one program of `spec`, compiled first and only in this process."""
-    from nfnets_jax.train import one_device_step  # pylint: disable=import-outside-toplevel
-
     config, batch = memory_plan.planned_config(spec, config, per_device_batch)
-    config.train.remat = remat == "on"
     device = memory_plan.target_device(memory_plan.TPU_TARGETS[target])
-    return measure_program(*build_programs(one_device_step.build(config, batch, device=device))[program])
+    return measure_program(*programs_for(config, batch, device, remat == "on")[program])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -591,6 +671,8 @@ def main(argv: list[str] | None = None) -> None:
         command_line.fail(f"unknown --targets {unknown}; choose from {list(memory_plan.TPU_TARGETS)}.")
     if set(programs) - set(PROGRAMS) or not programs:
         command_line.fail(f"--programs must be some of {list(PROGRAMS)}.")
+    if args.compile_repeats > 1 and not {"step", "bare"} <= set(programs):
+        command_line.fail("--compile_repeats compares the runner's and the bare step: include step,bare in --programs.")
     try:
         memory_plan.check_target(targets[0])
     except ValueError as error:
@@ -612,7 +694,8 @@ def main(argv: list[str] | None = None) -> None:
                                         _CONFIG.value)), flush=True)
         return
     row = estimate(specs[0], targets[0], per_device_batch=args.per_device_batch, remat=args.remat,
-                   programs=programs, config=_CONFIG.value, measure_alone=_measure_in_child(specs[0], targets[0]))
+                   programs=programs, config=_CONFIG.value, measure_alone=_measure_in_child(specs[0], targets[0]),
+                   compile_repeats=args.compile_repeats)
     print(json.dumps(row), flush=True)
 
 

@@ -75,7 +75,8 @@ def test_the_docs_table_has_one_full_line_per_row_and_says_no_estimate_where_the
 
 def test_bad_arguments_are_one_error_before_any_compile(capsys):
     for argv in (["--targets", "tpu-v9"], ["--programs", "step,train"], ["--only", "nope.py:F0"],
-                 ["--per_device_batch", "0"]):
+                 ["--per_device_batch", "0"], ["--compile_repeats", "0"],
+                 ["--compile_repeats", "3", "--programs", "step,fwd_bwd"]):
         with pytest.raises(SystemExit):
             estimate_lib.main(argv)
         assert "error:" in capsys.readouterr().err
@@ -236,6 +237,46 @@ def test_compile_time_compares_cpu_seconds_where_both_have_them_and_names_each_r
     del no_bare["programs"]["bare"]
     assert estimate_lib.compile_summary([no_bare]) == (
         "No row has both programs' compile times, each from a process of its own, yet.")
+
+
+def test_repeated_compiles_alternate_in_balanced_pairs_and_the_median_is_compared():
+    calls = []
+    seconds = {"step": iter([330.0, 290.0, 300.0]), "bare": iter([260.0, 270.0, 280.0])}
+
+    def measure(name):
+        calls.append(name)
+        cpu = next(seconds[name])
+        return {"estimate_ms": 26.5, "compile_s": cpu + 5, "compile_cpu_s": cpu}
+
+    results = {"step": {"estimate_ms": 26.5, "compile_s": 327.0, "compile_cpu_s": 322.0},
+               "bare": {"estimate_ms": 26.7, "compile_s": 264.0, "compile_cpu_s": 259.0},
+               "fwd_bwd": {"estimate_ms": 20.0, "compile_s": 100.0}}
+    estimate_lib._repeat_compiles(results, 4, measure)
+    # estimate compiled step, bare; then bare, step | step, bare | bare, step: each program as often first
+    assert calls == ["bare", "step", "step", "bare", "bare", "step"]
+    assert results["step"]["compile_cpu_s_runs"] == [322.0, 330.0, 290.0, 300.0]
+    assert results["bare"]["compile_cpu_s_runs"] == [259.0, 260.0, 270.0, 280.0]
+    assert "compile_s_runs" not in results["fwd_bwd"]
+    assert estimate_lib.compile_time(results["step"], "compile_cpu_s") == 311.0  # (300 + 322) / 2
+    assert estimate_lib.compile_time(results["bare"], "compile_s") == 270.0  # (265 + 275) / 2
+    assert estimate_lib.compile_time(results["fwd_bwd"], "compile_s") == 100.0  # compiled once
+    assert estimate_lib.pair_ratios(results["step"], results["bare"]) == pytest.approx(
+        [322 / 259, 330 / 260, 290 / 270, 300 / 280])
+
+    row = _variant("nfnet.py:F1", "tpu-v5p", 26.5, 26.7)
+    row["programs"] = {name: {**row["programs"][name], **results[name]} for name in ("step", "bare")}
+    row["compiled_in"] = estimate_lib.ALONE
+    # 311 / 265 CPU s = 1.17x; pairs 1.24, 1.27, 1.07, 1.07: two of four above 1.1
+    assert estimate_lib.compile_summary([row]).endswith(
+        "above the 1.1× target: nfnet.py:F1 on tpu-v5p 1.17× (311 / 265 CPU s, medians of 4 compiles each, "
+        "alternating; pairs 1.07× to 1.27×, 2 of 4 pairs above the target).")
+    assert "316 (311) ×4 / 270 (265) ×4" in estimate_lib.markdown_table([row])  # wall (CPU) medians
+    row["programs"]["step"]["compile_cpu_s_runs"] = [250.0, 262.0, 270.0, 281.0]
+    assert estimate_lib.compile_summary([row]).endswith(
+        "none is above the 1.1× target. Compiled repeatedly: nfnet.py:F1 on tpu-v5p 1.00× (266 / 265 CPU s, "
+        "medians of 4 compiles each, alternating; pairs 0.97× to 1.01×, no pair above the target).")
+    with pytest.raises(ValueError, match="measure_alone"):
+        estimate_lib.estimate("nfnet.py:F1", "tpu-v5p", per_device_batch=None, remat="off", compile_repeats=2)
 
 
 def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, capsys):
