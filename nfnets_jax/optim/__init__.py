@@ -8,7 +8,7 @@ gradients: ascent on a slice of each device's batch, unsynced, then descent, the
 """
 
 from nfnets_jax.optim import ema
-from nfnets_jax.optim.agc import AGCState, adaptive_grad_clip, clip_fraction_metrics
+from nfnets_jax.optim.agc import AGCState, adaptive_grad_clip, clip_fraction_metrics, global_norm
 from nfnets_jax.optim.config import default_optimizer_config, validate_optimizer_config
 from nfnets_jax.optim.factory import describe_param_groups, make_optimizer
 from nfnets_jax.optim.groups import exclusion_mask
@@ -26,6 +26,7 @@ __all__ = [
     "describe_param_groups",
     "ema",
     "exclusion_mask",
+    "global_norm",
     "make_lr_schedule",
     "make_optimizer",
     "sam_gradients",

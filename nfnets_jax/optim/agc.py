@@ -77,13 +77,33 @@ def count_units(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) // reduced
 
 
-def unitwise_norm(x: jax.Array) -> jax.Array:
-    """Frobenius norm per unit, kept broadcastable against `x` (computed in float32)."""
+def unitwise_squared_norm(x: jax.Array) -> jax.Array:
+    """Sum of squares per unit, kept broadcastable against `x` (computed in float32)."""
     squared = jnp.square(x.astype(jnp.float32))
     axes = unit_axes(x.shape)
     if axes is None:
-        return jnp.sqrt(jnp.sum(squared))
-    return jnp.sqrt(jnp.sum(squared, axis=axes, keepdims=True))
+        return jnp.sum(squared)
+    return jnp.sum(squared, axis=axes, keepdims=True)
+
+
+def unitwise_norm(x: jax.Array) -> jax.Array:
+    """Frobenius norm per unit, kept broadcastable against `x` (computed in float32)."""
+    return jnp.sqrt(unitwise_squared_norm(x))
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The Frobenius norm of a whole tree (as `optax.tree.norm`), summed from the unit-wise squared
+    norms AGC computes.
+
+    In a step where AGC clips the same gradients with the same parameters, XLA computes each
+    leaf's reduction once (the expressions are identical, so common-subexpression elimination
+    merges them) and the norm costs a sum over the per-unit values. A whole-tensor reduction
+    beside AGC's per-unit one is a second pass over every leaf: reporting the gradient and
+    parameter norms that way cost F5's step on a TPU v5p chip 2.97 ms (+7 GB of HBM traffic,
+    docs/tpu_step_cost.md). The barrier keeps XLA from folding the sum of the per-unit sums back
+    into one whole-tensor reduction (which it does otherwise, and which is that second pass)."""
+    per_leaf = [jnp.sum(jax.lax.optimization_barrier(unitwise_squared_norm(leaf))) for leaf in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(per_leaf, jnp.zeros((), jnp.float32)))
 
 
 def _clip_leaf(grad: jax.Array, param: jax.Array, clipping: float, eps: float) -> tuple[jax.Array, jax.Array]:

@@ -217,8 +217,9 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "top_1_acc": lax.pmean(jnp.mean(topk_correct(logits, batch["labels"], 1)), axis_name),
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(state.params),
+            # from AGC's per-unit reductions of the same trees: no pass of their own (agc.global_norm)
+            "grad_norm": optim.global_norm(grads),
+            "param_norm": optim.global_norm(state.params),
             "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         # The learning rate (and momentum, ...) this step applied, read from the optimizer state.
