@@ -333,11 +333,46 @@ def _last_of_each(rows: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]]
                                                   memory_plan.target_order(row["target"]), -row["per_device_batch"]))
 
 
+ADDED_LATER = ("step_state", "fwd_bwd", "forward")  # programs a later row may add to a row
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return row["config"], row["target"], row["per_device_batch"], row["remat"]
+
+
+def _commit(row: dict[str, Any]) -> str:
+    return ((row.get("provenance") or {}).get("git") or {}).get("commit", "?")[:7]
+
+
 def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last row of ours for each (config, target, batch, remat): re-running a row (e.g. with
-    more programs) replaces it. DeepMind's rows are left out (`latest_deepmind_rows`)."""
-    return _last_of_each([row for row in rows if not is_deepmind(row)],
-                         lambda row: (row["config"], row["target"], row["per_device_batch"], row["remat"]))
+    """Our row for each (config, target, batch, remat); DeepMind's rows are left out
+    (`latest_deepmind_rows`).
+
+    The row shown is the last that compiled both the runner's and the bare step (else the last),
+    so that their ratio and compile times come from one sitting: re-running a row replaces it.
+    A program of ADDED_LATER that it lacks is taken from the last row of the same key that
+    compiled it with the same implementation choices (`--programs step,fwd_bwd` adds the
+    forward + backward to a row without compiling its bare step again); the row then says where
+    each such program came from (`added_from`: program -> date and commit), and the table marks it."""
+    ours = [row for row in rows if not is_deepmind(row)]
+    both = lambda row: {"step", "bare"} <= set(row.get("programs") or {})
+    shown = {}
+    for row in ours:
+        if both(row) or not both(shown.get(_row_key(row), {})):
+            shown[_row_key(row)] = row
+    merged = []
+    for key, row in shown.items():
+        row = {**row, "programs": dict(row["programs"]), "added_from": {}}
+        for later in ours:
+            if (_row_key(later) != key or later is shown[key] or later.get("choices") != row.get("choices")
+                    or not later["estimate_valid"]):
+                continue
+            for name in ADDED_LATER:
+                if name in later["programs"] and (name not in shown[key]["programs"] or name in row["added_from"]):
+                    row["programs"][name] = later["programs"][name]
+                    row["added_from"][name] = f"{later['date']}, {_commit(later)}"
+        merged.append(row)
+    return _last_of_each(merged, _row_key)
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> str:
@@ -443,7 +478,22 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
     """The page's generated section: the table of the latest rows, then the summaries of the
     runner's extras and of compile time."""
     latest = latest_rows(rows)
-    return markdown_table(latest) + "\n\n" + summary(latest) + "\n\n" + compile_summary(latest)
+    return (markdown_table(latest) + "\n\n" + summary(latest) + "\n\n" + compile_summary(latest)
+            + added_later_note(latest))
+
+
+def added_later_note(rows: Sequence[dict[str, Any]]) -> str:
+    """The footnote for the table's † cells: programs compiled in another row than the row's
+    runner's and bare step (`latest_rows`), with that row's date and commit."""
+    by_origin: dict[str, list[str]] = {}
+    for row in rows:
+        for name, origin in (row.get("added_from") or {}).items():
+            by_origin.setdefault(origin, []).append(f"{name} of {row['config']} on {row['target']}")
+    if not by_origin:
+        return ""
+    return ("\n\n† Compiled in another row than the row's runner's and bare step, with the same implementation "
+            "choices: " + "; ".join(f"{', '.join(cells)} ({origin})" for origin, cells in sorted(by_origin.items()))
+            + ".")
 
 
 def render_sections(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -481,7 +531,7 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
             "DeepMind's fwd+bwd (ms) | ours (ms) | ours / DeepMind's | step GB accessed, DeepMind's / ours | "
             "DeepMind's compiled |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    ratios, refused, remat_only, only_ours_fit = [], [], [], []
+    ratios, fwd_bwd_ratios, refused, remat_only, only_ours_fit = [], [], [], [], []
     program = lambda row, name: (row or {}).get("programs", {}).get(name) or {}
     for theirs in latest_deepmind_rows(rows):
         key = (theirs["config"], theirs["target"], theirs["per_device_batch"])
@@ -491,6 +541,8 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
         step_ratio, fwd_bwd_ratio = (ours_over_deepmind(ours, theirs, name) for name in ("step", "fwd_bwd"))
         if step_ratio is not None:
             ratios.append((key, round(step_ratio, 3)))  # as printed
+        if fwd_bwd_ratio is not None:
+            fwd_bwd_ratios.append((key, round(fwd_bwd_ratio, 3)))
         theirs_step = ms(theirs, "step")
         ours_step_ms, theirs_step_ms = (program(row, "step").get("estimate_ms") for row in (ours, theirs))
         if "refused" in program(theirs, "step"):
@@ -502,7 +554,9 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
             remat_only.append((key, ours_step_ms / theirs_step_ms))  # a user of ours pays for the remat there
         lines.append(f"| {theirs['config']} | {theirs['target']} | {theirs['image_size']} | {key[2]} | " + " | ".join([
             theirs_step, f"**{ms(ours, 'step')}**" + (" (remat)" if ours and ours["remat"] else ""),
-            _number(step_ratio, "{:.3f}×"), ms(theirs, "fwd_bwd"), ms(ours, "fwd_bwd"), _number(fwd_bwd_ratio, "{:.3f}×"),
+            _number(step_ratio, "{:.3f}×"), ms(theirs, "fwd_bwd"),
+            ms(ours, "fwd_bwd") + ("†" if "fwd_bwd" in (ours or {}).get("added_from", {}) else ""),
+            _number(fwd_bwd_ratio, "{:.3f}×"),
             f"{gb(theirs)} / {gb(ours)}", theirs["date"]]) + " |")
     name = lambda key: f"{key[0]} on {key[1]}"
     fit_notes = ("" if not refused else " DeepMind's step does not fit the device at that batch (the compiler "
@@ -523,6 +577,13 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
             f"{len(ratios)} config{'s' if len(ratios) > 1 else ''} and target{'s' if len(ratios) > 1 else ''} with "
             f"both; above the {goal:.2f}× goal: {'; '.join(over) if over else 'none'}; at or below the "
             f"{stretch:.2f}× stretch goal: {', '.join(within_stretch) if within_stretch else 'none'}.")
+    if fwd_bwd_ratios:
+        over = [f"{name(key)} {ratio:.3f}×" for key, ratio in fwd_bwd_ratios if ratio > goal]
+        count = len(fwd_bwd_ratios)
+        text += (f" Our forward + backward over DeepMind's: "
+                 f"{generated_section.value_range([r for _, r in fwd_bwd_ratios], '{:.3f}×')} over the {count} "
+                 f"config{'s' if count > 1 else ''} and target{'s' if count > 1 else ''} with both; above the "
+                 f"{goal:.2f}× goal: {'; '.join(over) if over else 'none'}.")
     return "\n".join(lines) + "\n\n" + text + fit_notes
 
 
@@ -543,7 +604,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             lines.append(prefix + f"no estimate ({row['no_estimate_because']}) |" + " — |" * (columns - 6))
             continue
         extras = row["runner_over_bare"]
-        ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.2f}")
+        added = row.get("added_from") or {}
+        ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.2f}") + ("†" if name in added else "")
         lines.append(prefix + " | ".join([
             f"**{ms('step')}**", ms("bare"), _number(extras["ratio"], "{:.3f}×"),
             _number(extras["metrics_ms"], "{:+.2f}"), _number(extras["guard_means_rng_ms"], "{:+.2f}"),

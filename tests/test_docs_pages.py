@@ -83,6 +83,11 @@ def test_the_readme_quotes_the_tpu_step_estimate_of_its_json_line():
     ratios = [r for r in ratios if r is not None]
     assert (f"ours is {min(ratios):.3f}–{max(ratios):.3f}× DeepMind's ({len(ratios)} configs × targets)"
             in row)
+    fwd_bwd = [tpu_step_estimate.ours_over_deepmind(ours_of.get(key(theirs)), theirs, "fwd_bwd")
+               for theirs in tpu_step_estimate.latest_deepmind_rows(rows)]
+    fwd_bwd = [r for r in fwd_bwd if r is not None]
+    assert (f"the forward + backward alone: {min(fwd_bwd):.3f}–{max(fwd_bwd):.3f}× "
+            f"({len(fwd_bwd)} configs × targets)" in row)
 
 
 def test_the_readme_quotes_the_fashion_mnist_reference_record():

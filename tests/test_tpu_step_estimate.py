@@ -159,13 +159,16 @@ def test_our_step_is_compared_with_deepminds_where_both_ran_without_remat():
     assert lines[6].startswith("| nfnet.py:F5 | tpu-v3 | 192 | 32 | does not fit | **880.00** | — |")
     assert lines[8] == ("Our step over DeepMind's: 0.950× to 1.035× over the 2 configs and targets with both; above "
                         "the 1.00× goal: nfnet.py:F2 on tpu-v5p 1.035×; at or below the 0.95× stretch goal: "
-                        "nfnet.py:F0 on tpu-v3. DeepMind's step does not fit the device at that batch (the compiler "
+                        "nfnet.py:F0 on tpu-v3. Our forward + backward over DeepMind's: 0.990× over the 1 config "
+                        "and target with both; above the 1.00× goal: none. "
+                        "DeepMind's step does not fit the device at that batch (the compiler "
                         "refused it): nfnet.py:F5 on tpu-v3. Ours fits there without remat: nfnet.py:F5 on tpu-v3, "
                         "880.00 ms. DeepMind's step fits without remat where ours needs it: "
                         "nfnet.py:F4 on tpu-v3, ours with remat 1.067× DeepMind's step.")  # 640 / 600
     one = estimate_lib.deepmind_comparison(rows[1:3]).splitlines()[-1]
     assert one == ("Our step over DeepMind's: 0.950× over the 1 config and target with both; above the 1.00× goal: "
-                   "none; at or below the 0.95× stretch goal: nfnet.py:F0 on tpu-v3.")
+                   "none; at or below the 0.95× stretch goal: nfnet.py:F0 on tpu-v3. Our forward + backward over "
+                   "DeepMind's: 0.990× over the 1 config and target with both; above the 1.00× goal: none.")
 
 
 def _variant(config, target, step_ms, bare_ms, step_state_ms=None):
@@ -201,6 +204,41 @@ def test_a_rerun_replaces_its_row_and_the_summary_names_each_row_above_the_targe
         "The runner's step over the bare step: 0.997× over the 1 row with both estimates;")
     assert estimate_lib.summary([_variant("nfnet.py:F0", "tpu-v3", 30.612, 30.0)]).endswith(
         "1.020× over the 1 row with both estimates; none is above the 1.02× target.")
+
+
+def _dated(row, date, commit):
+    return {**row, "date": date, "provenance": {"git": {"commit": commit + "0" * 33}}}
+
+
+def test_a_row_that_adds_the_forward_and_backward_fills_the_cells_of_the_row_with_both_steps():
+    full = _dated(_variant("nfnet.py:F1", "tpu-v5p", 26.84, 26.67), "2026-12-06", "9cbff68")
+    full["programs"]["step"]["compile_s"], full["programs"]["bare"]["compile_s"] = 300.0, 250.0
+    # `--programs step,fwd_bwd`: its own step compile (another sitting) must not replace the pair's
+    added = _dated(_variant("nfnet.py:F1", "tpu-v5p", 26.90, 26.90), "2026-12-07", "abcdef1")
+    added["programs"] = {"step": {**added["programs"]["step"], "compile_s": 999.0},
+                         "fwd_bwd": {"estimate_ms": 18.00}}
+    other_choices = _dated(_variant("nfnet.py:F1", "tpu-v5p", 30.0, 30.0), "2026-12-08", "1234567")
+    other_choices["programs"] = {"step": other_choices["programs"]["step"], "forward": {"estimate_ms": 5.0}}
+    other_choices["choices"] = {**other_choices["choices"], "grouped_convs_as": "split per group"}
+    deepmind = _deepmind("nfnet.py:F1", "tpu-v5p", 27.97, 18.48)
+    rows = [full, added, other_choices, deepmind]
+    (row,) = estimate_lib.latest_rows(rows)
+    assert row["programs"]["step"]["estimate_ms"] == 26.84 and row["programs"]["bare"]["estimate_ms"] == 26.67
+    assert row["programs"]["fwd_bwd"]["estimate_ms"] == 18.00 and "forward" not in row["programs"]
+    assert row["added_from"] == {"fwd_bwd": "2026-12-07, abcdef1"}
+    line = estimate_lib.markdown_table([row]).splitlines()[2]
+    assert "| **26.84** | 26.67 | 1.006× |" in line and "| 18.00† | — |" in line and "| 300 / 250 |" in line
+    assert estimate_lib.render(rows).endswith(
+        "† Compiled in another row than the row's runner's and bare step, with the same implementation choices: "
+        "fwd_bwd of nfnet.py:F1 on tpu-v5p (2026-12-07, abcdef1).")
+    comparison = estimate_lib.deepmind_comparison(rows)
+    assert "| 27.97 | **26.84** | 0.960× | 18.48 | 18.00† | 0.974× |" in comparison  # 26.84/27.97, 18.00/18.48
+    # the inputs are left as they were
+    assert "fwd_bwd" not in full["programs"] and "added_from" not in full
+    # a later row with both steps is shown instead, and still gets the forward + backward
+    rerun = _dated(_variant("nfnet.py:F1", "tpu-v5p", 26.70, 26.60), "2026-12-09", "7654321")
+    (row,) = estimate_lib.latest_rows(rows + [rerun])
+    assert row["programs"]["step"]["estimate_ms"] == 26.70 and row["added_from"] == {"fwd_bwd": "2026-12-07, abcdef1"}
 
 
 def test_compile_time_compares_cpu_seconds_where_both_have_them_and_names_each_row_above_the_target():
