@@ -340,10 +340,6 @@ def _row_key(row: dict[str, Any]) -> tuple:
     return row["config"], row["target"], row["per_device_batch"], row["remat"]
 
 
-def _commit(row: dict[str, Any]) -> str:
-    return ((row.get("provenance") or {}).get("git") or {}).get("commit", "?")[:7]
-
-
 def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Our row for each (config, target, batch, remat); DeepMind's rows are left out
     (`latest_deepmind_rows`).
@@ -368,9 +364,9 @@ def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     or not later["estimate_valid"]):
                 continue
             for name in ADDED_LATER:
-                if name in later["programs"] and (name not in shown[key]["programs"] or name in row["added_from"]):
+                if name in later["programs"] and name not in shown[key]["programs"]:  # the last such row wins
                     row["programs"][name] = later["programs"][name]
-                    row["added_from"][name] = f"{later['date']}, {_commit(later)}"
+                    row["added_from"][name] = f"{later['date']}, {provenance.short_commit((later.get('provenance') or {}).get('git'))}"
         merged.append(row)
     return _last_of_each(merged, _row_key)
 
@@ -482,6 +478,11 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
             + added_later_note(latest))
 
 
+def _dagger(row: dict[str, Any] | None, program: str) -> str:
+    """"†" where `program`'s cell of `row` came from another row (`latest_rows`), else ""."""
+    return "†" if program in ((row or {}).get("added_from") or {}) else ""
+
+
 def added_later_note(rows: Sequence[dict[str, Any]]) -> str:
     """The footnote for the table's † cells: programs compiled in another row than the row's
     runner's and bare step (`latest_rows`), with that row's date and commit."""
@@ -555,7 +556,7 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {theirs['config']} | {theirs['target']} | {theirs['image_size']} | {key[2]} | " + " | ".join([
             theirs_step, f"**{ms(ours, 'step')}**" + (" (remat)" if ours and ours["remat"] else ""),
             _number(step_ratio, "{:.3f}×"), ms(theirs, "fwd_bwd"),
-            ms(ours, "fwd_bwd") + ("†" if "fwd_bwd" in (ours or {}).get("added_from", {}) else ""),
+            ms(ours, "fwd_bwd") + _dagger(ours, "fwd_bwd"),
             _number(fwd_bwd_ratio, "{:.3f}×"),
             f"{gb(theirs)} / {gb(ours)}", theirs["date"]]) + " |")
     name = lambda key: f"{key[0]} on {key[1]}"
@@ -571,19 +572,19 @@ def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
         return ("\n".join(lines) + "\n\nNo config has both DeepMind's step and ours compiled without remat yet."
                 + fit_notes)
     goal, stretch = OURS_OVER_DEEPMIND_TARGETS
-    over = [f"{name(key)} {ratio:.3f}×" for key, ratio in ratios if ratio > goal]
+
+    def over_deepmind(what: str, measured: list[tuple[tuple, float]]) -> str:
+        over = [f"{name(key)} {ratio:.3f}×" for key, ratio in measured if ratio > goal]
+        count = len(measured)
+        return (f"Our {what} over DeepMind's: {generated_section.value_range([r for _, r in measured], '{:.3f}×')} "
+                f"over the {count} config{'s' if count > 1 else ''} and target{'s' if count > 1 else ''} with both; "
+                f"above the {goal:.2f}× goal: {'; '.join(over) if over else 'none'}")
+
     within_stretch = [name(key) for key, ratio in ratios if ratio <= stretch]
-    text = (f"Our step over DeepMind's: {generated_section.value_range([r for _, r in ratios], '{:.3f}×')} over the "
-            f"{len(ratios)} config{'s' if len(ratios) > 1 else ''} and target{'s' if len(ratios) > 1 else ''} with "
-            f"both; above the {goal:.2f}× goal: {'; '.join(over) if over else 'none'}; at or below the "
-            f"{stretch:.2f}× stretch goal: {', '.join(within_stretch) if within_stretch else 'none'}.")
+    text = (over_deepmind("step", ratios) + f"; at or below the {stretch:.2f}× stretch goal: "
+            f"{', '.join(within_stretch) if within_stretch else 'none'}.")
     if fwd_bwd_ratios:
-        over = [f"{name(key)} {ratio:.3f}×" for key, ratio in fwd_bwd_ratios if ratio > goal]
-        count = len(fwd_bwd_ratios)
-        text += (f" Our forward + backward over DeepMind's: "
-                 f"{generated_section.value_range([r for _, r in fwd_bwd_ratios], '{:.3f}×')} over the {count} "
-                 f"config{'s' if count > 1 else ''} and target{'s' if count > 1 else ''} with both; above the "
-                 f"{goal:.2f}× goal: {'; '.join(over) if over else 'none'}.")
+        text += " " + over_deepmind("forward + backward", fwd_bwd_ratios) + "."
     return "\n".join(lines) + "\n\n" + text + fit_notes
 
 
@@ -604,8 +605,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             lines.append(prefix + f"no estimate ({row['no_estimate_because']}) |" + " — |" * (columns - 6))
             continue
         extras = row["runner_over_bare"]
-        added = row.get("added_from") or {}
-        ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.2f}") + ("†" if name in added else "")
+        ms = lambda name: _number(programs.get(name, {}).get("estimate_ms"), "{:.2f}") + _dagger(row, name)
         lines.append(prefix + " | ".join([
             f"**{ms('step')}**", ms("bare"), _number(extras["ratio"], "{:.3f}×"),
             _number(extras["metrics_ms"], "{:+.2f}"), _number(extras["guard_means_rng_ms"], "{:+.2f}"),

@@ -174,7 +174,7 @@ def versions() -> dict[str, str]:
     machine = record["machine"]
     found["machine"] = f"{machine['machine']}, {machine['cpu_count']} CPUs, {platform.system()}"
     git = record["git"] or {}
-    found["git_commit"] = (git.get("commit") or "unknown")[:7] + ("+changes" if git.get("dirty") else "")
+    found["git_commit"] = provenance.short_commit(git) + ("+changes" if git.get("dirty") else "")
     try:
         found["load_average_at_start"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:

@@ -127,8 +127,7 @@ def _model_cell(model: dict[str, Any]) -> str:
 
 def _run_label(record: dict[str, Any]) -> str:
     git = record["provenance"].get("git") or {}
-    commit = (git.get("commit") or "unknown")[:7]
-    return f"commit {commit}{' (uncommitted changes)' if git.get('dirty') else ''}"
+    return f"commit {provenance.short_commit(git)}{' (uncommitted changes)' if git.get('dirty') else ''}"
 
 
 def _target_sentence(record: dict[str, Any]) -> str:

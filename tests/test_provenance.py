@@ -106,3 +106,9 @@ def test_every_benchmark_that_prints_json_records_provenance():
     assert printing, "no benchmark scripts found"
     missing = [p.name for p in printing if "provenance.collect(" not in p.read_text(encoding="utf-8")]
     assert not missing, f"benchmarks whose JSON lines lack nfnets_jax.runtime.provenance.collect(): {missing}"
+
+
+def test_a_page_names_a_commit_by_its_first_seven_hex_digits_or_says_it_is_unknown():
+    assert provenance.short_commit({"commit": "9cbff68a89fe0b7bb19a766950e9023782dbf364", "dirty": False}) == "9cbff68"
+    assert provenance.short_commit({"commit": None, "dirty": None}) == "unknown"  # git present, no HEAD
+    assert provenance.short_commit(None) == "unknown"  # an installed copy, not a checkout

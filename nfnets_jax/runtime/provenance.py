@@ -85,6 +85,12 @@ def git_state() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(lines), "untracked": untracked[:_MAX_UNTRACKED]}
 
 
+def short_commit(git: dict[str, Any] | None) -> str:
+    """The first 7 hex digits of a `git_state()` record's commit ("unknown" where there is none),
+    as a results page names the code that produced a number."""
+    return ((git or {}).get("commit") or "unknown")[:7]
+
+
 def machine() -> dict[str, Any]:
     """Python, OS and CPU count: what a timing or a numerical result may depend on."""
     return {
