@@ -371,13 +371,18 @@ def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return _last_of_each(merged, _row_key)
 
 
+def runner_over_bare_ratios(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[float]]:
+    """The rows with both the runner's and the bare step's estimate, and their ratio as printed."""
+    measured = [row for row in rows if row["estimate_valid"] and (row["runner_over_bare"] or {}).get("ratio")]
+    return measured, [round(row["runner_over_bare"]["ratio"], 3) for row in measured]
+
+
 def summary(rows: Sequence[dict[str, Any]]) -> str:
     """What the rows say about the runner's extras: the range of runner / bare, and each row above
     the target with its split into metrics and the rest where `step_state` was compiled."""
-    measured = [row for row in rows if row["estimate_valid"] and (row["runner_over_bare"] or {}).get("ratio")]
+    measured, ratios = runner_over_bare_ratios(rows)
     if not measured:
         return "No row has both the runner's and the bare step's estimate yet."
-    ratios = [round(row["runner_over_bare"]["ratio"], 3) for row in measured]  # as printed
     above = [row for row, ratio in zip(measured, ratios) if ratio > RUNNER_OVER_BARE_TARGET]
     text = (f"The runner's step over the bare step: {generated_section.value_range(ratios, '{:.3f}×')} over the "
             f"{len(measured)} row{'s' if len(measured) > 1 else ''} with both estimates; ")
@@ -422,20 +427,27 @@ def pair_ratios(step: dict[str, Any], bare: dict[str, Any]) -> list[float]:
 ALONE = "a process per program"  # how a row's programs were compiled (`estimate`'s "compiled_in")
 
 
-def compile_summary(rows: Sequence[dict[str, Any]]) -> str:
-    """What the rows say about compile time: the runner's step over the bare step's, its range and
-    each row above COMPILE_OVER_BARE_TARGET, over the rows whose programs were each compiled in a
-    process of their own. Older rows compiled them one after another in one process, the runner's
-    step first, which is slower for being first (`_measure_in_child`): they are counted, not compared."""
-    timed, shared, pairs = [], 0, {}
+def compared_compile_times(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple], int]:
+    """(row, runner's step, bare step, unit, their ratio as printed) for each row whose two steps were
+    each compiled in a process of their own, and how many older rows compiled them in one process."""
+    timed, shared = [], 0
     for row in rows:
         programs = row["programs"]
         times = compile_seconds(programs["step"], programs["bare"]) if "bare" in programs else None
         if times is not None and row.get("compiled_in") != ALONE:
             shared += 1
         elif times is not None:
-            timed.append((row, *times, round(times[0] / times[1], 2)))  # the ratio as printed
-            pairs[id(row)] = pair_ratios(programs["step"], programs["bare"])
+            timed.append((row, *times, round(times[0] / times[1], 2)))
+    return timed, shared
+
+
+def compile_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """What the rows say about compile time: the runner's step over the bare step's, its range and
+    each row above COMPILE_OVER_BARE_TARGET, over the rows whose programs were each compiled in a
+    process of their own. Older rows compiled them one after another in one process, the runner's
+    step first, which is slower for being first (`_measure_in_child`): they are counted, not compared."""
+    timed, shared = compared_compile_times(rows)
+    pairs = {id(row): pair_ratios(row["programs"]["step"], row["programs"]["bare"]) for row, *_ in timed}
     left_out = ("" if not shared else
                 f" {shared} older row{'s' if shared > 1 else ''}, whose programs were compiled one after another in "
                 f"one process (the runner's step first), {'are' if shared > 1 else 'is'} not compared.")
@@ -497,9 +509,46 @@ def added_later_note(rows: Sequence[dict[str, Any]]) -> str:
             + ".")
 
 
+def goals(rows: Sequence[dict[str, Any]]) -> str:
+    """The page's verdicts, one line per goal of the step's cost (the targets above): what it asks,
+    what the rows measure, and whether it is met, with the configs and targets that miss it."""
+    latest = latest_rows(rows)
+    name = lambda key: f"{key[0].split(':')[-1]} on {key[1]}"
+    goal, stretch = OURS_OVER_DEEPMIND_TARGETS
+    lines = ["| goal | measured | met? |", "|---|---|---|"]
+
+    def line(asked: str, values: list[float], fmt: str, over: tuple[str, str], keys: list, target: float,
+             within: list | None = None) -> None:
+        if not values:
+            lines.append(f"| {asked} | not measured | — |")
+            return
+        missed = [f"{name(key)} {value:{fmt}}×" for key, value in zip(keys, values) if value > target]
+        verdict = (f"**no**: {len(missed)} of {len(values)} above ({'; '.join(missed)})" if missed else
+                   f"yes, all {len(values)}" if len(values) > 1 else "yes")
+        if within is not None:
+            verdict += f"; at or below {stretch:.2f}×: {len(within)} ({', '.join(within) or 'none'})"
+        lines.append(f"| {asked} | {generated_section.value_range(values, '{:' + fmt + '}×')} over {len(values)} "
+                     f"{over[len(values) > 1]} | {verdict} |")
+
+    for program, what in (("step", "the whole train step"), ("fwd_bwd", "the forward + backward")):
+        ratios = over_deepmind_ratios(rows, program)
+        within = [name(key) for key, ratio in ratios if ratio <= stretch] if program == "step" else None
+        asked = f"ours / DeepMind's, {what}: ≤ {goal:.2f}×" + (f" (stretch ≤ {stretch:.2f}×)" if within is not None else "")
+        line(asked, [ratio for _, ratio in ratios], ".3f", ("config × target", "configs × targets"), [key for key, _ in ratios], goal,
+             within)
+    measured, ratios = runner_over_bare_ratios(latest)
+    line(f"the runner's step / the bare step: ≤ {RUNNER_OVER_BARE_TARGET:.2f}×", ratios, ".3f", ("row", "rows"),
+         [(row["config"], row["target"]) for row in measured], RUNNER_OVER_BARE_TARGET)
+    timed, _ = compared_compile_times(latest)
+    line(f"compile time, the runner's step / the bare step's: ≤ {COMPILE_OVER_BARE_TARGET:.1f}×",
+         [entry[-1] for entry in timed], ".2f", ("row", "rows"), [(entry[0]["config"], entry[0]["target"]) for entry in timed],
+         COMPILE_OVER_BARE_TARGET)
+    return "\n".join(lines)
+
+
 def render_sections(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     """Every generated section of docs/tpu_step_cost.md (name -> text) from its JSON lines."""
-    return {SECTION: render(rows), DEEPMIND_SECTION: deepmind_comparison(rows)}
+    return {GOALS_SECTION: goals(rows), SECTION: render(rows), DEEPMIND_SECTION: deepmind_comparison(rows)}
 
 
 def latest_deepmind_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -518,32 +567,41 @@ def ours_over_deepmind(ours: dict[str, Any] | None, deepmind: dict[str, Any], pr
     return None if mine is None or theirs is None else mine / theirs
 
 
-def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
-    """The table of our step against DeepMind's, per config and target DeepMind's step was compiled
-    for, and what it says about the targets (OURS_OVER_DEEPMIND_TARGETS). Our row without remat is
-    compared where there is one; a remat row of ours is shown, marked, without a ratio; a step of
-    DeepMind's that the compiler refused (more than the device's HBM) reads "does not fit"."""
+def beside_deepmind(rows: Sequence[dict[str, Any]]) -> list[tuple[tuple, dict[str, Any], dict[str, Any] | None]]:
+    """(config, target, batch), DeepMind's row and ours (None: not compiled) for each of DeepMind's
+    latest rows; ours is the row without remat where there is one."""
     ours_of: dict[tuple, dict[str, Any]] = {}
     for row in latest_rows(rows):
         key = (row["config"], row["target"], row["per_device_batch"])
         if key not in ours_of or ours_of[key]["remat"]:
             ours_of[key] = row
+    return [((theirs["config"], theirs["target"], theirs["per_device_batch"]), theirs,
+             ours_of.get((theirs["config"], theirs["target"], theirs["per_device_batch"])))
+            for theirs in latest_deepmind_rows(rows)]
+
+
+def over_deepmind_ratios(rows: Sequence[dict[str, Any]], program: str) -> list[tuple[tuple, float]]:
+    """(config, target, batch) and ours over DeepMind's `program` as printed, where both have it."""
+    ratios = [(key, ours_over_deepmind(ours, theirs, program)) for key, theirs, ours in beside_deepmind(rows)]
+    return [(key, round(ratio, 3)) for key, ratio in ratios if ratio is not None]
+
+
+def deepmind_comparison(rows: Sequence[dict[str, Any]]) -> str:
+    """The table of our step against DeepMind's, per config and target DeepMind's step was compiled
+    for, and what it says about the targets (OURS_OVER_DEEPMIND_TARGETS). Our row without remat is
+    compared where there is one; a remat row of ours is shown, marked, without a ratio; a step of
+    DeepMind's that the compiler refused (more than the device's HBM) reads "does not fit"."""
     head = ("| config | target | px | batch | DeepMind's step (ms) | ours (ms) | ours / DeepMind's | "
             "DeepMind's fwd+bwd (ms) | ours (ms) | ours / DeepMind's | step GB accessed, DeepMind's / ours | "
             "DeepMind's compiled |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    ratios, fwd_bwd_ratios, refused, remat_only, only_ours_fit = [], [], [], [], []
+    ratios, fwd_bwd_ratios = over_deepmind_ratios(rows, "step"), over_deepmind_ratios(rows, "fwd_bwd")
+    refused, remat_only, only_ours_fit = [], [], []
     program = lambda row, name: (row or {}).get("programs", {}).get(name) or {}
-    for theirs in latest_deepmind_rows(rows):
-        key = (theirs["config"], theirs["target"], theirs["per_device_batch"])
-        ours = ours_of.get(key)
+    for key, theirs, ours in beside_deepmind(rows):
         ms = lambda row, name: _number(program(row, name).get("estimate_ms"), "{:.2f}")
         gb = lambda row: _number(_scaled(program(row, "step").get("bytes_accessed"), 1e-9), "{:.2f}")
         step_ratio, fwd_bwd_ratio = (ours_over_deepmind(ours, theirs, name) for name in ("step", "fwd_bwd"))
-        if step_ratio is not None:
-            ratios.append((key, round(step_ratio, 3)))  # as printed
-        if fwd_bwd_ratio is not None:
-            fwd_bwd_ratios.append((key, round(fwd_bwd_ratio, 3)))
         theirs_step = ms(theirs, "step")
         ours_step_ms, theirs_step_ms = (program(row, "step").get("estimate_ms") for row in (ours, theirs))
         if "refused" in program(theirs, "step"):
@@ -619,6 +677,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 SECTION = "table"  # the page's generated sections (experiments.generated_section)
 DEEPMIND_SECTION = "deepmind"
+GOALS_SECTION = "goals"
 
 
 def _compile_time(program: dict[str, Any]) -> str:

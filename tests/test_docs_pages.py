@@ -88,6 +88,16 @@ def test_the_readme_quotes_the_tpu_step_estimate_of_its_json_line():
     fwd_bwd = [r for r in fwd_bwd if r is not None]
     assert (f"the forward + backward alone: {min(fwd_bwd):.3f}–{max(fwd_bwd):.3f}× "
             f"({len(fwd_bwd)} configs × targets)" in row)
+    # The largest runner / bare over every row, and the compile-time goal's verdict.
+    latest = [r for r in tpu_step_estimate.latest_rows(rows) if r["estimate_valid"]]
+    worst = max(latest, key=lambda r: r["runner_over_bare"]["ratio"])
+    short = lambda r: f"{r['config'].split(':')[-1]} on {r['target'].split('-')[-1]}"
+    assert f"(at most {100 * (worst['runner_over_bare']['ratio'] - 1):.1f}%, {short(worst)})" in row
+    timed, _ = tpu_step_estimate.compared_compile_times(latest)
+    compile_ratios = [step / bare for _, step, bare, _, _ in timed]
+    above = [short(r) for r, step, bare, _, _ in timed if round(step / bare, 2) > 1.1]
+    assert (f"its compile time is {min(compile_ratios):.2f}–{max(compile_ratios):.2f}× the bare step's "
+            f"({len(timed)} rows; above the 1.1× goal: {', '.join(above) or 'none'})" in row)
 
 
 def test_the_readme_quotes_the_fashion_mnist_reference_record():

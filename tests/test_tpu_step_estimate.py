@@ -107,7 +107,9 @@ def test_the_table_mode_reads_json_lines(tmp_path, capsys):
     path.write_text("# a comment line\n" + "\n".join(json.dumps(_row(t)) for t in ("tpu-v3", "tpu-v5e")) + "\n")
     estimate_lib.main(["--table", str(path)])
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 13 and "tpu-v5e" in out[3] and out[4] == "" and out[5].startswith("The runner's step")
+    assert len(out) == 20 and out[0] == "| goal | measured | met? |" and out[6] == ""
+    out = out[7:]  # the goals first, then the table
+    assert "tpu-v5e" in out[3] and out[4] == "" and out[5].startswith("The runner's step")
     assert out[6] == "" and out[7].startswith("Compile time of the runner's step")
     assert out[9].startswith("| config | target | px | batch | DeepMind's step (ms) |")
     assert out[12] == "No config has both DeepMind's step and ours compiled without remat yet."
@@ -169,6 +171,30 @@ def test_our_step_is_compared_with_deepminds_where_both_ran_without_remat():
     assert one == ("Our step over DeepMind's: 0.950× over the 1 config and target with both; above the 1.00× goal: "
                    "none; at or below the 0.95× stretch goal: nfnet.py:F0 on tpu-v3. Our forward + backward over "
                    "DeepMind's: 0.990× over the 1 config and target with both; above the 1.00× goal: none.")
+
+
+def test_the_goals_table_says_which_goal_is_met_and_names_each_miss():
+    rows = [_deepmind("nfnet.py:F0", "tpu-v3", 38.0, 31.0), _ours("nfnet.py:F0", "tpu-v3", 36.1, 30.69),
+            _deepmind("nfnet.py:F2", "tpu-v5p", 44.0), _ours("nfnet.py:F2", "tpu-v5p", 45.54),
+            _variant("nfnet.py:F1", "tpu-v5p", 44.0, 40.0)]
+    rows[3]["programs"]["step"]["compile_s"] = 400.0  # over the bare step's 355 s
+    lines = estimate_lib.goals(rows).splitlines()
+    assert lines[:2] == ["| goal | measured | met? |", "|---|---|---|"] and len(lines) == 6
+    # 36.1 / 38.0 = 0.950 (at the stretch goal), 45.54 / 44.0 = 1.035; 30.69 / 31.0 = 0.990
+    assert lines[2] == ("| ours / DeepMind's, the whole train step: ≤ 1.00× (stretch ≤ 0.95×) | 0.950× to 1.035× "
+                        "over 2 configs × targets | **no**: 1 of 2 above (F2 on tpu-v5p 1.035×); at or below "
+                        "0.95×: 1 (F0 on tpu-v3) |")
+    assert lines[3] == ("| ours / DeepMind's, the forward + backward: ≤ 1.00× | 0.990× over 1 config × target "
+                        "| yes |")
+    # runner / bare: 36.1 / 36.1, 44 / 40 = 1.100, 45.54 / 45.54
+    assert lines[4] == ("| the runner's step / the bare step: ≤ 1.02× | 1.000× to 1.100× over 3 rows | **no**: "
+                        "1 of 3 above (F1 on tpu-v5p 1.100×) |")
+    # compile: 355 / 355 twice, 400 / 355 = 1.13
+    assert lines[5] == ("| compile time, the runner's step / the bare step's: ≤ 1.1× | 1.00× to 1.13× over 3 rows "
+                        "| **no**: 1 of 3 above (F2 on tpu-v5p 1.13×) |")
+    alone = estimate_lib.goals([_variant("nfnet.py:F0", "tpu-v3", 36.0, 36.0)]).splitlines()
+    assert alone[2] == "| ours / DeepMind's, the whole train step: ≤ 1.00× (stretch ≤ 0.95×) | not measured | — |"
+    assert alone[4].endswith("| 1.000× over 1 row | yes |") and alone[5].endswith("| 1.00× over 1 row | yes |")
 
 
 def _variant(config, target, step_ms, bare_ms, step_state_ms=None):
@@ -322,12 +348,15 @@ def test_the_table_goes_between_the_pages_markers_and_nowhere_else(tmp_path, cap
     rows.write_text(json.dumps(_row("tpu-v3")) + "\n")
     start, end = generated_section.markers(estimate_lib.SECTION)
     start2, end2 = generated_section.markers(estimate_lib.DEEPMIND_SECTION)
-    page.write_text(f"# Title\n\n{start}\nold table\n{end}\n\nbetween\n{start2}\nold\n{end2}\nafter\n")
+    start3, end3 = generated_section.markers(estimate_lib.GOALS_SECTION)
+    page.write_text(f"# Title\n{start3}\n{end3}\n{start}\nold table\n{end}\n\nbetween\n{start2}\nold\n{end2}\nafter\n")
     estimate_lib.main(["--table", str(rows), "--into", str(page)])
     text = page.read_text()
     table = estimate_lib.render(generated_section.read_json_lines(rows))
     comparison = estimate_lib.deepmind_comparison(generated_section.read_json_lines(rows))
-    assert text == f"# Title\n\n{start}\n{table}\n{end}\n\nbetween\n{start2}\n{comparison}\n{end2}\nafter\n"
+    goals = estimate_lib.goals(generated_section.read_json_lines(rows))
+    assert text == (f"# Title\n{start3}\n{goals}\n{end3}\n{start}\n{table}\n{end}\n\nbetween\n{start2}\n"
+                    f"{comparison}\n{end2}\nafter\n")
     page.write_text("no markers")
     with pytest.raises(SystemExit):
         estimate_lib.main(["--table", str(rows), "--into", str(page)])
