@@ -197,7 +197,7 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     from nfnets_jax.analysis.compiled_memory import compiled_memory  # pylint: disable=import-outside-toplevel
     from nfnets_jax.models.flops import xla_cost  # pylint: disable=import-outside-toplevel
 
-    start, start_cpu = time.perf_counter(), time.process_time()
+    start, start_cpu, start_host = time.perf_counter(), time.process_time(), host_busy_cpu_seconds()
     try:
         compiled = program.lower(*args).compile()
     except jax.errors.JaxRuntimeError as error:
@@ -207,11 +207,35 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     # Wall time, and this process's CPU time (all threads), which other jobs on a shared host
     # disturb far less.
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+    others = others_cores(start_host, host_busy_cpu_seconds(), compile_cpu_s, compile_s)
     cost, memory = xla_cost(compiled), compiled_memory(compiled)
     seconds = cost["optimal_seconds"]
     return {"estimate_ms": None if seconds is None else seconds * 1e3, "flops": cost["flops"],
             "bytes_accessed": cost["bytes_accessed"], "peak_gib": memory.peak_gib,
-            "compile_s": compile_s, "compile_cpu_s": compile_cpu_s}
+            "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "others_cores": others}
+
+
+def host_busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on this host has used since boot (Linux's /proc/stat: all but
+    idle and iowait); None where the host does not say."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+        ticks = [int(field) for field in fields[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def others_cores(host_before: float | None, host_after: float | None, own_cpu_s: float,
+                 wall_s: float) -> float | None:
+    """How many cores other work kept busy, on average, while this process compiled: the host's
+    CPU seconds over the compile less this process's own, per second of wall time. A compile beside
+    another (one more core busy, on this project's 2-core host) took up to a quarter longer in CPU
+    seconds (docs/tpu_step_cost.md), so a compile time says little without it."""
+    if host_before is None or host_after is None or wall_s <= 0:
+        return None
+    return max(0.0, (host_after - host_before - own_cpu_s) / wall_s)
 
 
 def programs_for(config: Any, batch: int, device: Any, use_remat: bool) -> dict[str, tuple[Callable, tuple]]:
@@ -278,7 +302,7 @@ def estimate(spec: str, target: str, *, per_device_batch: int | None, remat: str
     }
 
 
-COMPILE_TIMES = ("compile_s", "compile_cpu_s")  # what `measure_program` times
+COMPILE_TIMES = ("compile_s", "compile_cpu_s", "others_cores")  # what `measure_program` times, and the load beside it
 
 
 def _repeat_compiles(results: dict[str, Any], repeats: int, measure: Callable[[str], dict[str, Any]]) -> None:
@@ -459,7 +483,7 @@ def compile_summary(rows: Sequence[dict[str, Any]]) -> str:
             f"{len(timed)} row{'s' if len(timed) > 1 else ''} with both; ")
     row_said = lambda row, step, bare, said, ratio: (
         f"{row['config']} on {row['target']}{', remat on' if row['remat'] else ''} {ratio:.2f}× "
-        f"({step:.0f} / {bare:.0f} {said}{_pairs_said(pairs[id(row)])})")
+        f"({step:.0f} / {bare:.0f} {said}{_pairs_said(pairs[id(row)])}{_others_said(row)})")
     above = [row_said(*entry) for entry in timed if entry[-1] > COMPILE_OVER_BARE_TARGET]
     repeated = [row_said(*entry) for entry in timed if pairs[id(entry[0])] and entry[-1] <= COMPILE_OVER_BARE_TARGET]
     within = "" if not repeated else " Compiled repeatedly: " + "; ".join(repeated) + "."
@@ -467,6 +491,20 @@ def compile_summary(rows: Sequence[dict[str, Any]]) -> str:
         return text + f"none is above the {COMPILE_OVER_BARE_TARGET:.1f}× target." + within + left_out
     return (text + f"above the {COMPILE_OVER_BARE_TARGET:.1f}× target: " + "; ".join(above) + "." + within
             + left_out)
+
+
+def busiest_others(row: dict[str, Any]) -> float | None:
+    """The most other work (`others_cores`) beside any compile of the row's two steps; None where
+    none was recorded (rows before 2026-12-07)."""
+    values = [value for name in ("step", "bare")
+              for value in (row["programs"][name].get("others_cores_runs") or [row["programs"][name].get("others_cores")])
+              if value is not None]
+    return max(values) if values else None
+
+
+def _others_said(row: dict[str, Any]) -> str:
+    busiest = busiest_others(row)
+    return "" if busiest is None else f"; other work beside it: up to {busiest:.1f} cores"
 
 
 def _pairs_said(ratios: list[float]) -> str:

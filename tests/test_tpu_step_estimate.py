@@ -303,6 +303,28 @@ def test_compile_time_compares_cpu_seconds_where_both_have_them_and_names_each_r
         "No row has both programs' compile times, each from a process of its own, yet.")
 
 
+def test_a_compile_records_how_many_cores_other_work_kept_busy_beside_it(monkeypatch):
+    """Host CPU seconds 100 -> 103.5 over a compile of 2 s wall that used 1.5 CPU s itself: the
+    other work kept (3.5 - 1.5) / 2 = 1.0 core busy, and the compile-time line says so."""
+    assert estimate_lib.others_cores(100.0, 103.5, 1.5, 2.0) == pytest.approx(1.0)
+    assert estimate_lib.others_cores(100.0, 101.0, 1.2, 2.0) == 0.0  # clock ticks round: never below 0
+    assert estimate_lib.others_cores(None, 103.5, 1.5, 2.0) is None  # a host without /proc/stat
+    busy = iter([100.0, 101.0])  # 1 host CPU second over the compile, at most what it used itself
+    monkeypatch.setattr(estimate_lib, "host_busy_cpu_seconds", lambda: next(busy))
+    import jax  # pylint: disable=import-outside-toplevel
+    measured = estimate_lib.measure_program(jax.jit(lambda x: x * 2), (jax.ShapeDtypeStruct((4,), "float32"),))
+    assert measured["others_cores"] >= 0.0 and measured["compile_s"] > 0
+    row = _variant("nfnet.py:F2", "tpu-v5p", 41.0, 42.0)
+    row["programs"]["step"].update(compile_cpu_s=420.0, others_cores=0.04)
+    row["programs"]["bare"].update(compile_cpu_s=350.0, others_cores_runs=[0.02, 1.03])
+    assert estimate_lib.busiest_others(row) == 1.03
+    assert estimate_lib.compile_summary([row]).endswith(
+        "above the 1.1× target: nfnet.py:F2 on tpu-v5p 1.20× (420 / 350 CPU s; other work beside it: up to "
+        "1.0 cores).")
+    del row["programs"]["bare"]["others_cores_runs"], row["programs"]["step"]["others_cores"]
+    assert estimate_lib.busiest_others(row) is None and "other work" not in estimate_lib.compile_summary([row])
+
+
 def test_repeated_compiles_alternate_in_balanced_pairs_and_the_median_is_compared():
     calls = []
     seconds = {"step": iter([330.0, 290.0, 300.0]), "bare": iter([260.0, 270.0, 280.0])}
