@@ -46,20 +46,13 @@ from typing import Any
 
 from absl import flags
 
+from benchmarks import host_load
 from experiments import command_line
 from nfnets_jax.runtime import host_memory, provenance
 
 RUNNER = pathlib.Path(__file__).with_name("timm_runner.py")
 TIMM_PYTHON_ENV = "NFNETS_TIMM_PYTHON"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _busy_cpu_seconds() -> float:
-    """CPU seconds all processes of the machine have been busy since boot (from /proc/stat)."""
-    with open("/proc/stat", encoding="ascii") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / _CLOCK_TICKS
 
 
 def _process_stat(pid: int) -> list[str]:
@@ -90,13 +83,14 @@ class Contention:
         self.own_pids = own_pids
 
     def __enter__(self) -> Contention:
-        self.start = (time.perf_counter(), _busy_cpu_seconds(), sum(map(_process_cpu_seconds, self.own_pids)))
+        self.start = (time.perf_counter(), host_load.busy_cpu_seconds(),
+                      sum(map(_process_cpu_seconds, self.own_pids)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        wall, busy, own = time.perf_counter(), _busy_cpu_seconds(), sum(map(_process_cpu_seconds, self.own_pids))
-        others = max(0.0, (busy - self.start[1]) - (own - self.start[2]))
-        self.others_cores = others / max(wall - self.start[0], 1e-9)
+        wall, busy, own = time.perf_counter(), host_load.busy_cpu_seconds(), sum(map(_process_cpu_seconds, self.own_pids))
+        self.others_cores = host_load.others_cores(self.start[1], busy, own - self.start[2],
+                                                   max(wall - self.start[0], 1e-9))
 
 
 class TimmProcess:

@@ -64,6 +64,7 @@ from typing import Any
 
 from absl import flags
 
+from benchmarks import host_load
 from experiments import command_line, generated_section, memory_plan
 from nfnets_jax.runtime import provenance
 
@@ -197,7 +198,7 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     from nfnets_jax.analysis.compiled_memory import compiled_memory  # pylint: disable=import-outside-toplevel
     from nfnets_jax.models.flops import xla_cost  # pylint: disable=import-outside-toplevel
 
-    start, start_cpu, start_host = time.perf_counter(), time.process_time(), host_busy_cpu_seconds()
+    start, start_cpu, start_host = time.perf_counter(), time.process_time(), host_load.busy_cpu_seconds()
     try:
         compiled = program.lower(*args).compile()
     except jax.errors.JaxRuntimeError as error:
@@ -207,35 +208,14 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     # Wall time, and this process's CPU time (all threads), which other jobs on a shared host
     # disturb far less.
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    others = others_cores(start_host, host_busy_cpu_seconds(), compile_cpu_s, compile_s)
+    # the other work beside it: a compile beside another took up to a quarter more CPU seconds here
+    # (docs/tpu_step_cost.md)
+    others = host_load.others_cores(start_host, host_load.busy_cpu_seconds(), compile_cpu_s, compile_s)
     cost, memory = xla_cost(compiled), compiled_memory(compiled)
     seconds = cost["optimal_seconds"]
     return {"estimate_ms": None if seconds is None else seconds * 1e3, "flops": cost["flops"],
             "bytes_accessed": cost["bytes_accessed"], "peak_gib": memory.peak_gib,
             "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "others_cores": others}
-
-
-def host_busy_cpu_seconds() -> float | None:
-    """CPU seconds every process on this host has used since boot (Linux's /proc/stat: all but
-    idle and iowait); None where the host does not say."""
-    try:
-        with open("/proc/stat", encoding="ascii") as stat:
-            fields = stat.readline().split()
-        ticks = [int(field) for field in fields[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def others_cores(host_before: float | None, host_after: float | None, own_cpu_s: float,
-                 wall_s: float) -> float | None:
-    """How many cores other work kept busy, on average, while this process compiled: the host's
-    CPU seconds over the compile less this process's own, per second of wall time. A compile beside
-    another (one more core busy, on this project's 2-core host) took up to a quarter longer in CPU
-    seconds (docs/tpu_step_cost.md), so a compile time says little without it."""
-    if host_before is None or host_after is None or wall_s <= 0:
-        return None
-    return max(0.0, (host_after - host_before - own_cpu_s) / wall_s)
 
 
 def programs_for(config: Any, batch: int, device: Any, use_remat: bool) -> dict[str, tuple[Callable, tuple]]:

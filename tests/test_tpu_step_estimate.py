@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks import host_load
 from benchmarks import tpu_step_estimate as estimate_lib
 from experiments import generated_section
 from experiments import memory_plan
@@ -306,11 +307,11 @@ def test_compile_time_compares_cpu_seconds_where_both_have_them_and_names_each_r
 def test_a_compile_records_how_many_cores_other_work_kept_busy_beside_it(monkeypatch):
     """Host CPU seconds 100 -> 103.5 over a compile of 2 s wall that used 1.5 CPU s itself: the
     other work kept (3.5 - 1.5) / 2 = 1.0 core busy, and the compile-time line says so."""
-    assert estimate_lib.others_cores(100.0, 103.5, 1.5, 2.0) == pytest.approx(1.0)
-    assert estimate_lib.others_cores(100.0, 101.0, 1.2, 2.0) == 0.0  # clock ticks round: never below 0
-    assert estimate_lib.others_cores(None, 103.5, 1.5, 2.0) is None  # a host without /proc/stat
+    assert host_load.others_cores(100.0, 103.5, 1.5, 2.0) == pytest.approx(1.0)
+    assert host_load.others_cores(100.0, 101.0, 1.2, 2.0) == 0.0  # clock ticks round: never below 0
+    assert host_load.others_cores(None, 103.5, 1.5, 2.0) is None  # a host without /proc/stat
     busy = iter([100.0, 101.0])  # 1 host CPU second over the compile, at most what it used itself
-    monkeypatch.setattr(estimate_lib, "host_busy_cpu_seconds", lambda: next(busy))
+    monkeypatch.setattr(host_load, "busy_cpu_seconds", lambda: next(busy))
     import jax  # pylint: disable=import-outside-toplevel
     measured = estimate_lib.measure_program(jax.jit(lambda x: x * 2), (jax.ShapeDtypeStruct((4,), "float32"),))
     assert measured["others_cores"] >= 0.0 and measured["compile_s"] > 0
