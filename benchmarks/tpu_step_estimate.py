@@ -209,7 +209,7 @@ def measure_program(program: Callable, args: tuple) -> dict[str, Any]:
     # disturb far less.
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     # the other work beside it: a compile beside another took up to a quarter more CPU seconds here
-    # (docs/tpu_step_cost.md)
+    # (docs/tpu_step_cost_log.md)
     others = host_load.others_cores(start_host, host_load.busy_cpu_seconds(), compile_cpu_s, compile_s)
     cost, memory = xla_cost(compiled), compiled_memory(compiled)
     seconds = cost["optimal_seconds"]
@@ -290,7 +290,7 @@ def _repeat_compiles(results: dict[str, Any], repeats: int, measure: Callable[[s
     `repeats` compile times (`<time>_runs` beside the first, which `estimate` took: step, bare).
 
     One compile of the same program moved by a fifth between sittings on a shared host
-    (docs/tpu_step_cost.md), so one pair does not settle a 1.1x ratio. The order alternates in
+    (docs/tpu_step_cost_log.md), so one pair does not settle a 1.1x ratio. The order alternates in
     balanced pairs (step, bare | bare, step | step, bare | ...) so that a drift over the sitting
     (other jobs starting or ending) weighs on both programs alike."""
     for name in ("step", "bare"):
@@ -760,7 +760,7 @@ def _measure_in_child(spec: str, target: str) -> Callable[[str, bool], dict[str,
 
     The first large compile in a process takes longer than the same compile after another: F0's
     bare step on a TPUv3 core took 160 CPU s compiled first and 148 after the runner's step, which
-    took 140 after it and 153 compiled again (2026-12-06, docs/tpu_step_cost.md). Compiled in one
+    took 140 after it and 153 compiled again (2026-12-06, docs/tpu_step_cost_log.md). Compiled in one
     process, whichever program comes first (the runner's step: it decides whether the target's
     estimate is usable) pays that; each in a process of its own, every program compiles cold."""
 

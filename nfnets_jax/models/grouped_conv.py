@@ -31,7 +31,7 @@ handle grouped convolutions natively and well, so there we keep XLA's op.
   64 px: 137 s instead of 24 s wall on a loaded box) for a step that is ~9× faster, which pays
   off only over long runs: ask for `"split"` explicitly then. On a TPU the split layout costs
   memory traffic instead: XLA:TPU's F0 train step, compiled with the CPU's choices, reads and
-  writes ~0.8 GB more per step than with XLA's own convs (docs/tpu_step_cost.md). So a step
+  writes ~0.8 GB more per step than with XLA's own convs (docs/tpu_step_cost_log.md). So a step
   compiled for a TPU from a CPU host (`experiments.memory_plan --target`,
   `benchmarks.tpu_step_estimate`) gets the TPU's choice. Either choice gives the same numbers;
   only speed differs.

@@ -100,7 +100,7 @@ def scaled_activation(name: str) -> Activation:
     made XLA:CPU's F0 training step ~3–4% faster than keeping the tanh-GELU's intermediates
     (`python -m benchmarks.compare_timm`); on GPU and TPU it leaves the choice to XLA, as the
     official code does: on a TPU the recompute adds memory passes that XLA:TPU cannot fuse into
-    the convolutions around it (docs/tpu_step_cost.md). The values are the same either way.
+    the convolutions around it (docs/tpu_step_cost_log.md). The values are the same either way.
     """
     if name == "identity":
         return lambda x: x
@@ -189,7 +189,7 @@ def _in_parameter_layout(w: jax.Array) -> jax.Array:
     runs in it, copying the parameter, its momentum and its EMA there and back: six float32
     copies of every 3×3 kernel per step. Pinned, the one relayout is of the bf16 standardised
     kernel before the convolution and of its gradient after it. F0's bare step on a TPUv3 core:
-    35.92 ms and 10.72 GB accessed, against 37.67 ms and 11.47 GB unpinned (docs/tpu_step_cost.md).
+    35.92 ms and 10.72 GB accessed, against 37.67 ms and 11.47 GB unpinned (docs/tpu_step_cost_log.md).
     Reshaping the kernel into rows pins it as well, but costs the v3 compiler temporaries under
     memory pressure (`_on_lowering_platform`)."""
     return with_layout_constraint(w, Layout(major_to_minor=tuple(range(w.ndim))))
@@ -214,7 +214,7 @@ def _on_lowering_platform(fn: Callable[..., Any], *args: jax.Array) -> Any:
     kernel's standardisation), the kernel as it is elsewhere, pinned to the parameters' layout
     (`_in_parameter_layout`): on a TPU the reshape into rows cost the v3 compiler 3.4 GB more
     temporaries for F5's step under memory pressure (19.19 against 15.81 GB), enough that F4's
-    step did not fit a v3 core without remat (docs/tpu_step_cost.md)."""
+    step did not fit a v3 core without remat (docs/tpu_step_cost_log.md)."""
     return _lowered_for(STANDARDIZE_ON_ROWS_ON, functools.partial(fn, as_rows=True),
                         functools.partial(fn, as_rows=False), *args)
 

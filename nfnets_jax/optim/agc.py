@@ -100,7 +100,7 @@ def global_norm(tree: Any) -> jax.Array:
     merges them) and the norm costs a sum over the per-unit values. A whole-tensor reduction
     beside AGC's per-unit one is a second pass over every leaf: reporting the gradient and
     parameter norms that way cost F5's step on a TPU v5p chip 2.97 ms (+7 GB of HBM traffic,
-    docs/tpu_step_cost.md). The barrier keeps XLA from folding the sum of the per-unit sums back
+    docs/tpu_step_cost_log.md). The barrier keeps XLA from folding the sum of the per-unit sums back
     into one whole-tensor reduction (which it does otherwise, and which is that second pass)."""
     per_leaf = [jnp.sum(jax.lax.optimization_barrier(unitwise_squared_norm(leaf))) for leaf in jax.tree.leaves(tree)]
     return jnp.sqrt(sum(per_leaf, jnp.zeros((), jnp.float32)))
